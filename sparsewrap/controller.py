@@ -1,0 +1,209 @@
+"""``sparsify()`` and the :class:`Sparsifier` controller it returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, choices
+from .methods import Method, get_method, make_config
+from .parametrizations import wrapped_tensors
+from .report import LayerReport, Report, count_nonzero
+from .targets import Patterns, select_targets
+from .tracing import analyse
+
+CONTROLLER_ATTR = "_sparsewrap_controller"
+
+
+@dataclass
+class Spec:
+    """Everything needed to redo a :func:`sparsify` call (recorded in checkpoints)."""
+
+    method: str
+    target: float | dict[str, float] | None
+    options: dict[str, Any] = field(default_factory=dict)
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise ConfigError(
+            f"{name}={value!r} is outside (0, 1); {name} is the fraction of targeted weights that are "
+            f"{'zero' if name == 'target' else 'kept'}, e.g. {name}=0.7"
+        )
+    return float(value)
+
+
+def resolve_target(target: Any, density: Any) -> float | dict[str, float] | None:
+    """Turn ``target=`` (sparsity) or ``density=`` into a sparsity, float or ``{pattern: sparsity}``.
+
+    Raises:
+        ConfigError: if both are given or a value is outside (0, 1).
+    """
+    if target is not None and density is not None:
+        raise ConfigError(f"give target= (sparsity) or density= (1 - sparsity), not both (got {target}, {density})")
+    if target is None and density is None:
+        return None
+    name, value = ("target", target) if target is not None else ("density", density)
+    if isinstance(value, dict):
+        if not value:
+            raise ConfigError(f"{name}= is an empty dict; give {{layer pattern: fraction}}")
+        out = {str(k): _check_fraction(f"{name}[{k!r}]", v) for k, v in value.items()}
+        return out if name == "target" else {k: 1.0 - v for k, v in out.items()}
+    frac = _check_fraction(name, value)
+    return frac if name == "target" else 1.0 - frac
+
+
+class Sparsifier:
+    """Controls a sparsified model: loss term, per-step updates, optimizer groups, reports, state.
+
+    Created by :func:`sparsify`; ``.model`` is the (in-place) wrapped model.
+    """
+
+    def __init__(self, model: nn.Module, method: Method, spec: Spec) -> None:
+        self.model = model
+        self.method = method
+        self.spec = spec
+        self.step_count = 0
+
+    @property
+    def targets(self) -> list:
+        return self.method.targets
+
+    def penalty(self) -> Tensor:
+        """The method's loss term (a zero scalar for methods without one); add it to the task loss."""
+        p = self.method.penalty()
+        return p if p is not None else self.method.zero(self.model)
+
+    def step(self) -> None:
+        """Advance schedules, multipliers and masks; call once after each ``optimizer.step()``."""
+        self.method.step(self.step_count)
+        self.step_count += 1
+
+    def param_groups(self, lr: float | None = None, **overrides: Any) -> list[dict[str, Any]]:
+        """Parameter groups for any ``torch.optim`` optimizer.
+
+        The first group, ``"weights"``, holds every model parameter that is not the method's own; then one
+        group per kind of method parameter (gates, thresholds, ...) with the method's defaults (e.g. no weight
+        decay). ``lr`` sets the weights' learning rate (and the others' unless the method fixes its own);
+        ``overrides`` are either a group name mapped to a dict (``gates={"lr": 6.0}``) or a scalar setting
+        applied to the weights group (``weight_decay=5e-4``).
+
+        Raises:
+            ConfigError: on an unknown group name or a negative learning rate.
+        """
+        own = self.method.parameter_groups()
+        own_ids = {id(p) for g in own for p in g["params"]}
+        weights = {"name": "weights", "params": [p for p in self.model.parameters() if id(p) not in own_ids]}
+        groups = [weights] + [dict(g) for g in own]
+        by_name = {g["name"]: g for g in groups}
+        if lr is not None:
+            for g in groups:
+                g.setdefault("lr", lr)
+            weights["lr"] = lr
+        for key, value in overrides.items():
+            if isinstance(value, dict):
+                if key not in by_name:
+                    raise ConfigError(f"param_groups: no group named {key!r}; groups: {choices(by_name)}")
+                by_name[key].update(value)
+            else:
+                weights[key] = value
+        for g in groups:
+            if g.get("lr") is not None and g["lr"] < 0:
+                raise ConfigError(f"learning rate of group {g['name']!r} is {g['lr']}; it must be >= 0")
+        return [g for g in groups if g["params"]]
+
+    def sparsity(self) -> float:
+        """Current overall sparsity of the targeted weights (deterministic, eval-mode form)."""
+        return self.report(exported=False).achieved
+
+    def report(self, exported: bool = True) -> Report:
+        """Per-layer and overall requested vs achieved sparsity (``exported=False`` skips the projection)."""
+        current = {(m, t): p.bake(mod.parametrizations[t].original) for m, mod, t, p in wrapped_tensors(self.model)}
+        final = self.method.bake() if exported else current
+        layers = []
+        for t in self.targets:
+            key = (t.name, "weight")
+            now = current.get(key, t.original)
+            layers.append(LayerReport(t.name, t.shape, t.numel, count_nonzero(now), count_nonzero(final.get(key, now))))
+        return Report(self.spec.method, self.method.requested_sparsity(), self.step_count, layers,
+                      self.method.summary())  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """Controller state: step counter and the method's own state (the model holds masks and gates)."""
+        return {"step": self.step_count, "method": self.method.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state.get("step", 0))
+        self.method.load_state_dict(state.get("method", {}))
+
+    def __repr__(self) -> str:
+        return (f"Sparsifier(method={self.spec.method!r}, target={self.spec.target!r}, "
+                f"layers={len(self.targets)}, step={self.step_count})")  # fmt: skip
+
+
+def _patterns_for_spec(patterns: Patterns) -> list[str] | None:
+    if patterns is None:
+        return None
+    items = [patterns] if isinstance(patterns, str) or callable(patterns) else list(patterns)
+    return [p for p in items if isinstance(p, str)] if all(isinstance(p, str) for p in items) else None
+
+
+def sparsify(model: nn.Module, method: str, target: Any = None, density: Any = None, *,
+             include: Patterns = None, exclude: Patterns = None, **options: Any) -> Sparsifier:  # fmt: skip
+    """Make ``model`` sparse with ``method``, in place, and return its controller.
+
+    Args:
+        model: any ``nn.Module`` (timm models included); modified in place.
+        method: a registered method name (``sparsewrap methods`` lists them).
+        target: requested sparsity in (0, 1): the fraction of targeted weights that are zero after export.
+            Some methods also accept ``{layer pattern: sparsity}``.
+        density: ``1 - target``; give one of the two.
+        include: glob (``"layer1.*"``), ``"re:<regex>"`` or callable selecting layers (default: every
+            Conv/Linear except the classifier head).
+        exclude: patterns removed from the selection.
+        **options: the method's options (see its ``Config``).
+
+    Returns:
+        The :class:`Sparsifier` controlling the model.
+
+    Raises:
+        UnknownNameError: for an unknown method.
+        ConfigError: for a bad target, an unknown option or an invalid option value.
+        NoTargetsError: if a pattern matches no layer.
+    """
+    cls = get_method(method)
+    sparsity = resolve_target(target, density)
+    if sparsity is None and cls.needs_target:
+        raise ConfigError(f"method {method!r} needs target= (sparsity in (0, 1)) or density=")
+    config = make_config(cls, options)
+    if any(True for _ in wrapped_tensors(model)):
+        raise ConfigError(
+            f"{type(model).__name__} is already sparsified; export it first (sparsewrap.export) or start from a "
+            "fresh model"
+        )
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
+    graph = analyse(model)
+    targets = select_targets(model, graph, include, exclude)
+    impl = cls(model, targets, graph, sparsity, config)
+    with torch.no_grad():
+        impl.attach()
+    spec = Spec(method, sparsity, dataclasses.asdict(config), _patterns_for_spec(include), _patterns_for_spec(exclude))
+    controller = Sparsifier(model, impl, spec)
+    object.__setattr__(model, CONTROLLER_ATTR, controller)
+    return controller
+
+
+def controller_of(obj: nn.Module | Sparsifier) -> tuple[nn.Module, Sparsifier | None]:
+    """``(model, sparsifier or None)`` for a model or a Sparsifier."""
+    if isinstance(obj, Sparsifier):
+        return obj.model, obj
+    if isinstance(obj, nn.Module):
+        return obj, getattr(obj, CONTROLLER_ATTR, None)
+    raise ConfigError(f"expected an nn.Module or a Sparsifier, got {type(obj).__name__}")

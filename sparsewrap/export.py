@@ -1,0 +1,120 @@
+"""Export: a new plain model with the sparsity baked in; the sparsified model stays live and trainable.
+
+The plain model is a ``deepcopy`` whose parametrized modules get their *original* class back and plain
+Parameters holding the baked tensors. ``remove_parametrizations`` is never called on the copy: a deepcopy
+shares the injected class with the original, and removing the property from that class would break the live
+model (PEERS.md §6).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .controller import CONTROLLER_ATTR, Sparsifier, controller_of
+from .errors import ConfigError, choices
+from .fileio import write_atomic
+from .parametrizations import SparseParametrization, wrapped_tensors
+from .recipe import RECIPE_ATTR
+
+FORMATS = ("safetensors", "pt2")
+
+
+def _baked(model: nn.Module, sp: Sparsifier | None) -> dict[tuple[str, str], torch.Tensor]:
+    if sp is not None:
+        return sp.method.bake()
+    return {(m, t): p.bake(mod.parametrizations[t].original) for m, mod, t, p in wrapped_tensors(model)}
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    saved = {k: model.__dict__.pop(k) for k in (CONTROLLER_ATTR,) if k in model.__dict__}
+    try:
+        return copy.deepcopy(model)
+    finally:
+        model.__dict__.update(saved)
+
+
+def export(obj: nn.Module | Sparsifier, purge: bool = False) -> nn.Module:
+    """A new plain ``nn.Module`` with masks baked in and no parametrizations.
+
+    Its ``state_dict`` keys are those of the unwrapped architecture (it loads with ``strict=True`` into a
+    fresh instance) and running it needs no sparsewrap. The targeted weights reach the requested sparsity
+    exactly (the method's final projection). The input model is left intact and trainable.
+
+    Args:
+        obj: a sparsified model or its :class:`Sparsifier`.
+        purge: also remove zeroed channels physically (a later issue; raises for now).
+
+    Raises:
+        ConfigError: if ``obj`` is neither a model nor a Sparsifier, or a module mixes sparsewrap and foreign
+            parametrizations on one tensor.
+        NotImplementedError: for ``purge=True`` until the purge pass lands.
+    """
+    model, sp = controller_of(obj)
+    baked = _baked(model, sp)
+    was_training = model.training
+    plain = _plain_copy(model)
+    for mname, module in plain.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        values = {}
+        for tname, plist in module.parametrizations.items():
+            if not all(isinstance(p, SparseParametrization) for p in plist):
+                raise ConfigError(f"{mname}.{tname} mixes sparsewrap and other parametrizations; remove the others first")
+            values[tname] = (baked[(mname, tname)], plist.original)
+        module.__class__ = type(module).__bases__[0]
+        del module._modules["parametrizations"]
+        for tname, (value, original) in values.items():
+            value = value.to(device=original.device, dtype=original.dtype)
+            module._parameters[tname] = nn.Parameter(value, requires_grad=original.requires_grad)
+    plain.train(was_training)
+    recipe = getattr(model, RECIPE_ATTR, None)
+    if recipe is not None:
+        object.__setattr__(plain, RECIPE_ATTR, recipe)
+    if purge:
+        raise NotImplementedError("purge=True is not available yet; export(model) gives the dense model with zeros")
+    return plain
+
+
+def export_program(plain: nn.Module, input_shape: Sequence[int]) -> torch.export.ExportedProgram:
+    """``torch.export`` the plain model in eval mode at ``(1, *input_shape)``."""
+    plain = plain.eval()
+    example = torch.randn(1, *input_shape, dtype=next(plain.parameters()).dtype)
+    return torch.export.export(plain, (example,))
+
+
+def save_plain(plain: nn.Module, path: str | os.PathLike, fmt: str = "safetensors",
+               input_shape: Sequence[int] | None = None) -> Path:  # fmt: skip
+    """Write an exported model atomically: its ``state_dict`` (safetensors) or a ``torch.export`` program.
+
+    Raises:
+        ConfigError: on an unknown format, or ``pt2`` without an input shape.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"format {fmt!r} is unknown; valid: {choices(FORMATS)}")
+    if fmt == "pt2":
+        if not input_shape:
+            raise ConfigError("format 'pt2' needs an input shape, e.g. --input-shape 3,224,224")
+        program = export_program(plain, input_shape)
+        return write_atomic(path, lambda tmp: torch.export.save(program, str(tmp)))
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in plain.state_dict().items()}
+    return write_atomic(path, lambda tmp: save_file(_unshare(state), str(tmp), metadata={"format": "pt"}))
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied weights): give later ones their own copy."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
+        out[k] = v.clone() if key in seen else v
+        seen.add(key)
+    return out

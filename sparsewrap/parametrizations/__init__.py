@@ -1,0 +1,10 @@
+"""The parametrizations sparsewrap attaches with ``torch.nn.utils.parametrize``.
+
+Four kinds (DESIGN.md): *masked* (this package's :class:`Masked`), *gated*, *soft-threshold* and *rewired*;
+each is one file deriving from :class:`SparseParametrization`.
+"""
+
+from .base import SparseParametrization, attach, detach_all, is_ours, wrapped_tensors
+from .masked import Masked
+
+__all__ = ["SparseParametrization", "Masked", "attach", "detach_all", "is_ours", "wrapped_tensors"]

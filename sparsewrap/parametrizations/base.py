@@ -1,0 +1,60 @@
+"""Base class and helpers shared by every sparsewrap parametrization."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+
+class SparseParametrization(nn.Module):
+    """A parametrization ``original -> effective tensor`` that sparsifies a weight.
+
+    Subclasses implement :meth:`forward`; sparsity state lives in buffers (masks, updated in place) and
+    method parameters (gates, thresholds) registered on the subclass, so both are in the model's
+    ``state_dict``. :meth:`bake` gives the deterministic tensor that export writes into the plain model.
+    """
+
+    def bake(self, original: Tensor) -> Tensor:
+        """The deterministic effective tensor (eval-mode forward), detached and freshly allocated."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self(original).detach().clone()
+        finally:
+            self.train(was_training)
+
+
+def is_ours(module: nn.Module, name: str) -> bool:
+    """Whether ``module.name`` is parametrized by a sparsewrap parametrization."""
+    return parametrize.is_parametrized(module, name) and any(
+        isinstance(p, SparseParametrization) for p in module.parametrizations[name]
+    )
+
+
+def attach(module: nn.Module, name: str, parametrization: SparseParametrization) -> SparseParametrization:
+    """Register ``parametrization`` on ``module.name``; the original Parameter object is kept (optimizers
+    that already hold it stay valid)."""
+    parametrize.register_parametrization(module, name, parametrization)
+    return parametrization
+
+
+def wrapped_tensors(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, SparseParametrization]]:
+    """Every ``(module name, module, tensor name, parametrization)`` sparsewrap attached in ``model``."""
+    for mname, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tname, plist in module.parametrizations.items():
+            for p in plist:
+                if isinstance(p, SparseParametrization):
+                    yield mname, module, tname, p
+
+
+def detach_all(model: nn.Module) -> None:
+    """Remove every sparsewrap parametrization in place, keeping the *unsparsified* originals."""
+    for _mname, module, tname, _p in list(wrapped_tensors(model)):
+        if parametrize.is_parametrized(module, tname):
+            parametrize.remove_parametrizations(module, tname, leave_parametrized=False)

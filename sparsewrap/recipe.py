@@ -1,0 +1,149 @@
+"""How to rebuild a model from a checkpoint: a timm architecture or an import path, plus kwargs."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+
+RECIPE_ATTR = "_sparsewrap_recipe"
+
+
+@dataclass
+class ModelRecipe:
+    """A JSON-able description of how to build a model.
+
+    Attributes:
+        source: ``"timm"`` (``name`` is a timm architecture) or ``"factory"`` (``name`` is ``pkg.mod:callable``).
+        name: the architecture or import path.
+        kwargs: keyword arguments (JSON values only) that shape the model, e.g. ``{"num_classes": 10}``.
+        input_shape: the shape of one input without the batch dim, when known (used by ``pt2`` export).
+    """
+
+    source: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    input_shape: list[int] | None = None
+
+    @classmethod
+    def parse(cls, spec: str, **kwargs: Any) -> ModelRecipe:
+        """``"timm:resnet18"`` or ``"pkg.mod:factory"`` into a recipe.
+
+        Raises:
+            ConfigError: if ``spec`` has neither form.
+        """
+        if spec.startswith("timm:"):
+            return cls("timm", spec[5:], kwargs)
+        if ":" in spec and all(spec.split(":", 1)):
+            return cls("factory", spec, kwargs)
+        raise ConfigError(
+            f"model {spec!r} is not understood; accepted forms: 'timm:<architecture>' (e.g. timm:resnet18) "
+            "or 'package.module:factory' (a callable returning an nn.Module)"
+        )
+
+    def build(self) -> nn.Module:
+        """Build a fresh model (random init; never downloads weights).
+
+        Raises:
+            ConfigError: if the architecture or factory cannot be found.
+        """
+        if self.source == "timm":
+            import timm
+
+            if self.name not in timm.list_models():
+                raise ConfigError(f"timm has no architecture {self.name!r}; see timm.list_models('*pattern*')")
+            model = timm.create_model(self.name, pretrained=False, **self.kwargs)
+        elif self.source == "factory":
+            mod_name, _, attr = self.name.partition(":")
+            try:
+                factory = getattr(importlib.import_module(mod_name), attr)
+            except (ImportError, AttributeError) as exc:
+                raise ConfigError(f"cannot import factory {self.name!r}: {exc}") from exc
+            model = factory(**self.kwargs)
+            if not isinstance(model, nn.Module):
+                raise ConfigError(f"factory {self.name!r} returned {type(model).__name__}, not an nn.Module")
+        else:
+            raise CheckpointError(f"unknown model source {self.source!r} in recipe (expected 'timm' or 'factory')")
+        setattr(model, RECIPE_ATTR, self)
+        return model
+
+    def default_input_shape(self) -> list[int] | None:
+        if self.input_shape:
+            return list(self.input_shape)
+        if self.source == "timm":
+            import timm
+
+            cfg = timm.get_pretrained_cfg(self.name)
+            size = cfg.input_size if cfg is not None else None
+            if size:
+                in_chans = self.kwargs.get("in_chans", size[0])
+                img = self.kwargs.get("img_size")
+                hw = [img, img] if isinstance(img, int) else list(img) if img else list(size[1:])
+                return [in_chans, *hw]
+        return None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelRecipe:
+        return cls(d["source"], d["name"], dict(d.get("kwargs") or {}), d.get("input_shape"))
+
+
+def create_model(spec: str, **kwargs: Any) -> nn.Module:
+    """Build ``"timm:<arch>"`` or ``"pkg.mod:factory"`` with ``kwargs`` and remember the recipe on the model,
+    so that :func:`sparsewrap.save` can record how to rebuild it.
+
+    Raises:
+        ConfigError: if the spec is malformed or the architecture unknown.
+    """
+    return ModelRecipe.parse(spec, **kwargs).build()
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    from .parametrizations import wrapped_tensors
+
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for mname, _mod, tname, _p in wrapped_tensors(model):
+        prefix = f"{mname}.parametrizations.{tname}."
+        for key in [k for k in shapes if k.startswith(prefix)]:
+            shape = shapes.pop(key)
+            if key == prefix + "original":
+                shapes[f"{mname}.{tname}" if mname else tname] = shape
+    return shapes
+
+
+def recipe_for(model: nn.Module) -> ModelRecipe | None:
+    """The recipe recorded on ``model`` by :func:`create_model`, or one inferred for a timm model.
+
+    An inferred timm recipe (architecture from ``pretrained_cfg``, ``num_classes``, ``in_chans``) is only
+    returned if a model built from it on the meta device has exactly the same state-dict keys and shapes.
+    """
+    recipe = getattr(model, RECIPE_ATTR, None)
+    if isinstance(recipe, ModelRecipe):
+        return recipe
+    cfg = getattr(model, "pretrained_cfg", None)
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not arch:
+        return None
+    kwargs: dict[str, Any] = {}
+    if isinstance(getattr(model, "num_classes", None), int):
+        kwargs["num_classes"] = model.num_classes
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and first.in_channels != 3:
+        kwargs["in_chans"] = first.in_channels
+    candidate = ModelRecipe("timm", arch, kwargs)
+    try:
+        import timm
+
+        with torch.device("meta"):
+            fresh = timm.create_model(arch, pretrained=False, **kwargs)
+    except Exception:
+        return None
+    return candidate if _shapes(fresh) == _shapes(model) else None
