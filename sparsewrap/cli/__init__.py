@@ -1,0 +1,56 @@
+"""The ``sparsewrap`` command line (typer + rich). Each command group lives in its own module."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="sparsewrap",
+    help="Make any PyTorch model sparse with published methods, then export a plain, compact model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``sparsewrap`` console script and ``python -m sparsewrap``."""
+    from . import export as _export  # noqa: F401  (registers commands)
+    from . import inspect as _inspect  # noqa: F401
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    _state["debug"] = "--debug" in args
+    try:
+        code = app(args=args, prog_name="sparsewrap", standalone_mode=False)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # every other error: one line, or the traceback with --debug
+        if _state["debug"]:
+            traceback.print_exc()
+        else:
+            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {_one_line(exc)}", highlight=False)
+            err_console.print("(run with --debug for the traceback)", style="dim")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,59 @@
+"""``sparsewrap methods`` and ``sparsewrap report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from . import app, console
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the registered sparsification methods."""
+    from ..methods import get_method, list_methods
+
+    table = Table(title="sparsewrap methods")
+    table.add_column("method", style="bold cyan")
+    table.add_column("description")
+    table.add_column("options", style="dim")
+    import dataclasses
+
+    for name, desc in list_methods().items():
+        fields = ", ".join(f.name for f in dataclasses.fields(get_method(name).Config))
+        table.add_row(name, desc, fields)
+    console.print(table)
+
+
+def render_report(report, title: str) -> Table:
+    """A rich table of a :class:`sparsewrap.report.Report`."""
+    table = Table(title=title, show_footer=True)
+    table.add_column("layer", footer="total")
+    table.add_column("shape")
+    table.add_column("params", justify="right", footer=f"{report.params:,}")
+    table.add_column("nonzeros", justify="right", footer=f"{report.nonzeros:,}")
+    table.add_column("sparsity", justify="right", footer=f"{report.achieved:.4f}")
+    table.add_column("exported", justify="right", footer=f"{report.exported:.4f}")
+    for layer in report.layers:
+        table.add_row(layer.name, "×".join(map(str, layer.shape)), f"{layer.params:,}", f"{layer.nonzeros:,}",
+                      f"{layer.sparsity:.4f}", f"{layer.exported_sparsity:.4f}")  # fmt: skip
+    return table
+
+
+@app.command("report")
+def report_cmd(checkpoint: Path = typer.Argument(..., help="A checkpoint written by sparsewrap.save / train.")) -> None:
+    """Per-layer shape, params, nonzeros and sparsity; totals; requested vs achieved."""
+    from ..checkpoint import load
+
+    sp = load(checkpoint)
+    report = sp.report()
+    console.print(render_report(report, f"{checkpoint.name}: method {report.method}, step {report.step}"))
+    requested = "—" if report.requested is None else f"{report.requested:.4f}"
+    console.print(f"requested sparsity {requested}   achieved now {report.achieved:.4f}   "
+                  f"at export {report.exported:.4f}")  # fmt: skip
+    for key, value in report.extras.items():
+        console.print(f"{key}: {value:.6g}")
+    for note in report.notes:
+        console.print(f"note: {note}", style="yellow")
