@@ -136,7 +136,8 @@ class Magnitude(Method):
             return self._plan_weights(sparsity)
 
     def _plan_weights(self, sparsity: float) -> list[Tensor]:
-        scores = [(t.original * m.mask).abs() for t, m in zip(self.targets, self.masks)]
+        # already-pruned weights score -1: they stay pruned whatever the ties among live weights
+        scores = [torch.where(m.mask == 0, -1.0, t.original.abs()) for t, m in zip(self.targets, self.masks)]
         sizes = [s.numel() for s in scores]
         total = round(sparsity * sum(sizes))
         if self.config.allocation == "global":
@@ -150,9 +151,10 @@ class Magnitude(Method):
     def _channel_scores(self, unit: _Unit) -> Tensor:
         rows = sum((w * m.mask).abs().reshape(unit.size, -1).sum(1).float() for w, m in unit.weights)
         score = rows / unit.row_numel
-        if self.config.allocation == "global":
-            score = score / score.mean().clamp_min(torch.finfo(score.dtype).tiny)
-        return score
+        pruned = unit.weights[0][1].mask.reshape(-1) == 0
+        if self.config.allocation == "global" and not pruned.all():
+            score = score / score[~pruned].mean().clamp_min(torch.finfo(score.dtype).tiny)
+        return torch.where(pruned, -1.0, score)  # pruned channels first, and always kept pruned
 
     def _plan_channels(self, sparsity: float) -> list[Tensor]:
         goal = sparsity * sum(t.numel for t in self.targets)
@@ -169,9 +171,12 @@ class Magnitude(Method):
         flat = torch.cat(scores)
         owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
         counts, removed = [0] * len(scores), 0
-        for i in owner[torch.argsort(flat, stable=True)].tolist():
+        order = torch.argsort(flat, stable=True)
+        flat_sorted = flat[order]
+        for j, i in enumerate(owner[order].tolist()):
             unit = self.units[i]
-            if counts[i] < unit.size - 1 and removed + unit.row_numel / 2 < goal:
+            forced = bool(flat_sorted[j] < 0)
+            if forced or (counts[i] < unit.size - 1 and removed + unit.row_numel / 2 < goal):
                 counts[i] += 1
                 removed += unit.row_numel
         return counts
@@ -185,7 +190,8 @@ class Magnitude(Method):
             if counts[i] < unit.size - 1 and removed + unit.row_numel / 2 < goal:
                 counts[i] += 1
                 removed += unit.row_numel
-        return counts
+        done = [int((u.weights[0][1].mask == 0).sum()) for u in self.units]
+        return [max(c, d) for c, d in zip(counts, done)]  # pruned channels stay pruned
 
     def _apply(self, sparsity: float) -> None:
         keep = self._plan(sparsity)
