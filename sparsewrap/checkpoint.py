@@ -67,7 +67,8 @@ def _join_state(obj: Any, tensors: dict[str, Tensor]) -> Any:
     return obj
 
 
-def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelRecipe | None = None) -> Path:
+def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelRecipe | None = None,
+         input_shape: list[int] | tuple[int, ...] | None = None) -> Path:  # fmt: skip
     """Write a sparsified model and its controller state to one safetensors file, atomically.
 
     Args:
@@ -75,6 +76,7 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
         path: destination (``.safetensors``).
         recipe: how to rebuild the model; inferred for models made by :func:`sparsewrap.create_model` or
             timm. Without one, :func:`load` needs ``model=``.
+        input_shape: one input's shape without the batch dim, recorded for ``pt2`` export (optional).
 
     Raises:
         ConfigError: if ``obj`` was not sparsified by sparsewrap.
@@ -85,6 +87,8 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
     if sp is None:
         raise ConfigError("this model was not sparsified by sparsewrap.sparsify (no controller attached)")
     recipe = recipe or recipe_for(model)
+    if recipe is not None and input_shape is not None:
+        recipe = ModelRecipe(recipe.source, recipe.name, recipe.kwargs, [int(d) for d in input_shape])
     controller_json, controller_tensors = _split_state(sp.state_dict())
     tensors = {MODEL + k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors.update({CTRL + k: v.contiguous() for k, v in controller_tensors.items()})
@@ -98,6 +102,7 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
         "options": sp.spec.options,
         "include": sp.spec.include,
         "exclude": sp.spec.exclude,
+        "layers": sp.spec.layers,
         "controller": controller_json,
     }
     meta = {"format": "pt", "sparsewrap": json.dumps(header), "sha256": _digest(tensors)}
@@ -162,9 +167,17 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: 
         except (ConfigError, KeyError) as exc:
             raise CheckpointError(f"{path}: cannot rebuild the model from its recipe: {exc}") from exc
     model.to(map_location)
-    target = header["target"]
-    sp = sparsify(model, header["method"], target=target, include=header.get("include"),
-                  exclude=header.get("exclude"), **header.get("options", {}))  # fmt: skip
+    layers = set(header.get("layers") or [])
+    if layers:  # the exact layers of the saved run, whatever patterns (or callables) selected them
+        include, exclude = (lambda name, _m: name in layers), None
+    else:
+        include, exclude = header.get("include"), header.get("exclude")
+    try:
+        sp = sparsify(model, header["method"], target=header["target"], include=include, exclude=exclude,
+                      **header.get("options", {}))  # fmt: skip
+    except (ConfigError, KeyError) as exc:
+        raise CheckpointError(f"{path}: cannot re-create the sparsified model: {exc}") from exc
+    sp.spec.include, sp.spec.exclude = header.get("include"), header.get("exclude")
     model_state = {k[len(MODEL) :]: v for k, v in tensors.items() if k.startswith(MODEL)}
     try:
         model.load_state_dict(model_state, strict=True)

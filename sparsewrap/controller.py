@@ -28,6 +28,7 @@ class Spec:
     options: dict[str, Any] = field(default_factory=dict)
     include: list[str] | None = None
     exclude: list[str] | None = None
+    layers: list[str] = field(default_factory=list)  # the resolved targets, so a reload picks the same ones
 
 
 def _check_fraction(name: str, value: Any) -> float:
@@ -182,19 +183,20 @@ def sparsify(model: nn.Module, method: str, target: Any = None, density: Any = N
     if sparsity is None and cls.needs_target:
         raise ConfigError(f"method {method!r} needs target= (sparsity in (0, 1)) or density=")
     config = make_config(cls, options)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
     if any(True for _ in wrapped_tensors(model)):
         raise ConfigError(
             f"{type(model).__name__} is already sparsified; export it first (sparsewrap.export) or start from a "
             "fresh model"
         )
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
     graph = analyse(model)
     targets = select_targets(model, graph, include, exclude)
     impl = cls(model, targets, graph, sparsity, config)
     with torch.no_grad():
         impl.attach()
-    spec = Spec(method, sparsity, dataclasses.asdict(config), _patterns_for_spec(include), _patterns_for_spec(exclude))
+    spec = Spec(method, sparsity, dataclasses.asdict(config), _patterns_for_spec(include), _patterns_for_spec(exclude),
+                [t.name for t in targets])  # fmt: skip
     controller = Sparsifier(model, impl, spec)
     object.__setattr__(model, CONTROLLER_ATTR, controller)
     return controller
