@@ -25,7 +25,7 @@ from .fileio import write_atomic
 from .recipe import ModelRecipe, recipe_for
 
 FORMAT_VERSION = 1
-MODEL, CTRL = "model.", "controller."
+MODEL, CTRL, EXTRA = "model.", "controller.", "extra."
 
 
 def _digest(tensors: dict[str, Tensor]) -> str:
@@ -68,7 +68,8 @@ def _join_state(obj: Any, tensors: dict[str, Tensor]) -> Any:
 
 
 def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelRecipe | None = None,
-         input_shape: list[int] | tuple[int, ...] | None = None) -> Path:  # fmt: skip
+         input_shape: list[int] | tuple[int, ...] | None = None,
+         extra: dict[str, Any] | None = None) -> Path:  # fmt: skip
     """Write a sparsified model and its controller state to one safetensors file, atomically.
 
     Args:
@@ -77,6 +78,8 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
         recipe: how to rebuild the model; inferred for models made by :func:`sparsewrap.create_model` or
             timm. Without one, :func:`load` needs ``model=``.
         input_shape: one input's shape without the batch dim, recorded for ``pt2`` export (optional).
+        extra: more state to keep in the file (nested dicts/lists of tensors and JSON values, e.g. the training
+            loop's optimizer and RNG states); :func:`read_extra` returns it.
 
     Raises:
         ConfigError: if ``obj`` was not sparsified by sparsewrap.
@@ -92,6 +95,8 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
     controller_json, controller_tensors = _split_state(sp.state_dict())
     tensors = {MODEL + k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors.update({CTRL + k: v.contiguous() for k, v in controller_tensors.items()})
+    extra_json, extra_tensors = _split_state(extra or {})
+    tensors.update({EXTRA + k: v.contiguous() for k, v in extra_tensors.items()})
     tensors = _unshare({k: v.cpu() for k, v in tensors.items()})
     header = {
         "format_version": FORMAT_VERSION,
@@ -104,6 +109,7 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
         "exclude": sp.spec.exclude,
         "layers": sp.spec.layers,
         "controller": controller_json,
+        "extra": extra_json,
     }
     meta = {"format": "pt", "sparsewrap": json.dumps(header), "sha256": _digest(tensors)}
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -142,6 +148,17 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
             f"{path} was written by a newer sparsewrap (format {header.get('format_version')}); upgrade sparsewrap"
         )
     return header, tensors
+
+
+def read_extra(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``extra=`` state given to :func:`save` (``{}`` if none), tensors on the CPU.
+
+    Raises:
+        CheckpointError: as :func:`read`.
+    """
+    header, tensors = read(path)
+    extra_tensors = {k[len(EXTRA) :]: v for k, v in tensors.items() if k.startswith(EXTRA)}
+    return _join_state(header.get("extra") or {}, extra_tensors)
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> Sparsifier:
