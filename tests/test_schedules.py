@@ -1,0 +1,94 @@
+"""Sparsity schedules against the formulas of Zhu & Gupta (cubic) and the exponential rule of Mostafa & Wang."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sparsewrap.errors import ConfigError
+from sparsewrap.schedules import Schedule
+
+
+def test_oneshot_is_the_target_at_every_step_and_never_updates() -> None:
+    s = Schedule("oneshot")
+    assert [s.sparsity(t, 0.7) for t in (0, 5, 10_000)] == [0.7, 0.7, 0.7]
+    assert not any(s.is_update_step(t) for t in range(20))
+    assert s.events == 0
+
+
+def test_cubic_matches_zhu_gupta_by_hand() -> None:
+    # start 0, end 100, every 25 -> n = 4 events; s_t = s_f (1 - (1 - k/4)^3)
+    s = Schedule("cubic", start=0, end=100, every=25)
+    expected = {0: 0.0, 25: 0.8 * (1 - 0.75**3), 50: 0.8 * (1 - 0.5**3), 75: 0.8 * (1 - 0.25**3), 100: 0.8}
+    for t, value in expected.items():
+        assert s.sparsity(t, 0.8) == pytest.approx(value, abs=1e-12)
+    assert s.sparsity(25, 0.8) == pytest.approx(0.4625)  # 0.8 * (1 - 27/64), computed by hand
+
+
+def test_cubic_holds_between_events_before_start_and_after_end() -> None:
+    s = Schedule("cubic", start=10, end=30, every=10)
+    assert s.sparsity(0, 0.9) == 0.0 and s.sparsity(9, 0.9) == 0.0
+    assert s.sparsity(19, 0.9) == s.sparsity(10, 0.9) == 0.0
+    assert s.sparsity(20, 0.9) == s.sparsity(29, 0.9) == pytest.approx(0.9 * (1 - 0.5**3))
+    assert s.sparsity(30, 0.9) == s.sparsity(10_000, 0.9) == pytest.approx(0.9)
+
+
+def test_cubic_with_an_initial_sparsity() -> None:
+    s = Schedule("cubic", start=0, end=2, every=1, initial=0.2)
+    assert s.sparsity(0, 0.6) == pytest.approx(0.2)
+    assert s.sparsity(1, 0.6) == pytest.approx(0.6 + (0.2 - 0.6) * 0.125)
+    assert s.sparsity(2, 0.6) == pytest.approx(0.6)
+
+
+def test_exponential_removes_the_same_fraction_of_survivors_at_every_event() -> None:
+    s = Schedule("exponential", start=0, end=40, every=10)  # n = 4
+    final = 0.9
+    densities = [1 - s.sparsity(t, final) for t in (0, 10, 20, 30, 40)]
+    for k, d in enumerate(densities):
+        assert d == pytest.approx(0.1 ** (k / 4))
+    per_event = 1 - (1 - final) ** (1 / 4)  # METHODS.md 3.3: fraction 1 - (1 - s_f)^(1/n) of the remaining weights
+    for before, after in zip(densities, densities[1:]):
+        assert after == pytest.approx(before * (1 - per_event))
+    assert 1 - densities[-1] == pytest.approx(final)
+
+
+def test_exponential_with_an_initial_sparsity() -> None:
+    s = Schedule("exponential", start=0, end=2, every=1, initial=0.5)
+    assert s.sparsity(0, 0.875) == pytest.approx(0.5)
+    assert s.sparsity(1, 0.875) == pytest.approx(0.75)  # density 0.5 * (0.25)^(1/2) = 0.25
+    assert s.sparsity(2, 0.875) == pytest.approx(0.875)
+
+
+def test_update_steps_are_start_plus_multiples_of_every_up_to_end() -> None:
+    s = Schedule("cubic", start=5, end=20, every=5)
+    assert [t for t in range(30) if s.is_update_step(t)] == [5, 10, 15, 20]
+    assert s.events == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(kind="linear"), r"schedule='linear' is unknown; valid: 'cubic', 'exponential', 'oneshot'"),
+        (dict(kind="cubic", start=10, end=10), r"needs 0 <= start < end, got start=10, end=10"),
+        (dict(kind="cubic", start=-1, end=10), r"start=-1"),
+        (dict(kind="exponential", start=0, end=10, every=3), r"every=3 must be positive and divide end - start = 10"),
+        (dict(kind="cubic", start=0, end=10, every=0), r"every=0"),
+    ],
+)
+def test_bad_schedules_raise_config_errors_naming_the_value(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        Schedule(**kwargs)
+
+
+def test_config_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        Schedule("cubic", start=3, end=1)
+
+
+def test_sparsity_is_monotone_for_both_gradual_kinds() -> None:
+    for kind in ("cubic", "exponential"):
+        s = Schedule(kind, start=0, end=100, every=10)
+        values = [s.sparsity(t, 0.95) for t in range(0, 120)]
+        assert all(b >= a for a, b in zip(values, values[1:]))
+        assert math.isclose(values[-1], 0.95)
