@@ -3,7 +3,7 @@
 Layout: tensors ``model.<key>`` (the wrapped model's ``state_dict``: originals, masks, gates) and
 ``controller.<key>`` (tensor state of the method); metadata ``sparsewrap`` holds the JSON recipe: how to
 rebuild the model, the :func:`sparsify` call, and the JSON part of the controller state; ``sha256`` is a
-digest of every tensor's bytes, so a corrupted file is refused instead of loaded.
+digest of the recipe and every tensor's bytes, so a corrupted file is refused instead of loaded.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ FORMAT_VERSION = 1
 MODEL, CTRL, EXTRA = "model.", "controller.", "extra."
 
 
-def _digest(tensors: dict[str, Tensor]) -> str:
+def _digest(tensors: dict[str, Tensor], header: str = "") -> str:
     h = hashlib.sha256()
+    h.update(header.encode())  # the recipe too: a flipped digit in it would silently change the run
     for key in sorted(tensors):
         t = tensors[key].detach().contiguous().cpu()
         h.update(key.encode())
@@ -111,7 +112,8 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
         "controller": controller_json,
         "extra": extra_json,
     }
-    meta = {"format": "pt", "sparsewrap": json.dumps(header), "sha256": _digest(tensors)}
+    header_json = json.dumps(header)
+    meta = {"format": "pt", "sparsewrap": header_json, "sha256": _digest(tensors, header_json)}
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -137,8 +139,8 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
             f"{path} is a safetensors file but not a sparsewrap checkpoint (no 'sparsewrap' metadata); "
             "plain weights load with model.load_state_dict(safetensors.torch.load_file(path))"
         )
-    if meta.get("sha256") != _digest(tensors):
-        raise CheckpointError(f"{path} is corrupted: its tensors do not match the recorded sha256 digest")
+    if meta.get("sha256") != _digest(tensors, meta["sparsewrap"]):
+        raise CheckpointError(f"{path} is corrupted: its tensors or recipe do not match the recorded sha256 digest")
     try:
         header = json.loads(meta["sparsewrap"])
     except json.JSONDecodeError as exc:
