@@ -19,6 +19,7 @@ from .errors import (  # noqa: E402
     UnknownNameError,
 )
 from .export import export, save_plain  # noqa: E402
+from .loop import fit as fit  # noqa: E402  (re-exported: sw.fit)
 from .methods import Method, list_methods, register_method  # noqa: E402
 from .recipe import ModelRecipe, create_model  # noqa: E402
 

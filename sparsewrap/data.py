@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, TensorDataset
 
 from .errors import ConfigError, SparsewrapError
 
@@ -118,4 +118,113 @@ def image_folder(path: str | Path, image_size: int = 224, train: bool = True):
     else:
         tf = transforms.Compose([transforms.Resize(int(image_size * 1.14)), transforms.CenterCrop(image_size),
                                  transforms.ToTensor(), norm])  # fmt: skip
-    return datasets.ImageFolder(str(root), transform=tf)
+    try:
+        return datasets.ImageFolder(str(root), transform=tf)
+    except FileNotFoundError as exc:  # no class folders, or no image files in them
+        raise ConfigError(f"imagefolder path {str(root)!r}: {exc} (expected a sub-folder of images per class)") from exc
+
+
+# -- data sets and loaders for training ---------------------------------------------------------------------------
+DATA_FORMS = "'mnist' (built in) or 'imagefolder:PATH' (one sub-folder per class; PATH/train and PATH/val if present)"
+VAL_DIRS = ("val", "validation", "test")
+
+
+@dataclass
+class TrainData:
+    """A training set, a validation set, and what a model needs to know about them.
+
+    Attributes:
+        name: the data spec it came from.
+        train: training examples ``(input, label)``.
+        val: validation examples (MNIST: the test split; an image folder: ``val/`` or a held-out 10 %).
+        num_classes: number of classes.
+        input_shape: one input's shape without the batch dim, e.g. ``(1, 28, 28)``.
+    """
+
+    name: str
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+
+def _subset(ds: Dataset, limit: int | None, seed: int = 0) -> Dataset:
+    if limit is None or limit >= len(ds):
+        return ds
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    return Subset(ds, order[:limit].tolist())
+
+
+def _image_folders(root: Path, image_size: int) -> tuple[Dataset, Dataset, int]:
+    train_root = root / "train" if (root / "train").is_dir() else root
+    val_root = next((root / d for d in VAL_DIRS if train_root != root and (root / d).is_dir()), None)
+    train = image_folder(train_root, image_size, train=True)
+    if val_root is not None:
+        return train, image_folder(val_root, image_size, train=False), len(train.classes)
+    # no validation folder: hold out a fixed 10 % of the images, seen with the evaluation transforms
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    cut = max(1, len(order) // 10)
+    val = image_folder(train_root, image_size, train=False)
+    return Subset(train, order[cut:]), Subset(val, order[:cut]), len(train.classes)
+
+
+def build_data(spec: str, limit: int | None = None, val_limit: int | None = None, image_size: int = 224) -> TrainData:
+    """The data sets named by ``spec``: ``"mnist"`` or ``"imagefolder:PATH"``.
+
+    Args:
+        spec: the data spec.
+        limit: use only this many training examples (MNIST: the first ones; folders: a fixed random subset).
+        val_limit: likewise for the validation set.
+        image_size: side of the square crops of an image folder.
+
+    Raises:
+        ConfigError: for an unknown spec (listing the accepted forms) or a bad folder.
+        MissingDataError: for MNIST without the data extra (the message gives the install command).
+    """
+    if spec == "mnist":
+        splits = load_mnist()
+        train, val = splits["train"].dataset(limit), splits["test"].dataset(val_limit)
+        return TrainData(spec, train, val, 10, (1, 28, 28))
+    if spec.startswith("imagefolder:") and spec[len("imagefolder:") :]:
+        train, val, classes = _image_folders(Path(spec[len("imagefolder:") :]).expanduser(), image_size)
+        return TrainData(spec, _subset(train, limit), _subset(val, val_limit), classes, (3, image_size, image_size))
+    raise ConfigError(f"data {spec!r} is not understood; accepted forms: {DATA_FORMS}")
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``n`` gets indices ``r, r + n, r + 2n, ...``: every example once over all ranks, no padding
+    (evaluation summed over ranks is then exact)."""
+
+    def __init__(self, size: int, rank: int, world_size: int) -> None:
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __iter__(self):
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+
+def make_loaders(data: TrainData, batch_size: int = 128, workers: int = 0, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:  # fmt: skip
+    """Shuffled training and ordered validation loaders; with ``world_size > 1`` each rank gets its shard.
+
+    Single-process shuffling draws from the global torch RNG, which :func:`sparsewrap.fit` seeds and saves (so a
+    resumed run replays the same order). Under DDP ``batch_size`` is per process (the global batch is
+    ``batch_size * world_size``) and the order depends only on ``seed`` and the epoch (``set_epoch``).
+
+    Raises:
+        ConfigError: for a non-positive batch size or a negative worker count.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be at least 1")
+    if workers < 0:
+        raise ConfigError(f"workers={workers} must be >= 0")
+    common = {"num_workers": workers, "persistent_workers": workers > 0}
+    if world_size > 1:
+        sampler = DistributedSampler(data.train, world_size, rank, shuffle=True, seed=seed)
+        train = DataLoader(data.train, batch_size, sampler=sampler, **common)
+        val_sampler = ShardSampler(len(data.val), rank, world_size)
+        return train, DataLoader(data.val, max(batch_size, 256), sampler=val_sampler, **common)
+    train = DataLoader(data.train, batch_size, shuffle=True, **common)
+    return train, DataLoader(data.val, max(batch_size, 256), **common)
