@@ -33,7 +33,8 @@ def _baked(model: nn.Module, sp: Sparsifier | None) -> dict[tuple[str, str], tor
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
-    saved = {k: model.__dict__.pop(k) for k in (CONTROLLER_ATTR,) if k in model.__dict__}
+    # the plain model must unpickle without sparsewrap: leave sparsewrap's own attributes behind
+    saved = {k: model.__dict__.pop(k) for k in (CONTROLLER_ATTR, RECIPE_ATTR) if k in model.__dict__}
     try:
         return copy.deepcopy(model)
     finally:
@@ -74,9 +75,6 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False) -> nn.Module:
             value = value.to(device=original.device, dtype=original.dtype)
             module._parameters[tname] = nn.Parameter(value, requires_grad=original.requires_grad)
     plain.train(was_training)
-    recipe = getattr(model, RECIPE_ATTR, None)
-    if recipe is not None:
-        object.__setattr__(plain, RECIPE_ATTR, recipe)
     if purge:
         raise NotImplementedError("purge=True is not available yet; export(model) gives the dense model with zeros")
     return plain
