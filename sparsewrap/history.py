@@ -58,6 +58,7 @@ class History:
         stopped: why the run stopped before its last epoch (``"SIGINT"``, ``"SIGTERM"``, ``"callback"``), or None.
         checkpoint: the checkpoint written last, if any.
         resumed_at: ``(epoch, batch)`` where this call resumed a previous run, if it did.
+        position: ``(epoch, batch)`` where the run ended (0-based epoch; ``(epochs, 0)`` when complete).
     """
 
     records: list[EpochRecord] = field(default_factory=list)
@@ -65,6 +66,7 @@ class History:
     stopped: str | None = None
     checkpoint: Path | None = None
     resumed_at: tuple[int, int] | None = None
+    position: tuple[int, int] = (0, 0)
 
     @property
     def last(self) -> EpochRecord | None:
@@ -73,7 +75,7 @@ class History:
     def to_dict(self) -> dict[str, Any]:
         return {"records": [asdict(r) for r in self.records], "losses": list(self.losses), "stopped": self.stopped,
                 "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
-                "resumed_at": self.resumed_at}  # fmt: skip
+                "resumed_at": self.resumed_at, "position": self.position}  # fmt: skip
 
 
 @dataclass

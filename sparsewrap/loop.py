@@ -365,5 +365,6 @@ def _loop(run: _Run, train_loader: Iterable, val_loader: Iterable | None, handle
             save_state(run)
             if run.main:
                 run.callback.on_epoch_end(state, record)
+    state.history.position = (state.epoch, state.batch)
     if run.main:
         run.callback.on_train_end(state)

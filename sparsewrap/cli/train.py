@@ -1,0 +1,207 @@
+"""``sparsewrap train`` (model + data + method → checkpoints in ``--out``) and ``sparsewrap demo``.
+
+Under ``torchrun --nproc_per_node=N -m sparsewrap train ...`` every process runs this command; rank 0 alone
+prints and writes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..history import Callback, EpochRecord, LoopState
+from . import app, console
+
+
+class RichProgress(Callback):
+    """Rich progress bars (epochs, and steps with live loss and sparsity), one line per finished epoch.
+
+    The bars are drawn only on a terminal; the per-epoch lines are always printed (they make a readable log).
+
+    Args:
+        console: where to render.
+        refresh: seconds between sparsity read-outs (each one bakes every mask).
+    """
+
+    def __init__(self, console: Console, refresh: float = 0.5) -> None:
+        self.console = console
+        self.refresh = refresh
+        self._last = 0.0
+        self._sparsity: float | None = None
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console, disable=not console.is_terminal)  # fmt: skip
+
+    def on_train_begin(self, state: LoopState) -> None:
+        if state.history.resumed_at is not None:
+            epoch, batch = state.history.resumed_at
+            self.console.print(f"resuming at epoch {epoch + 1}, batch {batch} (step {state.step})")
+        self.progress.start()
+        self._epochs = self.progress.add_task("epochs", total=state.epochs, completed=state.epoch, info="")
+        self._steps = self.progress.add_task(f"epoch {state.epoch + 1}", total=state.batches, completed=state.batch,
+                                             info="")  # fmt: skip
+
+    def on_step_end(self, state: LoopState) -> None:
+        now = time.monotonic()
+        if state.sparsifier is not None and (now - self._last >= self.refresh or state.batch == state.batches):
+            self._sparsity, self._last = state.sparsifier.sparsity(), now
+        info = f"loss {state.loss:.4f}" + ("" if self._sparsity is None else f"  sparsity {self._sparsity:.4f}")
+        self.progress.update(self._steps, completed=state.batch, info=info)
+
+    def on_epoch_end(self, state: LoopState, record: EpochRecord) -> None:
+        self.progress.update(self._epochs, completed=state.epoch)
+        self.progress.console.print(epoch_line(record, state.epochs), highlight=False)
+        if state.epoch < state.epochs:
+            self.progress.reset(self._steps, total=state.batches, description=f"epoch {state.epoch + 1}", info="")
+
+    def on_train_end(self, state: LoopState) -> None:
+        self.progress.stop()
+
+
+def epoch_line(record: EpochRecord, epochs: int) -> str:
+    """One line summing up an epoch."""
+    parts = [f"epoch {record.epoch}/{epochs}", f"loss {record.train_loss:.4f}"]
+    if record.val_accuracy is not None:
+        parts.append(f"val acc {record.val_accuracy:.4f}")
+    elif record.val_loss is not None:
+        parts.append(f"val loss {record.val_loss:.4f}")
+    if record.achieved is not None:
+        parts.append(f"sparsity {record.achieved:.4f} (at export {record.exported:.4f})")
+    parts += [f"{k} {v:.4g}" for k, v in record.method.items()]
+    parts.append(f"{record.seconds:.1f} s")
+    return "  ".join(parts)
+
+
+def parse_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """``["k=v", ...]`` → ``{k: v}``, each value read as JSON when it parses (``3``, ``0.5``, ``true``), else text.
+
+    Raises:
+        typer.BadParameter: for an item without ``=``.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=flag)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _accepts(spec: str) -> set[str] | None:
+    """Keyword names a ``pkg.mod:factory`` accepts (None when it takes ``**kwargs`` or cannot be inspected)."""
+    mod, _, attr = spec.partition(":")
+    try:
+        params = inspect.signature(getattr(importlib.import_module(mod), attr)).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+def model_recipe(spec: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]):
+    """The recipe of ``--model`` for this data: ``num_classes``/``in_chans`` where the model takes them.
+
+    Raises:
+        ConfigError: for a spec that is neither ``timm:<arch>`` nor ``package.module:factory``.
+    """
+    from ..recipe import ModelRecipe
+
+    recipe = ModelRecipe.parse(spec)
+    fitted = {"num_classes": num_classes, "in_chans": input_shape[0]}
+    if recipe.source != "timm":
+        accepted = _accepts(spec)
+        fitted = {k: v for k, v in fitted.items() if accepted is None or k in accepted}
+    return ModelRecipe(recipe.source, recipe.name, {**fitted, **kwargs}, list(input_shape))
+
+
+@app.command("train")
+def train_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="timm:<arch> or package.module:factory.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory (checkpoint last.safetensors, history.json).")],
+    data: Annotated[str, typer.Option(help="mnist (built in) or imagefolder:PATH.")] = "mnist",
+    method: Annotated[str, typer.Option(help="A method from `sparsewrap methods`.")] = "l0",
+    target: Annotated[float | None, typer.Option(help="Requested sparsity in (0, 1).")] = None,
+    density: Annotated[float | None, typer.Option(help="Requested density (1 - sparsity).")] = None,
+    epochs: Annotated[int, typer.Option(help="Total epochs (a resumed run continues up to it).")] = 10,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite another run's checkpoint in --out.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size (per process under torchrun).")] = 128,
+    optimizer: Annotated[str, typer.Option(help="adam, adamw or sgd.")] = "adam",
+    lr: Annotated[float, typer.Option(help="Learning rate of the weights.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay of the weights.")] = 0.0,
+    lr_schedule: Annotated[str, typer.Option(help="constant or cosine.")] = "constant",
+    group_lr: Annotated[list[str] | None, typer.Option(help="GROUP=LR for a method group, e.g. gates=0.1.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Method option KEY=VALUE.")] = None,
+    model_kw: Annotated[list[str] | None, typer.Option(help="Model keyword KEY=VALUE.")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="Layers to sparsify (glob or re:regex).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Layers to leave dense.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only this many training examples.")] = None,
+    val_limit: Annotated[int | None, typer.Option(help="Use only this many validation examples.")] = None,
+    image_size: Annotated[int, typer.Option(help="Crop size for imagefolder data.")] = 224,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Sparsify a model while training it; checkpoint every epoch; Ctrl-C saves, --resume continues."""
+    from .. import distributed
+    from ..controller import sparsify
+    from ..data import build_data, make_loaders
+    from ..fileio import write_atomic
+    from ..loop import fit
+    from ..loopstate import CHECKPOINT_NAME, refuse_overwrite
+    from ..rng import seed_all
+    from .inspect import render_report
+
+    ckpt = out / CHECKPOINT_NAME
+    if ckpt.exists() and not resume and not force:
+        refuse_overwrite(ckpt)
+    ctx = distributed.setup(device)
+    try:
+        main = ctx is None or ctx.is_main
+        show = console if main else Console(quiet=True)
+        dev = ctx.device if ctx else (device or ("cuda" if _cuda() else "cpu"))
+        train_data = build_data(data, limit, val_limit, image_size)
+        kwargs = parse_pairs(model_kw, "--model-kw")
+        recipe = model_recipe(model, train_data.num_classes, train_data.input_shape, kwargs)
+        seed_all(seed)
+        net = recipe.build().to(dev)
+        sp = sparsify(net, method, target=target, density=density, include=include, exclude=exclude,
+                      **parse_pairs(option, "--option"))  # fmt: skip
+        rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+        train, val = make_loaders(train_data, batch_size, workers, seed, rank, world)
+        groups = {k: {"lr": float(v)} for k, v in parse_pairs(group_lr, "--group-lr").items()}
+        show.print(f"{recipe.name} on {data} ({len(train_data.train):,} training examples), method {method}, "
+                   f"{len(sp.targets)} layers, {world} process(es) on {dev}", highlight=False)  # fmt: skip
+        history = fit(sp, train, val, epochs=epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                      groups=groups, lr_schedule=lr_schedule, out=out, resume=resume, overwrite=force, seed=seed,
+                      callback=RichProgress(show) if main else None)  # fmt: skip
+        if main:
+            text = json.dumps(history.to_dict(), indent=1)
+            write_atomic(out / "history.json", lambda tmp: tmp.write_text(text))
+            show.print(render_report(sp.report(), f"{ckpt}: method {method}, step {sp.step_count}"))
+        if history.stopped:
+            epoch, batch = history.position
+            show.print(f"stopped ({history.stopped}) in epoch {epoch + 1} after batch {batch}; saved {ckpt}; "
+                       "run the same command with --resume to continue", style="yellow")  # fmt: skip
+            raise typer.Exit(130)
+        show.print(f"next: sparsewrap export {ckpt} --purge", highlight=False)
+    finally:
+        distributed.teardown()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
