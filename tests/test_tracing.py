@@ -152,20 +152,20 @@ def test_channel_groups_of_timm_resnet18() -> None:
     assert {g.size for g in groups if g.exact} == {64, 128, 256, 512}
 
 
-def test_depthwise_joins_its_input_group_and_grouped_convs_are_inexact() -> None:
+def test_depthwise_joins_its_input_group_and_grouped_convs_are_understood() -> None:
     groups = analyse(DepthwiseGrouped()).groups
     pw = next(g for g in groups if "pw" in g.producers)
     assert pw.producers == ["pw", "dw"] and ("bn2", "weight") in pw.companions
-    assert not pw.exact and any("groups=4" in r for r in pw.reasons)
+    assert pw.exact and pw.consumers == ["grouped"]  # a grouped conv reads its input channels (issue 4)
     grouped = next(g for g in groups if "grouped" in g.producers)
-    assert not grouped.exact
+    assert grouped.exact
 
 
-def test_concat_marks_its_branches_inexact() -> None:
+def test_concat_keeps_its_branches_exact() -> None:
     groups = analyse(ZOO["concat"][0]()).groups
     for name in ("a", "b"):
         g = next(g for g in groups if name in g.producers)
-        assert not g.exact and any("cat" in r for r in g.reasons)
+        assert g.exact and g.consumers == ["merge"]  # cat on the channel axis is followed by offsets (issue 4)
 
 
 def test_untraceable_model_warns_and_falls_back_to_a_module_walk() -> None:

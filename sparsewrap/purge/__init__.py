@@ -1,0 +1,27 @@
+"""Purge: physically remove exactly-zero channels, features and attention heads, with identical outputs.
+
+    from sparsewrap.purge import purge
+    result = purge(plain_model, example_inputs)   # result.model, result.ops (the plan), result.report
+
+:func:`sparsewrap.export` with ``purge=True`` calls it on the baked model; :func:`save_purged` writes the
+weights and the plan to one safetensors file and :func:`load_purged` replays the plan on a fresh instance.
+Extend it with :func:`register_shrink` (a new layer type) and :func:`register_heads` (a new attention class).
+"""
+
+from .core import PURGE_ATTR, PurgeReport, PurgeResult, PurgeTracer, UnitReport, apply_plan, purge
+from .heads import HeadRule, register_heads
+from .shrink import ShrinkError, register_shrink
+
+__all__ = [
+    "purge",
+    "PurgeResult",
+    "PurgeReport",
+    "UnitReport",
+    "PurgeTracer",
+    "apply_plan",
+    "register_shrink",
+    "register_heads",
+    "HeadRule",
+    "ShrinkError",
+    "PURGE_ATTR",
+]
