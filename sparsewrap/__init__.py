@@ -21,6 +21,7 @@ from .errors import (  # noqa: E402
 from .export import export, save_plain  # noqa: E402
 from .loop import fit as fit  # noqa: E402  (re-exported: sw.fit)
 from .methods import Method, list_methods, register_method  # noqa: E402
+from .purge.io import load_purged  # noqa: E402
 from .recipe import ModelRecipe, create_model  # noqa: E402
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "Sparsifier",
     "export",
     "save_plain",
+    "load_purged",
     "save",
     "load",
     "create_model",

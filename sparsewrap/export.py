@@ -12,6 +12,7 @@ import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +42,8 @@ def _plain_copy(model: nn.Module) -> nn.Module:
         model.__dict__.update(saved)
 
 
-def export(obj: nn.Module | Sparsifier, purge: bool = False) -> nn.Module:
+def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: Any = None,
+           round_to: int = 1) -> nn.Module:  # fmt: skip
     """A new plain ``nn.Module`` with masks baked in and no parametrizations.
 
     Its ``state_dict`` keys are those of the unwrapped architecture (it loads with ``strict=True`` into a
@@ -50,12 +52,17 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False) -> nn.Module:
 
     Args:
         obj: a sparsified model or its :class:`Sparsifier`.
-        purge: also remove zeroed channels physically (a later issue; raises for now).
+        purge: also remove exactly-zero channels, features and heads physically (:mod:`sparsewrap.purge`):
+            a smaller dense model with the same outputs; groups that cannot be removed exactly stay dense.
+            ``sparsewrap.purge.purge_report(result)`` says what was removed and why the rest stayed.
+        example_inputs: a tensor or tuple for one forward, used by ``purge`` to trace shapes and verify
+            outputs (default: a random batch of 2 at the recipe's input shape, for timm models).
+        round_to: with ``purge``, keep each group's channel count a multiple of this (fast kernels).
 
     Raises:
         ConfigError: if ``obj`` is neither a model nor a Sparsifier, or a module mixes sparsewrap and foreign
             parametrizations on one tensor.
-        NotImplementedError: for ``purge=True`` until the purge pass lands.
+            With ``purge``: no example input and no recorded input shape, or a bad ``round_to``.
     """
     model, sp = controller_of(obj)
     baked = _baked(model, sp)
@@ -76,7 +83,9 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False) -> nn.Module:
             module._parameters[tname] = nn.Parameter(value, requires_grad=original.requires_grad)
     plain.train(was_training)
     if purge:
-        raise NotImplementedError("purge=True is not available yet; export(model) gives the dense model with zeros")
+        from .purge.io import purge_exported
+
+        return purge_exported(plain, model, example_inputs, round_to)
     return plain
 
 

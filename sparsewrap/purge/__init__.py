@@ -10,10 +10,15 @@ Extend it with :func:`register_shrink` (a new layer type) and :func:`register_he
 
 from .core import PURGE_ATTR, PurgeReport, PurgeResult, PurgeTracer, UnitReport, apply_plan, purge
 from .heads import HeadRule, register_heads
+from .io import load_purged, purge_report, read_plan, save_purged
 from .shrink import ShrinkError, register_shrink
 
 __all__ = [
     "purge",
+    "purge_report",
+    "save_purged",
+    "load_purged",
+    "read_plan",
     "PurgeResult",
     "PurgeReport",
     "UnitReport",

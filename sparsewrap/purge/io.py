@@ -1,0 +1,233 @@
+"""Purged models on disk: safetensors weights plus the purge plan in its metadata (no pickle), pt2 or ONNX.
+
+The plan is JSON: the source architecture's fingerprint (class and ``state_dict`` key/shape list of the
+*unpurged* model), how to rebuild it (recipe, when known), and ``{module: {role: kept indices}}``. A digest
+covers the plan and every tensor, so a corrupted file is refused. :func:`load_purged` checks the fingerprint
+against the fresh model it is given, replays the plan with the shrink table and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError, ConfigError, choices
+from .core import PURGE_ATTR, PurgeReport, UnitReport, apply_plan, purge
+from .shrink import ShrinkError
+
+FORMAT_VERSION = 1
+META_KEY = "sparsewrap_purge"
+FORMATS = ("safetensors", "pt2", "onnx")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A digest of the architecture: class name and every ``state_dict`` key with its shape (not dtype)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for key, value in sorted(model.state_dict().items()):
+        h.update(f"{key}:{tuple(value.shape)};".encode())
+    return h.hexdigest()
+
+
+def purge_exported(plain: nn.Module, source: nn.Module, example_inputs: Any, round_to: int) -> nn.Module:
+    """The purge step of :func:`sparsewrap.export` (``purge=True``): purge ``plain`` and record the plan on it.
+
+    Raises:
+        ConfigError: if no example input is given and the model records no input shape.
+    """
+    from ..recipe import recipe_for
+
+    recipe = recipe_for(source)
+    if example_inputs is None:
+        shape = recipe.default_input_shape() if recipe is not None else None
+        if not shape:
+            raise ConfigError(
+                "purge needs example_inputs=<a tensor or tuple of tensors> to trace shapes and verify outputs; "
+                f"{type(source).__name__} records no input shape"
+            )
+        p = next(plain.parameters())
+        gen = torch.Generator().manual_seed(0)
+        example_inputs = torch.randn(2, *shape, generator=gen).to(device=p.device, dtype=p.dtype)
+    result = purge(plain, example_inputs, round_to=round_to)
+    if not result.report.changed:
+        warnings.warn(result.report.summary(), stacklevel=3)
+    record = {
+        "format_version": FORMAT_VERSION,
+        "source": {"class": type(plain).__name__, "fingerprint": fingerprint(plain)},
+        "recipe": None if recipe is None else json.loads(recipe.to_json()),
+        "round_to": round_to,
+        "ops": {m: {r: idx.tolist() for r, idx in roles.items()} for m, roles in result.ops.items()},
+        "report": asdict(result.report),
+    }
+    object.__setattr__(result.model, PURGE_ATTR, record)  # plain data only: the model still unpickles anywhere
+    return result.model
+
+
+def purge_report(model: nn.Module) -> PurgeReport:
+    """The :class:`PurgeReport` of a model returned by ``export(..., purge=True)``.
+
+    Raises:
+        ConfigError: if the model was not purged by sparsewrap.
+    """
+    record = _record(model)
+    if "report" not in record:
+        raise ConfigError("this purged model was loaded from a file; its purge report is not stored there")
+    data = dict(record["report"])
+    data["units"] = [UnitReport(**u) for u in data.get("units", [])]
+    return PurgeReport(**data)
+
+
+def _record(model: nn.Module) -> dict[str, Any]:
+    record = getattr(model, PURGE_ATTR, None)
+    if not isinstance(record, dict):
+        raise ConfigError("this model was not purged by sparsewrap.export(..., purge=True); use save_plain for it")
+    return record
+
+
+def _digest(plan: str, tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256(plan.encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def save_purged(model: nn.Module, path: str | os.PathLike, fmt: str = "safetensors",
+                input_shape: Sequence[int] | None = None) -> Path:  # fmt: skip
+    """Write a purged model atomically: safetensors + plan (replay with :func:`load_purged`), pt2 or ONNX.
+
+    Raises:
+        ConfigError: on an unknown format, a model that was not purged (safetensors), a missing input shape
+            (pt2, onnx) or a missing ``onnx`` package.
+    """
+    from ..export import _unshare, save_plain
+    from ..fileio import write_atomic
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"format {fmt!r} is unknown; valid: {choices(FORMATS)}")
+    if fmt == "pt2":
+        return save_plain(model, path, "pt2", input_shape)
+    if fmt == "onnx":
+        return save_onnx(model, path, input_shape)
+    from safetensors.torch import save_file
+
+    record = _record(model)
+    plan = json.dumps({k: v for k, v in record.items() if k != "report"}, sort_keys=True)
+    tensors = _unshare({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+    meta = {"format": "pt", META_KEY: plan, "sha256": _digest(plan, tensors)}
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def save_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int] | None) -> Path:
+    """Export to ONNX at batch 1 (needs the optional extra: ``pip install sparsewrap[onnx]``).
+
+    Raises:
+        ConfigError: without an input shape or without the ``onnx`` package.
+    """
+    from ..fileio import write_atomic
+
+    if not input_shape:
+        raise ConfigError("format 'onnx' needs an input shape, e.g. --input-shape 3,224,224")
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("format 'onnx' needs the onnx package: pip install 'sparsewrap[onnx]'") from exc
+    p = next(model.parameters())
+    example = torch.randn(1, *input_shape, dtype=p.dtype, device=p.device)
+    was_training = model.training
+    model.eval()
+    try:
+        return write_atomic(path, lambda tmp: torch.onnx.export(model, (example,), str(tmp), dynamo=True))
+    finally:
+        model.train(was_training)
+
+
+def read_plan(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The verified plan and tensors of a purged safetensors file.
+
+    Raises:
+        CheckpointError: if the file is missing, unreadable, not a purged model, or corrupted.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"purged model {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own types for bad headers and short files
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+    if META_KEY not in meta:
+        raise CheckpointError(f"{path} has no purge plan; it is not a purged model written by sparsewrap")
+    if meta.get("sha256") != _digest(meta[META_KEY], tensors):
+        raise CheckpointError(f"{path} is corrupted: its plan and tensors do not match the recorded sha256 digest")
+    try:
+        plan = json.loads(meta[META_KEY])
+        ops, source = plan["ops"], plan["source"]
+        if not isinstance(ops, dict) or not isinstance(source, dict):
+            raise TypeError("ops and source must be objects")
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: the purge plan is malformed ({exc})") from exc
+    if plan.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer sparsewrap (plan format {plan['format_version']})")
+    return plan, tensors
+
+
+def load_purged(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a purged model: replay its plan on a fresh instance of the original architecture, load weights.
+
+    Args:
+        path: a file written by :func:`save_purged` (``sparsewrap export --purge``, safetensors format).
+        model: a fresh, unpurged instance of the architecture the plan was made for; optional when the file
+            records how to build it (timm models, ``sparsewrap.create_model``).
+
+    Returns:
+        ``model`` (or the rebuilt one), shrunk in place, with the purged weights loaded strictly.
+
+    Raises:
+        CheckpointError: for a missing, corrupted or foreign file, a plan made for another architecture, or
+            weights that do not fit the replayed model.
+    """
+    plan, tensors = read_plan(path)
+    if model is None:
+        if not plan.get("recipe"):
+            raise CheckpointError(f"{path} records no model recipe; pass model=<a fresh instance of the architecture>")
+        from ..recipe import ModelRecipe
+
+        try:
+            model = ModelRecipe.from_dict(plan["recipe"]).build()
+        except (ConfigError, KeyError) as exc:
+            raise CheckpointError(f"{path}: cannot rebuild the model from its recipe: {exc}") from exc
+    source = plan["source"]
+    if fingerprint(model) != source.get("fingerprint"):
+        raise CheckpointError(
+            f"{path}: the purge plan was made for another architecture ({source.get('class')!r}); the model given "
+            f"is a {type(model).__name__} with different layers or shapes. Pass a fresh, unpurged instance of the "
+            "architecture the file was exported from"
+        )
+    try:
+        ops = {
+            m: {r: torch.as_tensor(idx, dtype=torch.long) for r, idx in roles.items()}
+            for m, roles in plan["ops"].items()
+        }
+        apply_plan(model, ops)
+    except (ShrinkError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: the purge plan does not apply to {type(model).__name__}: {exc}") from exc
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the replayed model: {exc}") from exc
+    object.__setattr__(model, PURGE_ATTR, dict(plan))  # lets save_purged write it again
+    return model
