@@ -113,6 +113,11 @@ def measure(model: nn.Module, test_loader: Any, batch: int) -> ModelFigures:
     return ModelFigures(accuracy, params, nonzero, total_macs(model, INPUT_SHAPE), latency_ms(model, batch))
 
 
+def _check(history: History) -> None:
+    if history.stopped:  # Ctrl-C or SIGTERM: fit has saved what it could; stop the demo as well
+        raise KeyboardInterrupt(history.stopped)
+
+
 def _export(sp: Any) -> tuple[nn.Module, bool]:
     try:
         return export(sp, purge=True), True
@@ -130,6 +135,7 @@ def run_demo(config: DemoConfig | None = None, callback: Callback | None = None,
         on_phase: called with a short description when a phase starts.
 
     Raises:
+        KeyboardInterrupt: after a clean stop of training on Ctrl-C / SIGTERM (the checkpoint is saved).
         MissingDataError: without the MNIST data package (the message gives the install command).
         UnknownNameError: if ``config.method`` is not registered.
     """
@@ -142,7 +148,7 @@ def run_demo(config: DemoConfig | None = None, callback: Callback | None = None,
     model = ModelRecipe("factory", MODEL, {"num_classes": 10}, list(INPUT_SHAPE)).build()
 
     phase(f"dense LeNet-5: {config.dense_epochs} epoch(s) on {len(data.train):,} MNIST images")
-    fit(model, train, epochs=config.dense_epochs, lr=config.lr, seed=config.seed, callback=callback)
+    _check(fit(model, train, epochs=config.dense_epochs, lr=config.lr, seed=config.seed, callback=callback))
     before = measure(model, test, config.latency_batch)
 
     options = {**method_options(config.method, len(train), config.epochs), **config.options}
@@ -150,6 +156,7 @@ def run_demo(config: DemoConfig | None = None, callback: Callback | None = None,
     phase(f"{config.method} to {config.target:.0%} channel sparsity: {config.epochs} epoch(s)")
     history = fit(sp, train, test, epochs=config.epochs, lr=config.lr, out=config.out, overwrite=True,
                   seed=config.seed + 1, callback=callback)  # fmt: skip
+    _check(history)
 
     phase("export (with purge where available) and measure both models")
     plain, purged = _export(sp)

@@ -167,7 +167,7 @@ def _train_step(run: _Run, batch: Any) -> float:
     loss = task + penalty
     if not torch.isfinite(loss.detach()):
         raise TrainingError(
-            f"the loss became {float(loss)} at epoch {run.state.epoch + 1}, step {run.state.step + 1}; "
+            f"the loss became {float(loss.detach())} at epoch {run.state.epoch + 1}, step {run.state.step + 1}; "
             "lower the learning rate (lr=...) or clip gradients (clip_grad_norm=...)"
         )
     run.optimizer.zero_grad(set_to_none=True)
@@ -237,7 +237,7 @@ def _train_epoch(run: _Run, loader: Iterable, stop: StopSignal) -> bool:
         state.history.losses.append(state.loss)
         if run.main:
             run.callback.on_step_end(state)
-        if _stop_wanted(run, stop):
+        if state.batch != state.batches and _stop_wanted(run, stop):  # on the last batch: finish the epoch first
             return True
     return False
 
