@@ -1,12 +1,20 @@
-"""``sparsewrap export``: checkpoint → plain model file (safetensors state_dict or torch.export program)."""
+"""``sparsewrap export``: checkpoint → plain model file (safetensors, pt2, onnx), optionally purged.
+
+With ``--purge`` it also prints a before/after table (parameters, MACs, file size, CPU latency at batch 1
+and 32, median of repeats) and flags any row where the purged model is not better.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
 from . import app, console
+
+FORMATS = ("safetensors", "pt2", "onnx")
+SUFFIX = {"safetensors": ".safetensors", "pt2": ".pt2", "onnx": ".onnx"}
 
 
 def parse_shape(text: str | None) -> list[int] | None:
@@ -26,31 +34,89 @@ def parse_shape(text: str | None) -> list[int] | None:
     return shape
 
 
+def _write(model, path: Path, fmt: str, shape: list[int] | None, purged: bool) -> Path:
+    from ..export import save_plain
+    from ..purge.io import save_onnx, save_purged
+
+    if purged:
+        return save_purged(model, path, fmt, shape)
+    if fmt == "onnx":
+        return save_onnx(model, path, shape)
+    return save_plain(model, path, fmt, shape)
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "ms":
+        return f"{value:.2f} ms"
+    if unit == "B":
+        return f"{value / 1e6:.2f} MB"
+    return f"{value / 1e6:.3f} M" if value >= 1e5 else f"{int(value):,}"
+
+
+def render_comparison(comparison, title: str) -> Table:
+    """A rich table of :class:`sparsewrap.purge.compare.Comparison` rows, flagging rows that did not improve."""
+    table = Table(title=title)
+    for col in ("", "before", "after", "ratio", ""):
+        table.add_column(col, justify="right" if col else "left")
+    for row in comparison.rows:
+        flag = (
+            "[bold red]not faster[/]" if row.worse and row.unit == "ms" else ("[yellow]no gain[/]" if row.worse else "")
+        )
+        table.add_row(row.name, _fmt(row.before, row.unit), _fmt(row.after, row.unit), f"{row.ratio:.3f}", flag)
+    return table
+
+
 @app.command("export")
 def export_cmd(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint written by sparsewrap.save / train."),
-    output: Path = typer.Option(None, "-o", "--output", help="Output file (default: next to the checkpoint)."),
-    fmt: str = typer.Option("safetensors", "--format", "-f", help="safetensors (state_dict) or pt2 (torch.export)."),
-    input_shape: str = typer.Option(None, "--input-shape", help="Input shape without batch for pt2, e.g. 3,224,224."),
-    purge: bool = typer.Option(False, "--purge", help="Also remove zeroed channels physically."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by sparsewrap.save / train."),  # noqa: B008
+    output: Path = typer.Option(None, "-o", "--output", help="Output file (default: next to checkpoint)."),  # noqa: B008
+    fmt: str = typer.Option("safetensors", "--format", "-f", help="safetensors (+ purge plan), pt2 or onnx."),
+    input_shape: str = typer.Option(None, "--input-shape", help="Input shape without batch, e.g. 3,224,224."),
+    purge: bool = typer.Option(False, "--purge", help="Remove exactly-zero channels, features and heads."),
+    round_to: int = typer.Option(1, "--round-to", min=1, help="With --purge: kept channel counts a multiple of N."),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="With --purge: timed runs per latency (median)."),
+    timing: bool = typer.Option(True, "--timing/--no-timing", help="With --purge: measure CPU latency."),
 ) -> None:
     """Bake the sparsity into a plain model for the original architecture and write it atomically."""
     from ..checkpoint import load
-    from ..export import FORMATS, export, save_plain
+    from ..export import export
+    from ..purge import purge_report
+    from ..purge.compare import compare, file_size
     from ..recipe import recipe_for
 
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not a format; valid: {', '.join(FORMATS)}", param_hint="--format")
     shape = parse_shape(input_shape)
     sp = load(checkpoint)
-    if fmt == "pt2" and shape is None:
+    if shape is None:
         recipe = recipe_for(sp.model)
         shape = recipe.default_input_shape() if recipe else None
-        if shape is None:
-            raise typer.BadParameter("pt2 needs an input shape: the checkpoint records none", param_hint="--input-shape")
-    plain = export(sp, purge=purge)
-    out = output or checkpoint.with_name(f"{checkpoint.stem}.exported.{'pt2' if fmt == 'pt2' else 'safetensors'}")
-    save_plain(plain, out, fmt, shape)
+    if shape is None and (fmt != "safetensors" or purge):
+        raise typer.BadParameter("this needs an input shape: the checkpoint records none", param_hint="--input-shape")
+    out = output or checkpoint.with_name(f"{checkpoint.stem}.{'purged' if purge else 'exported'}{SUFFIX[fmt]}")
     report = sp.report()
-    console.print(f"wrote {out} ({fmt}); sparsity of targeted weights {report.exported:.4f}"
-                  + ("" if report.requested is None else f" (requested {report.requested:.4f})"))  # fmt: skip
+    sparsity = f"sparsity of targeted weights {report.exported:.4f}" + (
+        "" if report.requested is None else f" (requested {report.requested:.4f})"
+    )
+    if not purge:
+        _write(export(sp), out, fmt, shape, purged=False)
+        console.print(f"wrote {out} ({fmt}); {sparsity}")
+        return
+    import torch
+
+    dense = export(sp).eval()
+    p = next(dense.parameters())
+    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+    small = export(sp, purge=True, example_inputs=example, round_to=round_to).eval()
+    _write(small, out, fmt, shape, purged=True)
+    summary = purge_report(small)
+    console.print(f"wrote {out} ({fmt}); {sparsity}")
+    console.print(f"purge: {summary.summary()} (verified, max relative error {summary.max_rel_error:.1e})")
+    for unit in [u for u in summary.units if u.status == "dense"][:8]:
+        console.print(f"  dense: {unit.name} ({unit.zero}/{unit.size} zero): {unit.reason}", style="dim")
+    sizes = (file_size(lambda path: _write(dense, path, fmt, shape, purged=False), SUFFIX[fmt]), out.stat().st_size)
+    comparison = compare(dense, small, shape, batches=(1, 32) if timing else (), repeats=repeats, sizes=sizes)
+    console.print(render_comparison(comparison, f"{checkpoint.name}: dense vs purged ({'x'.join(map(str, shape))})"))
+    slow = [r.name for r in comparison.rows if r.unit == "ms" and r.worse]
+    if slow:
+        console.print(f"[bold red]warning:[/] the purged model is not faster ({', '.join(slow)})")
