@@ -133,7 +133,7 @@ class Sparsifier:
             now = current.get(key, t.original)
             layers.append(LayerReport(t.name, t.shape, t.numel, count_nonzero(now), count_nonzero(final.get(key, now))))
         return Report(self.spec.method, self.method.requested_sparsity(), self.step_count, layers,
-                      self.method.summary())  # fmt: skip
+                      self.method.summary(), self.method.notes())  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         """Controller state: step counter and the method's own state (the model holds masks and gates)."""

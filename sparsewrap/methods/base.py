@@ -81,6 +81,10 @@ class Method:
         """Method-specific figures for the report (multipliers, thresholds, ...)."""
         return {}
 
+    def notes(self) -> list[str]:
+        """Remarks for the report: what could not be sparsified as asked, and why."""
+        return []
+
     def requested_sparsity(self) -> float | None:
         """Overall requested sparsity of the targeted weights, if the method has one."""
         return self.target if isinstance(self.target, float) else None

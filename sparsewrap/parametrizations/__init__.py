@@ -5,6 +5,7 @@ each is one file deriving from :class:`SparseParametrization`.
 """
 
 from .base import SparseParametrization, attach, detach_all, is_ours, wrapped_tensors
+from .gated import ChannelGate, ChannelGated, GatedWeight  # noqa: F401  (the gated kind)
 from .masked import Masked
 
 __all__ = ["SparseParametrization", "Masked", "attach", "detach_all", "is_ours", "wrapped_tensors"]

@@ -1,0 +1,351 @@
+"""Constrained L0: hard-concrete gates per weight or per channel group, with the exact target at export.
+
+Gallego-Posada, Ramirez, Dehghani, Lacoste-Julien, "Controlled Sparsity via Constrained Optimization",
+NeurIPS 2022 (https://arxiv.org/abs/2208.04425), on the gates of Louizos et al. 2018
+(https://arxiv.org/abs/1712.01312); see :mod:`sparsewrap.parametrizations.gated` for the gate formulas.
+
+- **Constrained** (``target=`` or ``density=``): minimize the task loss subject to
+  ``E[density_k] - d_k <= 0`` for each constraint ``k``, through the Lagrangian
+  ``L = loss + sum_k lambda_k (E[density_k] - d_k)``: the primal step descends it (``sp.penalty()`` is the
+  multiplier term), ``sp.step()`` ascends it (:class:`sparsewrap.constraints.DualAscent`, dual restarts on by
+  default) and clamps ``log_alpha`` to ``[-log_alpha_max, log_alpha_max]``. One model-wise constraint for a
+  float target; one per layer for ``{pattern: sparsity}`` (the first matching pattern wins; unmatched layers
+  are not sparsified).
+- **Penalized** (``lmbda=``, no target): ``loss + lmbda * E[density]``, the papers' baseline.
+- ``E[density]`` counts what the user gets: per weight ``sum P(z != 0) / numel``; per channel the expected
+  kept weights including the cascade (a closed channel removes the consumers' input slices too); with
+  ``budget="macs"`` every weight is weighted by its layer's output positions (expected MACs of the targeted
+  layers of the exported model; needs ``input_shape``). Note: ``target`` is a *sparsity*; the papers'
+  "target density 0.1" is ``target=0.9``.
+- Export folds the deterministic gates into the weights (fractional gates kept), then projects exactly onto
+  the budget (:mod:`.l0_projection`); ``sp.report()`` says how far the learned gates were from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..constraints import DualAscent
+from ..errors import ConfigError, NoTargetsError, choices
+from ..macs import layer_macs
+from ..parametrizations import wrapped_tensors
+from ..parametrizations.gated import BETA, ChannelGate, ChannelGated, eval_gates, mean_gates, prob_nonzero
+from ..targets import _matcher
+from .base import Method, register_method
+from .l0_layout import GatedLayer, attach_channel_gates, attach_weight_gates, channel_scores, gate_probs
+from .l0_projection import ChannelProjection, top_by_cost, weight_scores
+
+GRANULARITIES = ("weight", "channel")
+BUDGETS = ("params", "macs")
+
+
+@dataclass
+class L0Config:
+    """Options of ``method="l0"``.
+
+    Attributes:
+        granularity: ``"weight"`` (one gate per weight) or ``"channel"`` (one gate per channel group).
+        lmbda: penalized mode: weight of ``E[density]`` in the loss (give it instead of a target).
+        budget: ``"params"`` (weights) or ``"macs"`` (multiply-accumulates, needs ``input_shape``).
+        input_shape: one input's shape without the batch dim, e.g. ``[3, 224, 224]`` (for ``budget="macs"``).
+        dual_lr: learning rate of the multipliers' projected gradient ascent.
+        dual_restarts: reset a multiplier to 0 when its constraint is satisfied.
+        gate_lr: learning rate of the gates' optimizer group (``None``: the weights' learning rate).
+        droprate_init: initial drop rate ``d`` of the gates (``log_alpha = log((1 - d) / d)``).
+        temperature: hard-concrete temperature ``beta``.
+        log_alpha_max: ``log_alpha`` is clamped to ``[-log_alpha_max, log_alpha_max]`` after each step.
+    """
+
+    granularity: str = "weight"
+    lmbda: float | None = None
+    budget: str = "params"
+    input_shape: list[int] | None = None
+    dual_lr: float = 5e-3
+    dual_restarts: bool = True
+    gate_lr: float | None = None
+    droprate_init: float = 0.5
+    temperature: float = BETA
+    log_alpha_max: float = math.log(100.0)
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity={self.granularity!r} is unknown; valid: {choices(GRANULARITIES)}")
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"budget={self.budget!r} is unknown; valid: {choices(BUDGETS)}")
+        for name in ("dual_lr", "gate_lr", "lmbda"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ConfigError(
+                    f"{name}={value!r} must be a number >= 0 (a learning rate or weight cannot be negative)"
+                )
+        if not 0.0 < self.droprate_init < 1.0:
+            raise ConfigError(f"droprate_init={self.droprate_init!r} must be in (0, 1), e.g. 0.5")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature={self.temperature!r} must be > 0 (the papers use 2/3)")
+        if not self.log_alpha_max > 0:
+            raise ConfigError(f"log_alpha_max={self.log_alpha_max!r} must be > 0 (the papers use log(100) = 4.605)")
+        if self.input_shape is not None:
+            if not all(isinstance(d, int) and d > 0 for d in self.input_shape):
+                raise ConfigError(f"input_shape={self.input_shape!r} must be positive ints, e.g. [3, 224, 224]")
+            self.input_shape = [int(d) for d in self.input_shape]
+        if self.budget == "macs" and self.input_shape is None:
+            raise ConfigError("budget='macs' needs input_shape= (one input without the batch dim, e.g. [1, 28, 28])")
+
+
+@register_method
+class L0(Method):
+    """Constrained (or penalized) L0 with hard-concrete gates (see the module docstring)."""
+
+    name = "l0"
+    description = "Constrained L0: hard-concrete gates per weight or channel group; Lagrangian hits the target."
+    Config = L0Config
+    needs_target = False
+
+    # -- set-up -----------------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        cfg = self.config
+        if cfg.lmbda is not None and self.target is not None:
+            raise ConfigError(
+                f"give either target= (constrained) or lmbda= (penalized), not both (got target={self.target!r}, "
+                f"lmbda={cfg.lmbda})"
+            )
+        if cfg.lmbda is None and self.target is None:
+            raise ConfigError("method 'l0' needs target= (or density=) for the constrained form, or lmbda= to penalize")
+        constraint_of, self.densities = self._constraints()
+        self.targets[:] = [t for t in self.targets if t.name in constraint_of]
+        costs = self._costs()
+        self.notes_: list[str] = []
+        self.plan = None
+        if cfg.granularity == "weight":
+            gates = attach_weight_gates(self.targets, cfg.droprate_init, cfg.temperature)
+            self.layers = [GatedLayer(t, constraint_of[t.name], costs[t.name], weight_gate=g)
+                           for t, g in zip(self.targets, gates)]  # fmt: skip
+        else:
+            self.plan = attach_channel_gates(self.model, self.graph, self.targets, cfg.droprate_init, cfg.temperature)
+            self.notes_ += self.plan.notes
+            self.layers = [self._channel_layer(t, constraint_of[t.name], costs[t.name]) for t in self.targets]
+        self.totals = [0.0] * len(self.densities)
+        for layer in self.layers:
+            self.totals[layer.constraint] += layer.cost * layer.numel
+        if any(t <= 0 for t in self.totals):
+            raise ConfigError("a constraint covers layers that never run on input_shape (zero MACs); exclude them")
+        self.p_min = float(prob_nonzero(torch.tensor(-cfg.log_alpha_max, dtype=torch.float64), cfg.temperature))
+        self.duals = DualAscent(len(self.densities), cfg.dual_lr, cfg.dual_restarts)
+        self._defect: Tensor | None = None
+        self.last_projection: dict[str, float] = {}
+        if cfg.lmbda is None:
+            self._check_floor()
+        if cfg.budget == "macs":
+            self.notes_.append("budget='macs': the requested sparsity is a fraction of the targeted layers' MACs")
+
+    def _constraints(self) -> tuple[dict[str, int], list[float | None]]:
+        if not isinstance(self.target, dict):
+            density = None if self.target is None else 1.0 - float(self.target)
+            return {t.name: 0 for t in self.targets}, [density]
+        matchers = [(p, _matcher(p), s) for p, s in self.target.items()]
+        for pattern, fn, _s in matchers:
+            if not any(fn(t.name, t.module) for t in self.targets):
+                names = ", ".join(t.name for t in self.targets[:4]) + (", ..." if len(self.targets) > 4 else "")
+                raise NoTargetsError(
+                    f"layer-wise target pattern {pattern!r} matches no targeted layer; layers are named like {names} "
+                    "(globs match the full name; use 're:<regex>' for a regular expression)"
+                )
+        constraint_of, densities = {}, []
+        for t in self.targets:
+            for _p, fn, sparsity in matchers:
+                if fn(t.name, t.module):
+                    constraint_of[t.name] = len(densities)
+                    densities.append(1.0 - sparsity)
+                    break
+        return constraint_of, densities
+
+    def _costs(self) -> dict[str, float]:
+        if self.config.budget == "params":
+            return {t.name: 1.0 for t in self.targets}
+        found = layer_macs(self.model, self.config.input_shape)
+        return {t.name: float(found[t.name].positions) if t.name in found else 0.0 for t in self.targets}
+
+    def _channel_layer(self, target: Any, constraint: int, cost: float) -> GatedLayer:
+        return GatedLayer(target, constraint, cost, out_gate=self.plan.out_gates.get(target.name),
+                          in_segs=self.plan.in_segs.get(target.name, ()))  # fmt: skip
+
+    def _check_floor(self) -> None:
+        floors = [0.0] * len(self.densities)
+        for layer in self.layers:
+            floors[layer.constraint] += layer.cost * (layer.floor(self.p_min) if layer.gated else layer.numel)
+        for k, (floor, total, density) in enumerate(zip(floors, self.totals, self.densities)):
+            if density is not None and density <= floor / total:
+                where = "the model" if len(self.densities) == 1 else f"layer {self._constraint_name(k)}"
+                raise ConfigError(
+                    f"target sparsity {1 - density:.4g} is out of reach for {where}: with log_alpha clamped at "
+                    f"{-self.config.log_alpha_max:.4g} every gate keeps P(z != 0) >= {self.p_min:.4f}, so the expected "
+                    f"density cannot go below {floor / total:.4f}; ask for a sparsity below {1 - floor / total:.4f}, "
+                    "raise log_alpha_max, or use granularity='weight' if channel groups are left ungated"
+                )
+
+    def _constraint_name(self, k: int) -> str:
+        names = [la.name for la in self.layers if la.constraint == k]
+        return names[0] if len(names) == 1 else "model"
+
+    # -- training hooks ---------------------------------------------------------------------------------------
+    def gate_parameters(self) -> list[torch.nn.Parameter]:
+        if self.plan is not None:
+            return [g.log_alpha for g in self.plan.gates]
+        return [la.weight_gate.log_alpha for la in self.layers if la.weight_gate is not None]
+
+    def expected_densities(self) -> Tensor:
+        """``E[density_k]`` per constraint, in budget units (differentiable in the gates)."""
+        like = next(iter(self.gate_parameters()), None)
+        like = like if like is not None else self.zero(self.model)
+        probs = gate_probs(self.layers)
+        used: list[Tensor | float] = [0.0] * len(self.densities)
+        for layer in self.layers:
+            count = layer.expected(probs, like) if layer.gated else float(layer.numel)
+            used[layer.constraint] = used[layer.constraint] + layer.cost * count
+        return torch.stack([torch.as_tensor(u, dtype=like.dtype, device=like.device) / t
+                            for u, t in zip(used, self.totals)])  # fmt: skip
+
+    def _requested_densities(self, like: Tensor) -> Tensor:
+        return torch.tensor([d if d is not None else 0.0 for d in self.densities], dtype=like.dtype, device=like.device)
+
+    def penalty(self) -> Tensor:
+        dens = self.expected_densities()
+        if self.config.lmbda is not None:
+            return self.config.lmbda * (dens * dens.new_tensor(self.totals)).sum() / sum(self.totals)
+        defect = dens - self._requested_densities(dens)
+        self._defect = defect.detach()
+        return self.duals.term(defect)
+
+    def step(self, t: int) -> None:
+        if self.config.lmbda is None:
+            if self._defect is None:
+                with torch.no_grad():
+                    dens = self.expected_densities()
+                    self._defect = dens - self._requested_densities(dens)
+            self.duals.update(self._defect)
+            self._defect = None
+        bound = self.config.log_alpha_max
+        with torch.no_grad():
+            for p in self.gate_parameters():
+                p.clamp_(-bound, bound)
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        group: dict[str, Any] = {"name": "gates", "params": self.gate_parameters(), "weight_decay": 0.0}
+        if self.config.gate_lr is not None:
+            group["lr"] = self.config.gate_lr
+        return [group]
+
+    # -- export ---------------------------------------------------------------------------------------------
+    def bake(self) -> dict[tuple[str, str], Tensor]:
+        with torch.no_grad():
+            if self.plan is None:
+                return self._bake_weights()
+            return self._bake_channels()
+
+    def _budget(self, k: int) -> float | None:
+        d = self.densities[k]
+        return None if d is None or self.config.lmbda is not None else d * self.totals[k]
+
+    def _final_gates(self, log_alpha: Tensor, keep: Tensor) -> Tensor:
+        z = eval_gates(log_alpha, self.config.temperature)
+        restored = keep & (z <= 0)
+        z = torch.where(keep, z, torch.zeros_like(z))
+        if restored.any():
+            z[restored] = mean_gates(log_alpha[restored], self.config.temperature)
+        return z
+
+    def _bake_weights(self) -> dict[tuple[str, str], Tensor]:
+        keeps: dict[int, Tensor] = {}
+        for k in range(len(self.densities)):
+            mine = [la for la in self.layers if la.constraint == k]
+            budget = self._budget(k)
+            if budget is None:
+                chosen = [eval_gates(la.weight_gate.log_alpha, la.weight_gate.beta) > 0 for la in mine]
+            else:
+                scores = [weight_scores(la.target.original, la.weight_gate.log_alpha) for la in mine]
+                chosen = top_by_cost(scores, [la.cost for la in mine], budget)
+            keeps.update({id(la): c for la, c in zip(mine, chosen)})
+        out, learned, final = {}, 0.0, 0.0
+        for la in self.layers:
+            gate = la.weight_gate
+            z = self._final_gates(gate.log_alpha, keeps[id(la)])
+            out[(la.name, "weight")] = (la.target.original * z.to(la.target.original.dtype)).detach().clone()
+            learned += la.cost * int((eval_gates(gate.log_alpha, gate.beta) > 0).sum())
+            final += la.cost * int(keeps[id(la)].sum())
+        self._record(learned, final)
+        return out
+
+    def _bake_channels(self) -> dict[tuple[str, str], Tensor]:
+        beta = self.config.temperature
+        keep0 = {g: eval_gates(g.log_alpha, beta) > 0 for g in self.plan.gates}
+        keep = keep0
+        if all(self._budget(k) is not None for k in range(len(self.densities))):
+            budgets = [self._budget(k) for k in range(len(self.densities))]
+            projection = ChannelProjection(self.layers, budgets, self.totals)
+            keep = projection.run(channel_scores(self.plan, dict(self.model.named_modules())), keep0)
+        z = {g: self._final_gates(g.log_alpha, keep[g]) for g in self.plan.gates}
+        out = {}
+        for mname, module, tname, p in wrapped_tensors(self.model):
+            if not isinstance(p, ChannelGated):
+                continue
+            original = module.parametrizations[tname].original
+            zo = z[p.out_gate] if p.out_gate is not None else None
+            ki = p.input_keep(keep) if p.in_segs else None
+            out[(mname, tname)] = p.apply_gates(original, zo, ki).detach().clone()
+        self._record(self._spent(keep0), self._spent(keep))
+        return out
+
+    def _spent(self, keep: dict[ChannelGate, Tensor]) -> float:
+        return sum(la.cost * la.count_for(keep) for la in self.layers)
+
+    def _record(self, learned: float, final: float) -> None:
+        total = sum(self.totals)
+        self.last_projection = {"learned density (before projection)": learned / total,
+                                "exported density": final / total}  # fmt: skip
+
+    # -- reporting and state ----------------------------------------------------------------------------------
+    def deterministic_density(self) -> float:
+        """Overall density (budget units) of the eval-mode gates, without the final projection."""
+        beta = self.config.temperature
+        if self.plan is not None:
+            return self._spent({g: eval_gates(g.log_alpha, beta) > 0 for g in self.plan.gates}) / sum(self.totals)
+        kept = sum(la.cost * int((eval_gates(la.weight_gate.log_alpha, beta) > 0).sum()) for la in self.layers)
+        return kept / sum(self.totals)
+
+    def summary(self) -> dict[str, float]:
+        with torch.no_grad():
+            dens = self.expected_densities().double().cpu()
+        total = sum(self.totals)
+        out = {"expected density": float((dens * torch.tensor(self.totals, dtype=torch.float64)).sum() / total),
+               "deterministic density": self.deterministic_density()}  # fmt: skip
+        if self.config.lmbda is None:
+            requested = sum(d * t for d, t in zip(self.densities, self.totals)) / total
+            out["requested density"] = requested
+            for k, lam in enumerate(self.duals.value.tolist()):
+                key = "multiplier" if len(self.densities) == 1 else f"multiplier[{self._constraint_name(k)}]"
+                out[key] = lam
+        out.update(self.last_projection)
+        return out
+
+    def notes(self) -> list[str]:
+        return list(self.notes_)
+
+    def requested_sparsity(self) -> float | None:
+        if self.config.lmbda is not None:
+            return None
+        if isinstance(self.target, float):
+            return self.target
+        total = sum(self.totals)
+        return 1.0 - sum(d * t for d, t in zip(self.densities, self.totals)) / total
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.duals.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "multipliers" in state:
+            self.duals.load_state_dict(state)

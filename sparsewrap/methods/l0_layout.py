@@ -1,0 +1,234 @@
+"""Where the L0 method puts its gates, and what each gated layer costs (in expectation and for real).
+
+Per weight: one :class:`GatedWeight` per targeted weight. Per channel: one :class:`ChannelGate` per *exact*
+channel group whose producers are all targeted, shared by the producers' weights (dim 0), their biases and
+the BatchNorm affine terms of the group; each targeted layer that reads gated channels (through concatenations and
+flattens, as laid out by :func:`sparsewrap.dependency.analyse_channels`) also counts them on its input,
+because removing a channel removes the consumer's input slice too (the cascade). A layer with output gate
+probabilities ``p`` (``C_out`` channels) and input columns kept with probabilities ``q`` (``D_in`` columns) has
+
+    E[kept weights] = numel * mean(p) * mean(q)                                   (independent gates)
+    E[kept weights] = numel / C^2 * ((sum p)^2 - sum p^2 + sum p)                 (same gate on both sides)
+
+and, deterministically, ``numel * K_out * K_in / (C_out * D_in)`` with ``K`` the kept channels and columns. Costs are
+in *budget units* per weight: 1 for ``budget="params"``, the layer's output positions for ``budget="macs"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..dependency import ChannelGroup, analyse_channels
+from ..parametrizations import attach
+from ..parametrizations.gated import ChannelGate, ChannelGated, GatedWeight, InSeg, expected_count, prob_nonzero
+from ..targets import Target
+from ..tracing import ModelGraph
+
+
+@dataclass(eq=False)
+class GatedLayer:
+    """One targeted layer as the L0 method sees it.
+
+    Attributes:
+        target: the layer.
+        constraint: index of the constraint it belongs to.
+        cost: budget units per weight.
+        weight_gate: its per-weight gates (``granularity="weight"``).
+        out_gate: the gate of its output channels (``granularity="channel"``), if its group is gated.
+        in_segs: layout of its input dimension when it reads gated channels (see :class:`ChannelGated`).
+    """
+
+    target: Target
+    constraint: int
+    cost: float = 1.0
+    weight_gate: GatedWeight | None = None
+    out_gate: ChannelGate | None = None
+    in_segs: tuple[InSeg, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def numel(self) -> int:
+        return self.target.numel
+
+    @property
+    def gated(self) -> bool:
+        return self.weight_gate is not None or self.out_gate is not None or bool(self.in_segs)
+
+    @property
+    def in_width(self) -> int:
+        return sum((hi - lo) * rep for _g, lo, hi, rep in self.in_segs)
+
+    def _same_gate(self) -> bool:
+        g = self.out_gate
+        return g is not None and self.in_segs == ((g, 0, g.log_alpha.numel(), 1),)
+
+    def expected(self, probs: dict[ChannelGate, Tensor], like: Tensor) -> Tensor:
+        """Expected number of kept weights (differentiable in the gates); ``probs`` holds ``P(z != 0)``."""
+        if self.weight_gate is not None:
+            return expected_count(self.weight_gate.log_alpha, self.weight_gate.beta)
+        n = like.new_tensor(float(self.numel))
+        if self._same_gate():
+            p = probs[self.out_gate]
+            c = p.numel()
+            return n / (c * c) * (p.sum() ** 2 - (p * p).sum() + p.sum())
+        if self.out_gate is not None:
+            n = n * probs[self.out_gate].mean()
+        if self.in_segs:
+            kept = sum(
+                rep * (probs[g][lo:hi].sum() if g is not None else float(hi - lo)) for g, lo, hi, rep in self.in_segs
+            )
+            n = n * kept / self.in_width
+        return n
+
+    def floor(self, p_min: float) -> float:
+        """Expected kept weights when every gate sits at the lower clamp (``P(z != 0) = p_min``)."""
+        if self.weight_gate is not None:
+            return self.numel * p_min
+        if self._same_gate():
+            c = self.out_gate.log_alpha.numel()
+            return self.numel / (c * c) * ((c * p_min) ** 2 - c * p_min**2 + c * p_min)
+        n = self.numel * (p_min if self.out_gate is not None else 1.0)
+        if self.in_segs:
+            kept = sum(rep * (hi - lo) * (p_min if g is not None else 1.0) for g, lo, hi, rep in self.in_segs)
+            n *= kept / self.in_width
+        return n
+
+    def count(self, kept_out: int | None, kept_in: int | None) -> int:
+        """Kept weights given the kept output channels and kept input columns (``None``: all of them)."""
+        num, den = self.numel, 1
+        if self.out_gate is not None:
+            num, den = num * kept_out, den * self.out_gate.log_alpha.numel()
+        if self.in_segs:
+            num, den = num * kept_in, den * self.in_width
+        return num // den
+
+    def input_kept(self, keeps: dict[ChannelGate, Tensor]) -> int:
+        """Kept input columns given a keep vector per gate."""
+        return sum(rep * (int(keeps[g][lo:hi].sum()) if g is not None else hi - lo) for g, lo, hi, rep in self.in_segs)
+
+    def count_for(self, keeps: dict[ChannelGate, Tensor]) -> int:
+        """Kept weights given a keep vector per gate."""
+        if not self.gated:
+            return self.numel
+        out = int(keeps[self.out_gate].sum()) if self.out_gate is not None else None
+        return self.count(out, self.input_kept(keeps) if self.in_segs else None)
+
+
+def gate_probs(layers: list[GatedLayer]) -> dict[ChannelGate, Tensor]:
+    """``P(z != 0)`` of every channel gate used by ``layers``, computed once each."""
+    out: dict[ChannelGate, Tensor] = {}
+    for layer in layers:
+        for gate in [layer.out_gate] + [g for g, *_ in layer.in_segs]:
+            if gate is not None and gate not in out:
+                out[gate] = prob_nonzero(gate.log_alpha, gate.beta)
+    return out
+
+
+def attach_weight_gates(targets: list[Target], droprate_init: float, beta: float) -> list[GatedWeight]:
+    """One :class:`GatedWeight` on each target's weight."""
+    return [attach(t.module, "weight", GatedWeight(t.original, droprate_init, beta)) for t in targets]
+
+
+@dataclass
+class ChannelPlan:
+    """The result of :func:`attach_channel_gates`.
+
+    Attributes:
+        out_gates: layer name -> gate of its output channels.
+        in_segs: layer name -> layout of its input dimension.
+        gates: every gate, in group order.
+        producers: gate -> names of the producer layers (for tie-breaking scores).
+        notes: what could not be gated, and why.
+    """
+
+    out_gates: dict[str, ChannelGate]
+    in_segs: dict[str, tuple[InSeg, ...]]
+    gates: list[ChannelGate]
+    producers: dict[ChannelGate, list[str]]
+    notes: list[str]
+
+
+def _gateable(modules: dict[str, nn.Module], group: ChannelGroup) -> str:
+    """Why the group's companions cannot all be gated ('' when they can)."""
+    for mname, tname in group.companions:
+        tensor = getattr(modules[mname], tname, None)
+        if tensor is not None and tensor.numel() != group.size:
+            return f"{mname}.{tname} has {tensor.numel()} entries for {group.size} channels"
+    return ""
+
+
+def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Target], droprate_init: float,
+                         beta: float) -> ChannelPlan:  # fmt: skip
+    """Create one gate per exact, fully targeted channel group and attach the gated parametrizations.
+
+    Raises:
+        TraceError: if the model could not be traced (channel groups unknown).
+    """
+    graph.require_traced("granularity='channel'")
+    analysis = analyse_channels(model, graph.graph)
+    modules = dict(model.named_modules())
+    by_name = {t.name: t for t in targets}
+    plan = ChannelPlan({}, {}, [], {}, [])
+    gate_of: dict[int, ChannelGate] = {}
+    for index, group in enumerate(analysis.groups):
+        mine = [p for p in group.producers if p in by_name]
+        if not mine:
+            continue
+        others = [p for p in group.producers if p not in by_name]
+        why = group.reasons[0] if group.reasons else _gateable(modules, group)
+        why = why or (f"also produced by untargeted {', '.join(others)}" if others else "")
+        if why:
+            plan.notes.append(f"channels of {', '.join(mine)} left ungated: {why}")
+            continue
+        gate = ChannelGate(group.size, by_name[mine[0]].original, droprate_init, beta)
+        gate_of[index] = gate
+        plan.gates.append(gate)
+        plan.producers[gate] = mine
+        plan.out_gates.update({p: gate for p in mine})
+    reads: dict[str, list] = {}
+    for use in analysis.uses:
+        if use.role == "in" and use.module in by_name:
+            reads.setdefault(use.module, []).append(use)
+    for name, uses in reads.items():
+        segs = tuple((gate_of.get(s.space) if s.space is not None else None, s.lo, s.hi, s.rep) for s in uses[0].segs)
+        if not any(g is not None for g, *_ in segs):
+            continue
+        if len(uses) > 1 or uses[0].groups > 1:
+            why = "it is called several times" if len(uses) > 1 else f"it is a grouped conv (groups={uses[0].groups})"
+            plan.notes.append(f"{name} reads gated channels but {why}: its dead input slices are not counted")
+            continue
+        plan.in_segs[name] = segs
+    owned: set[ChannelGate] = set()
+    for t in targets:
+        out, segs = plan.out_gates.get(t.name), plan.in_segs.get(t.name, ())
+        if out is None and not segs:
+            plan.notes.append(f"{t.name}: no gated channel group on its output or input; left dense")
+            continue
+        attach(t.module, "weight", ChannelGated(out, segs, owner=out is not None and out not in owned))
+        owned.add(out)
+    done: set[tuple[str, str]] = set()
+    for index, gate in gate_of.items():
+        for mname, tname in analysis.groups[index].companions:
+            if (mname, tname) in done or getattr(modules[mname], tname, None) is None:
+                continue
+            done.add((mname, tname))
+            attach(modules[mname], tname, ChannelGated(gate))
+    return plan
+
+
+def channel_scores(plan: ChannelPlan, modules: dict[str, nn.Module]) -> dict[ChannelGate, Tensor]:
+    """Ranking score of every channel: ``log_alpha``, ties (clamped gates) broken by the rows' mean ``|w|``."""
+    out = {}
+    for gate in plan.gates:
+        mag = torch.zeros(gate.log_alpha.numel(), dtype=torch.float64, device=gate.log_alpha.device)
+        for name in plan.producers[gate]:
+            w = modules[name].parametrizations.weight.original.detach()
+            mag += w.abs().reshape(w.shape[0], -1).mean(1).double()
+        out[gate] = gate.log_alpha.detach().double() + 1e-9 * mag / mag.max().clamp_min(1e-30)
+    return out

@@ -1,0 +1,124 @@
+"""The final projection of the L0 method: from the learned deterministic gates to the exact requested budget.
+
+The eval-mode gates keep a unit (a weight, or a channel) when ``log_alpha > beta * log(1/11)``. Their kept
+count rarely equals the budget (the expected density that the constraint controls is not the deterministic
+one), so export keeps the units of highest ``log_alpha`` until the budget is met: per weight, the top units
+whose cost sums closest to the budget (exact to one weight); per channel, a greedy pass that drops the kept
+channels of lowest score while that brings every constraint closer to its budget, then restores dropped
+channels of highest score likewise, counting the cascade (a channel also removes its consumers' input slices).
+Every channel group keeps at least one channel.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from ..parametrizations.gated import ChannelGate
+from .l0_layout import GatedLayer
+
+
+def weight_scores(weight: Tensor, log_alpha: Tensor) -> Tensor:
+    """``log_alpha`` of each weight, ties (clamped gates) broken by ``|w|`` relative to the layer's largest."""
+    w = weight.detach().abs().double()
+    return log_alpha.detach().double() + 1e-9 * w / w.max().clamp_min(1e-30)
+
+
+def top_by_cost(scores: list[Tensor], costs: list[float], budget: float) -> list[Tensor]:
+    """Keep-masks selecting the highest scores whose summed cost is closest to ``budget``."""
+    sizes = [s.numel() for s in scores]
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    order = torch.argsort(flat, descending=True, stable=True)  # exact in float64 (the tie-breaks are ~1e-9)
+    if len(set(costs)) == 1:
+        j = min(max(round(budget / costs[0]), 0), flat.numel())
+    else:
+        cost = torch.cat([torch.full((n,), float(c), dtype=torch.float64) for n, c in zip(sizes, costs)])
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(cost[order.cpu()], 0)])
+        j = min(int(torch.searchsorted(cum, torch.tensor([budget], dtype=torch.float64)).item()), cum.numel() - 1)
+        if j > 0 and abs(cum[j - 1] - budget) <= abs(cum[j] - budget):
+            j -= 1
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[order[:j]] = True
+    return [k.view_as(s) for k, s in zip(keep.split(sizes), scores)]
+
+
+class ChannelProjection:
+    """Greedy exact projection of channel keep-masks onto per-constraint budgets (see the module docstring).
+
+    Args:
+        layers: every targeted layer (channel-gated or not).
+        budgets: budget (in cost units) per constraint.
+        totals: total cost per constraint (normalizes the deviations of different constraints).
+    """
+
+    def __init__(self, layers: list[GatedLayer], budgets: list[float], totals: list[float]) -> None:
+        self.layers = layers
+        self.budgets = budgets
+        self.totals = totals
+        self.out_layers: dict[ChannelGate, list[GatedLayer]] = defaultdict(list)
+        self.in_refs: dict[ChannelGate, list[tuple[GatedLayer, int, int, int]]] = defaultdict(list)
+        for layer in layers:
+            if layer.out_gate is not None:
+                self.out_layers[layer.out_gate].append(layer)
+            for g, lo, hi, rep in layer.in_segs:
+                if g is not None:
+                    self.in_refs[g].append((layer, lo, hi, rep))
+
+    def _counts(self, layer: GatedLayer) -> int:
+        out = self.kept_out.get(layer.out_gate) if layer.out_gate is not None else None
+        return layer.count(out, self.kept_in.get(id(layer)))
+
+    def _toggle(self, gate: ChannelGate, i: int, step: int) -> None:
+        self.kept_out[gate] += step
+        for layer, lo, hi, rep in self.in_refs[gate]:
+            if lo <= i < hi:
+                self.kept_in[id(layer)] += step * rep
+
+    def _delta(self, gate: ChannelGate, i: int, step: int) -> dict[int, float]:
+        affected = {id(la): la for la in self.out_layers[gate]}
+        affected.update({id(la): la for la, lo, hi, _r in self.in_refs[gate] if lo <= i < hi})
+        before = {k: self._counts(la) for k, la in affected.items()}
+        self._toggle(gate, i, step)
+        out: dict[int, float] = defaultdict(float)
+        for k, la in affected.items():
+            out[la.constraint] += la.cost * (self._counts(la) - before[k])
+        self._toggle(gate, i, -step)
+        return out
+
+    def _gain(self, delta: dict[int, float]) -> float:
+        used, b, t = self.used, self.budgets, self.totals
+        return sum((abs(used[k] + d - b[k]) - abs(used[k] - b[k])) / max(t[k], 1e-30) for k, d in delta.items())
+
+    def spent(self, keeps: dict[ChannelGate, Tensor]) -> list[float]:
+        """Cost used per constraint for the given keep vectors."""
+        used = [0.0] * len(self.budgets)
+        for layer in self.layers:
+            used[layer.constraint] += layer.cost * layer.count_for(keeps)
+        return used
+
+    def run(self, scores: dict[ChannelGate, Tensor], keep0: dict[ChannelGate, Tensor]) -> dict[ChannelGate, Tensor]:
+        """Final keep-masks (bool, one per gate) from the learned ones ``keep0``."""
+        keep = {g: k.detach().clone().cpu() for g, k in keep0.items()}
+        cpu_scores = {g: s.detach().cpu() for g, s in scores.items()}
+        for g, k in keep.items():
+            if not k.any():
+                k[int(cpu_scores[g].argmax())] = True
+        self.kept_out = {g: int(k.sum()) for g, k in keep.items()}
+        self.kept_in = {id(la): la.input_kept(keep) for la in self.layers if la.in_segs}
+        self.used = self.spent(keep)
+        gates = list(cpu_scores)
+        units = sorted((float(s[i]), n, i) for n, s in enumerate(cpu_scores.values()) for i in range(s.numel()))
+        for step, candidates in ((-1, units), (+1, reversed(units))):
+            for _score, n, i in candidates:
+                g = gates[n]
+                if bool(keep[g][i]) != (step < 0) or (step < 0 and self.kept_out[g] <= 1):
+                    continue
+                delta = self._delta(g, i, step)
+                if self._gain(delta) < 0:
+                    keep[g][i] = step > 0
+                    self._toggle(g, i, step)
+                    for k, d in delta.items():
+                        self.used[k] += d
+        return {g: k.to(keep0[g].device) for g, k in keep.items()}

@@ -1,0 +1,302 @@
+"""The *gated* parametrization: stochastic hard-concrete L0 gates (Louizos et al. 2018,
+https://arxiv.org/abs/1712.01312), one per weight or one per channel shared by a whole channel group.
+
+Hard concrete with stretch limits ``gamma = -0.1``, ``zeta = 1.1`` and temperature ``beta`` (2/3 by default):
+
+    train:  u ~ U(eps, 1 - eps),  s = sigmoid((log u - log(1 - u) + log_alpha) / beta)
+            z = clamp(s * (zeta - gamma) + gamma, 0, 1)                     (one sample per gate per forward)
+    eval:   z = clamp(sigmoid(log_alpha / beta) * (zeta - gamma) + gamma, 0, 1)
+    P(z != 0) = 1 - clamp(sigmoid(beta * log(-gamma / zeta) - log_alpha), eps, 1 - eps)
+
+The eval gate divides by ``beta`` as in Gallego-Posada et al. 2022 (the gate is open when
+``log_alpha > beta * log(1/11) = -1.5986``); fractional eval gates are kept and folded into the weights.
+
+Per-weight gates use a fused autograd function: the noise buffer becomes the gate sample in place, and the
+backward needs only the weight and the sample (``dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta)``
+inside the clamp), so a train step allocates no full-size temporary beyond the sample and the gated weight.
+
+Channel gates (:class:`ChannelGate`) are shared by every tensor of a channel group: the producers' weights
+(dim 0), their biases and the BatchNorm affine terms after them (the role of the paper's L0BatchNorm), so a
+closed channel is exactly zero downstream. All members see the same sample within one forward: the gate draws
+a new sample when a member asks for a second time, i.e. when the next forward starts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import SparseParametrization
+
+GAMMA, ZETA, EPS = -0.1, 1.1, 1e-6
+BETA = 2.0 / 3.0
+_STRETCH = ZETA - GAMMA
+if abs(ZETA + GAMMA - 1.0) > 1e-12:  # the fused backward below relies on it
+    raise ImportError("hard-concrete limits must satisfy zeta + gamma = 1")
+
+
+# -- the reference math (plain autograd; the fused paths are tested against these) ---------------------------
+def uniform_noise(like: Tensor) -> Tensor:
+    """``u = eps + (1 - 2 eps) U(0, 1)``, fresh, with ``like``'s shape, dtype and device."""
+    return torch.empty_like(like, memory_format=torch.contiguous_format).uniform_(EPS, 1.0 - EPS)
+
+
+def sample_gates(log_alpha: Tensor, beta: float = BETA, u: Tensor | None = None) -> Tensor:
+    """A hard-concrete sample ``z`` in [0, 1] (differentiable in ``log_alpha``); ``u`` is drawn if not given."""
+    u = uniform_noise(log_alpha) if u is None else u
+    s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha) / beta)
+    return torch.clamp(s * _STRETCH + GAMMA, 0.0, 1.0)
+
+
+def eval_gates(log_alpha: Tensor, beta: float = BETA) -> Tensor:
+    """The deterministic (median) gate used in eval mode and at export."""
+    return torch.clamp(torch.sigmoid(log_alpha / beta) * _STRETCH + GAMMA, 0.0, 1.0)
+
+
+def prob_nonzero(log_alpha: Tensor, beta: float = BETA) -> Tensor:
+    """``P(z != 0)``: the expected L0 contribution of each gate (differentiable)."""
+    return 1.0 - torch.clamp(torch.sigmoid(beta * math.log(-GAMMA / ZETA) - log_alpha), EPS, 1.0 - EPS)
+
+
+def open_threshold(beta: float = BETA) -> float:
+    """The ``log_alpha`` above which the eval gate is non-zero (and ``P(z != 0) > 1/2``): ``beta * log(1/11)``.
+
+    ``sigmoid(a / beta) (zeta - gamma) + gamma > 0``  iff  ``sigmoid(a / beta) > -gamma / (zeta - gamma) = 1/12``.
+    """
+    p = -GAMMA / _STRETCH
+    return beta * math.log(p / (1.0 - p))
+
+
+def mean_gates(log_alpha: Tensor, beta: float = BETA, points: int = 256) -> Tensor:
+    """``E[z]`` of each gate, by the midpoint rule over ``u`` (the sample is monotone in ``u``)."""
+    u = (torch.arange(points, dtype=torch.float64, device=log_alpha.device) + 0.5) / points
+    u = EPS + (1.0 - 2.0 * EPS) * u
+    la = log_alpha.detach().double().reshape(-1, 1)
+    z = sample_gates(la, beta, u.view(1, -1).expand(la.shape[0], -1))
+    return z.mean(1).view_as(log_alpha).to(log_alpha.dtype)
+
+
+class _ExpectedCount(torch.autograd.Function):
+    """``sum(P(z != 0))`` without keeping a full-size tensor for the backward (it is recomputed there)."""
+
+    @staticmethod
+    def forward(ctx, log_alpha: Tensor, beta: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(log_alpha)
+        ctx.beta = beta
+        return _clamped_p(log_alpha, beta).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (log_alpha,) = ctx.saved_tensors
+        p = _clamped_p(log_alpha, ctx.beta)
+        inside = torch.ops.aten.hardtanh_backward(grad.expand_as(p), p, EPS, 1.0 - EPS)
+        return torch.ops.aten.sigmoid_backward.grad_input(inside, p, grad_input=inside), None
+
+
+def _clamped_p(log_alpha: Tensor, beta: float) -> Tensor:
+    # 1 - clamp(sigmoid(c - a), eps, 1 - eps) == clamp(sigmoid(a - c), eps, 1 - eps) with c = beta log(-gamma/zeta)
+    return torch.sub(log_alpha, beta * math.log(-GAMMA / ZETA)).sigmoid_().clamp_(EPS, 1.0 - EPS)
+
+
+def expected_count(log_alpha: Tensor, beta: float = BETA) -> Tensor:
+    """``sum(prob_nonzero(log_alpha))``, the expected number of open gates, with a lean backward."""
+    return _ExpectedCount.apply(log_alpha, beta)
+
+
+def init_log_alpha(shape: tuple[int, ...], droprate_init: float, like: Tensor) -> Tensor:
+    """``log_alpha ~ N(log((1 - d) / d), 0.01^2)`` as in the papers' code."""
+    mean = math.log((1.0 - droprate_init) / droprate_init)
+    return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(mean, 1e-2)
+
+
+# -- the fused per-weight path --------------------------------------------------------------------------------
+class _GatedMul(torch.autograd.Function):
+    """``w * z`` with ``z`` a fresh hard-concrete sample, computed in one buffer and differentiated by hand."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, log_alpha: Tensor, beta: float) -> Tensor:  # type: ignore[override]
+        z = uniform_noise(log_alpha).logit_()  # logistic noise log u - log(1 - u)
+        z.add_(log_alpha).div_(beta).sigmoid_().mul_(_STRETCH).add_(GAMMA).clamp_(0.0, 1.0)
+        ctx.save_for_backward(w, z)
+        ctx.beta = beta
+        return w * z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        w, z = ctx.saved_tensors
+        grad_la = None
+        if ctx.needs_input_grad[1]:
+            # dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta) inside the clamp, 0 where it is active;
+            # with zeta + gamma = 1, (z - gamma)(zeta - z) = z (1 - z) - gamma zeta: two fused kernels, in place
+            gw = torch.mul(grad, w)
+            grad_la = torch.ops.aten.sigmoid_backward(gw, z)  # gw * z * (1 - z)
+            grad_la.add_(gw, alpha=-GAMMA * ZETA)
+            del gw
+            torch.ops.aten.hardtanh_backward.grad_input(grad_la, z, 0.0, 1.0, grad_input=grad_la)
+            grad_la.div_(_STRETCH * ctx.beta)
+        grad_w = grad * z if ctx.needs_input_grad[0] else None
+        return grad_w, grad_la, None
+
+
+def gated_mul(w: Tensor, log_alpha: Tensor, beta: float = BETA) -> Tensor:
+    """``w * z`` with a fresh hard-concrete sample ``z`` per entry of ``log_alpha`` (same shape as ``w``)."""
+    return _GatedMul.apply(w, log_alpha, beta)
+
+
+class GatedWeight(SparseParametrization):
+    """One hard-concrete gate per weight: ``w * z`` (a sample in train mode, the median gate in eval mode).
+
+    Args:
+        like: the weight (gives shape, dtype and device of ``log_alpha``).
+        droprate_init: initial drop rate ``d`` (``log_alpha`` starts at ``log((1 - d) / d)``).
+        beta: temperature.
+    """
+
+    def __init__(self, like: Tensor, droprate_init: float = 0.5, beta: float = BETA) -> None:
+        super().__init__()
+        self.beta = beta
+        self.log_alpha = nn.Parameter(init_log_alpha(tuple(like.shape), droprate_init, like))
+
+    def forward(self, original: Tensor) -> Tensor:
+        if self.training:
+            return gated_mul(original, self.log_alpha, self.beta)
+        return original * eval_gates(self.log_alpha, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.log_alpha.shape)}, beta={self.beta:.4g}"
+
+
+# -- channel gates shared by a group ------------------------------------------------------------------------------
+class _Sample:
+    """The current stochastic sample of a channel gate and the members that used it (never deep-copied)."""
+
+    __slots__ = ("z", "seen", "version")
+
+    def __init__(self) -> None:
+        self.z: Tensor | None = None
+        self.seen: set[int] = set()
+        self.version = -1
+
+    def __deepcopy__(self, memo: dict) -> _Sample:
+        return _Sample()
+
+
+class ChannelGate(nn.Module):
+    """One hard-concrete gate per channel of a channel group, shared by every tensor of the group.
+
+    Args:
+        size: number of channels.
+        like: a tensor giving dtype and device.
+        droprate_init: initial drop rate.
+        beta: temperature.
+    """
+
+    def __init__(self, size: int, like: Tensor, droprate_init: float = 0.5, beta: float = BETA) -> None:
+        super().__init__()
+        self.beta = beta
+        self.log_alpha = nn.Parameter(init_log_alpha((size,), droprate_init, like))
+        self._sample = _Sample()
+        self._members = 0
+
+    def new_member(self) -> int:
+        """An id for a tensor gated by this gate (used to detect the start of the next forward)."""
+        self._members += 1
+        return self._members
+
+    def gates(self, member: int, stochastic: bool) -> Tensor:
+        """The gate vector for ``member``: the shared sample of this forward, or the eval gate."""
+        if not stochastic:
+            return eval_gates(self.log_alpha, self.beta)
+        s = self._sample
+        stale = (
+            s.z is None
+            or member in s.seen
+            or s.version != self.log_alpha._version
+            or (torch.is_grad_enabled() and self.log_alpha.requires_grad and not s.z.requires_grad)
+        )
+        if stale:
+            s.z, s.seen, s.version = sample_gates(self.log_alpha, self.beta), set(), self.log_alpha._version
+        s.seen.add(member)
+        return s.z
+
+    def extra_repr(self) -> str:
+        return f"channels={self.log_alpha.numel()}, beta={self.beta:.4g}"
+
+
+def _along(v: Tensor, dim: int, ndim: int) -> Tensor:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return v.view(shape)
+
+
+InSeg = tuple["ChannelGate | None", int, int, int]  # (gate or None for ungated inputs, lo, hi, columns each)
+
+
+class ChannelGated(SparseParametrization):
+    """Multiply a tensor by its channel gate along dim 0, and (eval only) zero input slices of closed channels.
+
+    ``out_gate`` gates dim 0 (a producer's output channels, a bias, a norm's affine terms; a tensor with one
+    entry per channel in any broadcastable shape is gated entry-wise). ``in_segs`` describe the input dimension
+    (dim 1) of a layer that reads gated channels: consecutive segments ``(gate, lo, hi, rep)``, channels
+    ``lo..hi-1`` of ``gate`` each spanning ``rep`` columns (``rep > 1`` after a flatten), ``gate=None`` for
+    inputs that are not gated. Those inputs are already exactly zero when their gate is closed, so the input
+    mask only matters for counting and export; it is applied in eval mode only, as a 0/1 mask.
+
+    Args:
+        out_gate: gate of dim 0, or ``None``.
+        in_segs: layout of the input dimension (empty: no input mask).
+        owner: whether this parametrization holds ``out_gate`` in its ``state_dict`` (exactly one per gate).
+    """
+
+    def __init__(self, out_gate: ChannelGate | None, in_segs: tuple[InSeg, ...] = (), owner: bool = False) -> None:
+        super().__init__()
+        if owner and out_gate is not None:
+            self.gate = out_gate
+        self._gates = (out_gate, tuple(in_segs))  # a tuple: not registered, so a shared gate is saved once
+        self.member = out_gate.new_member() if out_gate is not None else 0
+
+    @property
+    def out_gate(self) -> ChannelGate | None:
+        return self._gates[0]
+
+    @property
+    def in_segs(self) -> tuple[InSeg, ...]:
+        return self._gates[1]
+
+    def forward(self, original: Tensor) -> Tensor:
+        out_gate, in_segs = self._gates
+        z = out_gate.gates(self.member, self.training) if out_gate is not None else None
+        keep = None
+        if in_segs and not self.training:
+            keep = self.input_keep({g: g.gates(0, False) > 0 for g, *_ in in_segs if g is not None})
+        return self.apply_gates(original, z, keep)
+
+    def input_keep(self, keeps: dict[ChannelGate, Tensor]) -> Tensor:
+        """The 0/1 mask of dim 1 given a keep vector per gate."""
+        parts = []
+        for gate, lo, hi, rep in self.in_segs:
+            k = keeps[gate][lo:hi] if gate is not None else torch.ones(hi - lo, dtype=torch.bool)
+            parts.append(k.repeat_interleave(rep) if rep > 1 else k)
+        device = next((k.device for k in keeps.values()), None)
+        return torch.cat([p.to(device) for p in parts])
+
+    @staticmethod
+    def apply_gates(x: Tensor, z: Tensor | None, keep_in: Tensor | None) -> Tensor:
+        """``x`` scaled by gate values ``z`` along dim 0 and by the 0/1 input mask ``keep_in`` along dim 1."""
+        if z is not None:
+            z = z.to(x.dtype)
+            per_channel_param = x.shape[0] != z.numel() and x.numel() == z.numel()  # e.g. a (1, C, 1, 1) scale
+            x = x * (z.view(x.shape) if per_channel_param else _along(z, 0, x.dim()))
+        if keep_in is not None and x.dim() >= 2:
+            x = x * _along(keep_in.to(x.dtype), 1, x.dim())
+        return x
+
+    def extra_repr(self) -> str:
+        parts = []
+        if self.out_gate is not None:
+            parts.append(f"out={self.out_gate.log_alpha.numel()}")
+        if self.in_segs:
+            parts.append(f"in={sum((hi - lo) * rep for _g, lo, hi, rep in self.in_segs)}")
+        return ", ".join(parts)
