@@ -1,0 +1,156 @@
+"""Two-process DDP on CPU (gloo): sparsity state identical on every rank at every step; same sparsity as one process.
+
+The workers run in spawned processes (``torch.multiprocessing``); they write what they saw to files that the
+test compares. A test-only method makes a *rank-dependent random* mask decision at every step, so identical
+masks can only come from :func:`sparsewrap.distributed.sync_sparsity`, not from luck or determinism.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import sparsewrap as sw
+from sparsewrap.data import build_data, make_loaders
+from sparsewrap.methods import Method, register_method
+from sparsewrap.parametrizations import Masked, attach
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(784, 128), nn.Linear(128, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
+@dataclass
+class CoinFlipConfig:
+    pass
+
+
+class CoinFlip(Method):
+    """Test-only: at every step, zero one weight chosen with this rank's RNG, and draw a new "multiplier"."""
+
+    name = "test-coinflip"
+    description = "test only"
+    Config = CoinFlipConfig
+
+    def attach(self) -> None:
+        self.masks = [attach(t.module, "weight", Masked(t.shape, t.original)) for t in self.targets]
+        self.multiplier = torch.zeros(())
+        self.seen: list[str] = []  # mask digest at the start of each step (= after the previous step's sync)
+        self.chosen: list[int] = []  # this rank's own (pre-sync) decisions
+
+    def step(self, t: int) -> None:
+        self.seen.append(digest([m.mask for m in self.masks] + [self.multiplier]))
+        flat = self.masks[0].mask.view(-1)
+        self.chosen.append(int(torch.randint(flat.numel(), ())))
+        flat[self.chosen[-1]] = 0
+        self.multiplier = torch.rand(())
+
+    def state_dict(self) -> dict:
+        return {"multiplier": self.multiplier, "steps": len(self.chosen)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.multiplier = state["multiplier"].clone()
+
+
+def digest(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def magnitude(model: nn.Module) -> sw.Sparsifier:
+    return sw.sparsify(model, "magnitude", target=0.9, granularity="channel", allocation="uniform",
+                       schedule="cubic", end=8, every=2)  # fmt: skip
+
+
+def _worker(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        register_method(CoinFlip)  # in this process only: the test session's registry stays clean
+        data = build_data("mnist", limit=512, val_limit=200)
+        train, val = make_loaders(data, batch_size=32, seed=0, rank=rank, world_size=world)
+        torch.manual_seed(100 + rank)  # different initial weights on purpose: DDP broadcasts rank 0's
+        flip = sw.sparsify(MLP(), "test-coinflip", target=0.5)
+        history = sw.fit(flip, train, val, epochs=1, seed=0)
+        torch.manual_seed(rank)
+        mag = magnitude(MLP())
+        mag_history = sw.fit(mag, train, val, epochs=2, seed=0)
+        record = {"seen": flip.method.seen, "chosen": flip.method.chosen, "losses": history.losses,
+                  "final": digest(list(flip.model.state_dict().values()) + [flip.method.multiplier]),
+                  "magnitude": digest(list(mag.model.state_dict().values())),
+                  "layers": [la.exported_sparsity for la in mag.report().layers],
+                  "exported": mag.report().exported, "val_accuracy": mag_history.last.val_accuracy,
+                  "val_examples": len(val.sampler)}  # fmt: skip
+        Path(tmp, f"rank{rank}.json").write_text(json.dumps(record))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, str(tmp)), nprocs=2, join=True)
+    return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_masks_and_method_state_identical_on_every_rank_at_every_step(ranks):
+    zero, one = ranks
+    assert len(zero["seen"]) == len(one["seen"]) == 8  # 512 examples / (2 ranks * 32)
+    assert zero["seen"] == one["seen"]  # state at the start of every step, after the previous step's sync
+    assert zero["final"] == one["final"]  # weights, masks and the multiplier after training
+    assert zero["chosen"] != one["chosen"]  # the ranks did decide differently: the sync made them agree
+    assert zero["losses"] == one["losses"]  # losses are averaged over ranks
+    assert zero["magnitude"] == one["magnitude"]
+
+
+def test_ddp_sparsity_matches_a_single_process_run(ranks):
+    data = build_data("mnist", limit=512, val_limit=200)
+    train, _ = make_loaders(data, batch_size=64, seed=0)
+    torch.manual_seed(0)
+    single = magnitude(MLP())
+    sw.fit(single, train, epochs=2, seed=0)
+    report = single.report()
+    assert ranks[0]["layers"] == [la.exported_sparsity for la in report.layers]
+    assert ranks[0]["exported"] == report.exported
+    assert abs(report.exported - 0.9) < 784 / sum(la.params for la in report.layers)
+
+
+def test_validation_is_sharded_without_padding_and_summed(ranks):
+    assert ranks[0]["val_examples"] + ranks[1]["val_examples"] == 200
+    assert ranks[0]["val_accuracy"] == ranks[1]["val_accuracy"]
+
+
+@pytest.mark.slow
+def test_torchrun_train_two_processes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m",
+           "sparsewrap", "train", "--model", "sparsewrap.models:mlp_300_100", "--method", "magnitude", "--target",
+           "0.8", "-O", "granularity=channel", "--epochs", "1", "--limit", "512", "--val-limit", "200",
+           "--batch-size", "32", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("epoch 1/1") == 1  # only rank 0 prints
+    sp = sw.load(out / "last.safetensors")
+    assert sp.step_count == 8 and sp.report().exported == pytest.approx(0.8, abs=784 / 266_200)
