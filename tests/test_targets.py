@@ -67,7 +67,7 @@ def test_a_pattern_matching_nothing_names_the_pattern_and_the_layers() -> None:
 
 
 def test_nothing_left_is_an_error_and_a_value_error() -> None:
-    with pytest.raises(ValueError, match=r"nothing left to sparsify in ResNetTiny after include='stem', exclude='stem'"):
+    with pytest.raises(ValueError, match=r"nothing left to sparsify in ResNetTiny after include='stem', exclude="):
         names(ResNetTiny(), include="stem", exclude="stem")
 
 

@@ -193,6 +193,29 @@ class DictOut(TupleOut):
         return {"logits": logits, "box": box}
 
 
+class ScaledLinear(nn.Linear):
+    """A user subclass of nn.Linear defined outside torch.nn (as timm's ``Linear``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * 0.5
+
+
+class Conv1dSeq(nn.Module):
+    """Conv1d + BatchNorm1d over a sequence, global pool, a user Linear subclass, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 10, 3, padding=1)
+        self.bn = nn.BatchNorm1d(10)
+        self.conv2 = nn.Conv1d(10, 12, 3, padding=1, bias=False)
+        self.fc = ScaledLinear(12, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.conv2(F.relu(self.bn(self.conv(x)))))
+        return self.head(F.relu(self.fc(x.amax(-1))))
+
+
 def _img(c: int = 3, s: int = 8) -> Callable[[], Tensor]:
     return lambda: torch.randn(4, c, s, s)
 
@@ -208,6 +231,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[], Tensor]]] = {
     "own_parameter": (OwnParameter, lambda: torch.randn(4, 6)),
     "tuple_out": (TupleOut, lambda: torch.randn(4, 6)),
     "dict_out": (DictOut, lambda: torch.randn(4, 6)),
+    "conv1d_seq": (Conv1dSeq, lambda: torch.randn(4, 4, 16)),
 }
 
 
