@@ -8,6 +8,7 @@ import traceback
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="sparsewrap",
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         if _state["debug"]:
             traceback.print_exc()
         else:
-            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {_one_line(exc)}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(_one_line(exc))}", highlight=False)
             err_console.print("(run with --debug for the traceback)", style="dim")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

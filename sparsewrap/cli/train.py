@@ -43,7 +43,7 @@ class RichProgress(Callback):
     def on_train_begin(self, state: LoopState) -> None:
         if state.history.resumed_at is not None:
             epoch, batch = state.history.resumed_at
-            self.console.print(f"resuming at epoch {epoch + 1}, batch {batch} (step {state.step})")
+            self.console.print(f"resuming at epoch {epoch + 1}, batch {batch} (step {state.step})", soft_wrap=True)
         self.progress.start()
         self._epochs = self.progress.add_task("epochs", total=state.epochs, completed=state.epoch, info="")
         self._steps = self.progress.add_task(f"epoch {state.epoch + 1}", total=state.batches, completed=state.batch,
@@ -58,7 +58,7 @@ class RichProgress(Callback):
 
     def on_epoch_end(self, state: LoopState, record: EpochRecord) -> None:
         self.progress.update(self._epochs, completed=state.epoch)
-        self.progress.console.print(epoch_line(record, state.epochs), highlight=False)
+        self.progress.console.print(epoch_line(record, state.epochs), highlight=False, soft_wrap=True)
         if state.epoch < state.epochs:
             self.progress.reset(self._steps, total=state.batches, description=f"epoch {state.epoch + 1}", info="")
 
@@ -163,9 +163,14 @@ def train_cmd(
     from ..fileio import write_atomic
     from ..loop import fit
     from ..loopstate import CHECKPOINT_NAME, refuse_overwrite
+    from ..methods import get_method
+    from ..recipe import ModelRecipe
     from ..rng import seed_all
     from .inspect import render_report
 
+    check_device(device)
+    ModelRecipe.parse(model)  # fail fast on a malformed --model, before loading any data
+    get_method(method)
     ckpt = out / CHECKPOINT_NAME
     if ckpt.exists() and not resume and not force:
         refuse_overwrite(ckpt)
@@ -185,7 +190,8 @@ def train_cmd(
         train, val = make_loaders(train_data, batch_size, workers, seed, rank, world)
         groups = {k: {"lr": float(v)} for k, v in parse_pairs(group_lr, "--group-lr").items()}
         show.print(f"{recipe.name} on {data} ({len(train_data.train):,} training examples), method {method}, "
-                   f"{len(sp.targets)} layers, {world} process(es) on {dev}", highlight=False)  # fmt: skip
+                   f"{len(sp.targets)} layers, {world} process(es) on {dev}",
+                   highlight=False, soft_wrap=True)  # fmt: skip
         history = fit(sp, train, val, epochs=epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
                       groups=groups, lr_schedule=lr_schedule, out=out, resume=resume, overwrite=force, seed=seed,
                       callback=RichProgress(show) if main else None)  # fmt: skip
@@ -196,11 +202,29 @@ def train_cmd(
         if history.stopped:
             epoch, batch = history.position
             show.print(f"stopped ({history.stopped}) in epoch {epoch + 1} after batch {batch}; saved {ckpt}; "
-                       "run the same command with --resume to continue", style="yellow")  # fmt: skip
+                       "run the same command with --resume to continue", style="yellow", soft_wrap=True)  # fmt: skip
             raise typer.Exit(130)
-        show.print(f"next: sparsewrap export {ckpt} --purge", highlight=False)
+        show.print(f"next: sparsewrap export {ckpt} --purge", highlight=False, soft_wrap=True)
     finally:
         distributed.teardown()
+
+
+def check_device(device: str | None) -> None:
+    """Validate ``--device``.
+
+    Raises:
+        typer.BadParameter: for anything but ``cpu``, ``cuda`` or ``cuda:N``.
+        ConfigError: for CUDA on a machine without it.
+    """
+    from ..errors import ConfigError
+
+    if device is None:
+        return
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise typer.BadParameter(f"{device!r} is not a device; valid: cpu, cuda, cuda:N", param_hint="--device")
+    if kind == "cuda" and not _cuda():
+        raise ConfigError(f"--device {device} but CUDA is not available here; use --device cpu")
 
 
 def _cuda() -> bool:
@@ -247,4 +271,4 @@ def demo_cmd(
     if not result.purged:
         console.print("purge is not available in this version: the exported model keeps its zeros", style="yellow")
     console.print(f"figure {result.figure}\ncheckpoint {result.checkpoint}\nexported model {result.exported}\n"
-                  f"total time {result.seconds:.0f} s", highlight=False)  # fmt: skip
+                  f"total time {result.seconds:.0f} s", highlight=False, soft_wrap=True)  # fmt: skip
