@@ -5,10 +5,14 @@ from __future__ import annotations
 import sys
 import traceback
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+try:  # typer >= 0.20 vendors its own click: its usage errors are not click.ClickException
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click.exceptions import ClickException
 
 app = typer.Typer(
     name="sparsewrap",
@@ -42,10 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     _state["debug"] = "--debug" in args
     try:
         code = app(args=args, prog_name="sparsewrap", standalone_mode=False)
-    except click.exceptions.ClickException as exc:
+    except ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err_console.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # every other error: one line, or the traceback with --debug
