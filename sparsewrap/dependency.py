@@ -344,8 +344,7 @@ class Walker(FunctionVisitor):
     def layer_zero(module: nn.Module, zin: Tensor | None, cin: int, cout: int, groups: int) -> Tensor:
         """Output channels that are exactly zero: no non-zero weight meets a non-zero input, and no bias."""
         with torch.no_grad():
-            w = module.weight.detach()
-            nz = (w != 0).reshape(cout, w.shape[1], -1).any(2)
+            nz = weight_support(module)
             if zin is not None and zin.numel() == cin:
                 alive = (~zin).reshape(groups, cin // groups).repeat_interleave(cout // groups, 0)
                 nz = nz & alive
@@ -426,6 +425,13 @@ class Walker(FunctionVisitor):
         out = self.fresh(space, proj.out_features, node, -1, x.ndim if x is not None else None, zero)
         self.use(pname, "out", out, zero=zero)
         return out
+
+
+def weight_support(module: nn.Module) -> Tensor:
+    """``(out, in / groups)`` bool: which (output, input) channel pairs of a Conv/Linear have a non-zero weight."""
+    w = module.weight.detach()
+    with torch.no_grad():
+        return (torch.count_nonzero(w.reshape(w.shape[0], w.shape[1], -1), dim=2) > 0).cpu()
 
 
 def analyse_channels(model: nn.Module, gm: fx.GraphModule, real: bool = False) -> ChannelAnalysis:

@@ -169,18 +169,43 @@ def apply_plan(model: nn.Module, ops: Ops) -> nn.Module:
     return model
 
 
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer (shrinking replaces, never mutates)."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _unshare(candidate: nn.Module, original: nn.Module) -> nn.Module:
+    """Give the shipped model its own copy of the tensors it still shares with the original."""
+    shared = {id(t) for t in list(original.parameters()) + list(original.buffers())}
+    for module in candidate.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in shared:
+                module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None and id(b) in shared:
+                module._buffers[name] = b.clone()
+    return candidate
+
+
 class _Trial:
     """Builds a candidate for a set of units and checks it against the reference outputs."""
 
     def __init__(self, model: nn.Module, planner: Planner, inputs: tuple, ref: list[Tensor], tol: float) -> None:
         self.model, self.planner, self.inputs, self.ref, self.tol = model, planner, inputs, ref, tol
         self.failures: dict[int | str, str] = {}
+        self.last: tuple[frozenset, nn.Module, Ops, float] | None = None
 
     def build(self, units: list[Unit]) -> tuple[nn.Module, Ops, float]:
+        key = frozenset(u.key for u in units)
+        if self.last is not None and self.last[0] == key:
+            return self.last[1:]
         keep = self.planner.keep_sets({u.key for u in units if u.kind == "group"})
         ops = self.planner.ops(keep, {u.key for u in units if u.kind == "heads"})
-        candidate = apply_plan(copy.deepcopy(self.model), ops)
-        return candidate, ops, relative_error(self.ref, _run(candidate, self.inputs))
+        candidate = apply_plan(_shared_copy(self.model), ops)
+        err = relative_error(self.ref, _run(candidate, self.inputs))
+        self.last = (key, candidate, ops, err)
+        return candidate, ops, err
 
     def passes(self, units: list[Unit]) -> bool:
         try:
@@ -206,7 +231,12 @@ class _Trial:
         return self.settle(accepted, todo[half:])
 
 
-def _analyse(model: nn.Module, inputs: tuple):
+def _analyse(model: nn.Module, inputs: tuple) -> tuple[Any, list[Tensor]]:
+    """Channel analysis with shapes, and the reference outputs (the traced graph's run on ``inputs``).
+
+    The reference comes from the traced graph rather than a separate forward of the model: one forward less,
+    and should the trace ever differ from the model, every candidate fails verification and stays dense.
+    """
     tracer = PurgeTracer()
     try:
         graph = tracer.trace(model)
@@ -214,12 +244,13 @@ def _analyse(model: nn.Module, inputs: tuple):
         raise TraceError(f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
     try:
-        ShapeProp(gm).propagate(*inputs)
+        with torch.no_grad():
+            ref = [t.detach() for t in _flat(ShapeProp(gm).propagate(*inputs))]
     except Exception as exc:
         raise TraceError(
             f"the traced graph of {type(model).__name__} does not run: {type(exc).__name__}: {exc}"
         ) from exc
-    return analyse_channels(model, gm, real=True)
+    return analyse_channels(model, gm, real=True), ref
 
 
 def _count(model: nn.Module) -> int:
@@ -263,17 +294,18 @@ def purge(model: nn.Module, example_inputs: Any, round_to: int = 1, tolerance: f
 
 
 def _purge(model: nn.Module, inputs: tuple, round_to: int, tol: float, start: float) -> PurgeResult:
-    ref = _run(model, inputs)
     before = _count(model)
     try:
-        planner = Planner(model, _analyse(model, inputs), round_to)
+        analysis, ref = _analyse(model, inputs)
+        planner = Planner(model, analysis, round_to)
     except TraceError as exc:
         report = PurgeReport(before, before, trace_error=str(exc), seconds=time.perf_counter() - start)
         return PurgeResult(copy.deepcopy(model), {}, report)
     trial = _Trial(model, planner, inputs, ref, tol)
     units = planner.units()
     accepted = trial.settle([], units)
-    purged, ops, err = trial.build(accepted) if accepted else (copy.deepcopy(model), {}, 0.0)
+    purged, ops, err = trial.build(accepted) if accepted else (model, {}, 0.0)
+    purged = _unshare(purged, model) if accepted else copy.deepcopy(model)
     report = PurgeReport(before, _count(purged), _unit_reports(planner, units, accepted, ops, trial), err)
     report.seconds = time.perf_counter() - start
     return PurgeResult(purged, ops, report)

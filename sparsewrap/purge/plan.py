@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..dependency import ChannelAnalysis, Seg, Use
+from ..dependency import ChannelAnalysis, Seg, Use, weight_support
 from .heads import head_rule
 from .shrink import shrinker_for
 
@@ -98,14 +98,10 @@ class Planner:
         """Input positions of a Conv/Linear whose weight column is entirely zero."""
         if name not in self._colzero:
             m = self.modules[name]
-            with torch.no_grad():
-                w = m.weight
-                if isinstance(m, nn.Linear):
-                    nz = (w != 0).any(0)
-                else:
-                    g = m.groups
-                    nz = (w != 0).reshape(g, w.shape[0] // g, w.shape[1], -1).any(3).any(1).reshape(-1)
-            self._colzero[name] = (~nz).cpu()
+            support = weight_support(m)
+            g = getattr(m, "groups", 1)
+            nz = support.reshape(g, support.shape[0] // g, support.shape[1]).any(1).reshape(-1)
+            self._colzero[name] = ~nz
         return self._colzero[name]
 
     def _removable(self, g: int) -> Tensor:

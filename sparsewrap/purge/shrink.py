@@ -64,12 +64,13 @@ def _check(index: Tensor, size: int, what: str) -> Tensor:
 def _set(module: nn.Module, name: str, value: Tensor) -> None:
     """Replace a parameter or buffer by a new tensor of the same kind (a fresh ``Parameter`` keeps grad flag)."""
     old = getattr(module, name)
+    value = value.detach()  # always a fresh tensor (index_select, cat): the original is never written to
     if isinstance(old, nn.Parameter):
-        module._parameters[name] = nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
     elif name in module._buffers:
-        module._buffers[name] = value.detach().clone()
+        module._buffers[name] = value
     else:
-        setattr(module, name, value.detach().clone())
+        setattr(module, name, value)
 
 
 def slice_param(module: nn.Module, name: str, dim: int, index: Tensor) -> None:
