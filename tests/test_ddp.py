@@ -144,7 +144,7 @@ def test_validation_is_sharded_without_padding_and_summed(ranks):
 @pytest.mark.slow
 def test_torchrun_train_two_processes(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "sparsewrap", "train", "--model", "sparsewrap.models:mlp_300_100", "--method", "magnitude", "--target",
            "0.8", "-O", "granularity=channel", "--epochs", "1", "--limit", "512", "--val-limit", "200",
            "--batch-size", "32", "--device", "cpu", "--out", str(out)]  # fmt: skip
