@@ -147,7 +147,9 @@ def save_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[i
     was_training = model.training
     model.eval()
     try:
-        return write_atomic(path, lambda tmp: torch.onnx.export(model, (example,), str(tmp), dynamo=True))
+        return write_atomic(
+            path, lambda tmp: torch.onnx.export(model, (example,), str(tmp), dynamo=True, verbose=False)
+        )
     finally:
         model.train(was_training)
 
