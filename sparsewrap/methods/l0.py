@@ -126,7 +126,9 @@ class L0(Method):
             self.layers = [GatedLayer(t, constraint_of[t.name], costs[t.name], weight_gate=g)
                            for t, g in zip(self.targets, gates)]  # fmt: skip
         else:
-            self.plan = attach_channel_gates(self.model, self.graph, self.targets, cfg.droprate_init, cfg.temperature)
+            self.plan = attach_channel_gates(
+                self.model, self.graph, self.targets, cfg.droprate_init, cfg.temperature, cfg.input_shape
+            )
             self.notes_ += self.plan.notes
             self.layers = [self._channel_layer(t, constraint_of[t.name], costs[t.name]) for t in self.targets]
         self.totals = [0.0] * len(self.densities)

@@ -16,16 +16,19 @@ in *budget units* per weight: 1 for ``budget="params"``, the layer's output posi
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
-from ..dependency import ChannelGroup, analyse_channels
+from ..dependency import ChannelAnalysis, ChannelGroup, analyse_channels
 from ..parametrizations import attach
 from ..parametrizations.gated import ChannelGate, ChannelGated, GatedWeight, InSeg, expected_count, prob_nonzero
 from ..targets import Target
-from ..tracing import ModelGraph
+from ..tracing import ModelGraph, symbolic_trace
 
 
 @dataclass(eq=False)
@@ -163,15 +166,38 @@ def _gateable(modules: dict[str, nn.Module], group: ChannelGroup) -> str:
     return ""
 
 
+def _analysis(model: nn.Module, graph: ModelGraph, input_shape: Sequence[int] | None) -> tuple[ChannelAnalysis, bool]:
+    """Channel analysis, with shapes when an input shape is known (flatten -> Linear needs them)."""
+    if input_shape is None:
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")  # timm models know theirs
+        input_shape = list(size) if isinstance(size, (list, tuple)) else None
+    if input_shape is None:
+        return analyse_channels(model, graph.graph), False
+    gm = symbolic_trace(model)  # a fresh graph: the shapes are written into its nodes
+    p = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(1, *input_shape, dtype=p.dtype, device=p.device))
+    except Exception as exc:  # the graph did not run on that shape: analyse without shapes
+        warnings.warn(f"shape propagation at input_shape={list(input_shape)} failed ({exc}); flatten -> Linear "
+                      "channels stay ungated", stacklevel=4)  # fmt: skip
+        return analyse_channels(model, graph.graph), False
+    finally:
+        model.train(was_training)
+    return analyse_channels(model, gm), True
+
+
 def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Target], droprate_init: float,
-                         beta: float) -> ChannelPlan:  # fmt: skip
+                         beta: float, input_shape: Sequence[int] | None = None) -> ChannelPlan:  # fmt: skip
     """Create one gate per exact, fully targeted channel group and attach the gated parametrizations.
 
     Raises:
         TraceError: if the model could not be traced (channel groups unknown).
     """
     graph.require_traced("granularity='channel'")
-    analysis = analyse_channels(model, graph.graph)
+    analysis, shaped = _analysis(model, graph, input_shape)
     modules = dict(model.named_modules())
     by_name = {t.name: t for t in targets}
     plan = ChannelPlan({}, {}, [], {}, [])
@@ -184,7 +210,8 @@ def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Targ
         why = group.reasons[0] if group.reasons else _gateable(modules, group)
         why = why or (f"also produced by untargeted {', '.join(others)}" if others else "")
         if why:
-            plan.notes.append(f"channels of {', '.join(mine)} left ungated: {why}")
+            hint = " (pass input_shape= so that flatten can be analysed)" if "flatten" in why and not shaped else ""
+            plan.notes.append(f"channels of {', '.join(mine)} left ungated: {why}{hint}")
             continue
         gate = ChannelGate(group.size, by_name[mine[0]].original, droprate_init, beta)
         gate_of[index] = gate

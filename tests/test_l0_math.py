@@ -1,0 +1,244 @@
+"""Exact values of the L0 building blocks: hard-concrete gates, P(gate != 0), expected L0, dual ascent.
+
+Expected numbers are computed here with ``math`` on scalars, independently of the library's tensor code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sparsewrap as sw
+from sparsewrap.constraints import DualAscent
+from sparsewrap.errors import ConfigError
+from sparsewrap.parametrizations.gated import (
+    BETA,
+    EPS,
+    GAMMA,
+    ZETA,
+    ChannelGate,
+    ChannelGated,
+    eval_gates,
+    expected_count,
+    gated_mul,
+    mean_gates,
+    open_threshold,
+    prob_nonzero,
+    sample_gates,
+)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def hard_concrete(log_alpha: float, u: float, beta: float = 2 / 3) -> float:
+    s = sigmoid((math.log(u) - math.log(1 - u) + log_alpha) / beta)
+    return min(max(s * (1.1 - (-0.1)) + (-0.1), 0.0), 1.0)
+
+
+def t64(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+# -- hard-concrete gates -------------------------------------------------------------------------------------------
+def test_constants_are_the_papers():
+    assert (GAMMA, ZETA, EPS) == (-0.1, 1.1, 1e-6) and BETA == pytest.approx(2 / 3)
+
+
+def test_sample_matches_hand_computation_for_given_noise():
+    la = t64(0.0, math.log(3.0), 0.0, -2.0, 5.0)
+    u = t64(0.5, 0.25, 0.75, 0.9, 0.02)
+    z = sample_gates(la, BETA, u)
+    expected = [hard_concrete(a, b) for a, b in zip(la.tolist(), u.tolist())]
+    torch.testing.assert_close(z, t64(*expected), rtol=0, atol=1e-15)
+    assert z[0].item() == pytest.approx(0.5) and z[1].item() == pytest.approx(0.5)  # logit(u) cancels log_alpha
+    assert z[2].item() == pytest.approx(sigmoid(1.5 * math.log(3)) * 1.2 - 0.1)
+
+
+def test_samples_are_bounded_and_hit_both_ends():
+    torch.manual_seed(0)
+    la = torch.linspace(-6, 6, 101, dtype=torch.float64).repeat(2000)
+    z = sample_gates(la)
+    assert z.min() == 0.0 and z.max() == 1.0  # the stretch makes exact zeros and ones reachable
+    assert bool(((z >= 0) & (z <= 1)).all())
+    assert sample_gates(torch.full((1000,), -60.0)).max() == 0.0  # u >= eps bounds the logistic noise
+    assert sample_gates(torch.full((1000,), 60.0)).min() == 1.0
+
+
+def test_noise_is_bounded_by_eps():
+    z_low = sample_gates(t64(0.0), BETA, t64(EPS))
+    assert z_low.item() == pytest.approx(hard_concrete(0.0, 1e-6))
+
+
+def test_prob_nonzero_closed_form():
+    shift = (2 / 3) * math.log(1.1 / 0.1)  # -beta * log(-gamma/zeta) = 1.5986
+    la = t64(0.0, -math.log(100.0), math.log(100.0), -1.0)
+    expected = [sigmoid(a + shift) for a in la.tolist()]
+    torch.testing.assert_close(prob_nonzero(la), t64(*expected), rtol=0, atol=1e-15)
+    assert prob_nonzero(t64(0.0)).item() == pytest.approx(0.83182, abs=1e-5)
+    assert prob_nonzero(t64(-math.log(100))).item() == pytest.approx(0.04713, abs=1e-5)  # the clamp's floor
+    assert prob_nonzero(t64(-100.0)).item() == pytest.approx(EPS)  # clamped like the reference code
+
+
+def test_prob_nonzero_agrees_with_monte_carlo():
+    torch.manual_seed(1)
+    la = torch.full((400_000,), -0.7, dtype=torch.float64)
+    frac = (sample_gates(la) > 0).double().mean().item()
+    assert frac == pytest.approx(prob_nonzero(t64(-0.7)).item(), abs=4e-3)
+
+
+def test_eval_gate_values():
+    threshold = (2 / 3) * math.log(1 / 11)
+    assert open_threshold() == pytest.approx(threshold) and threshold == pytest.approx(-1.5986, abs=1e-4)
+    z = eval_gates(t64(0.0, threshold - 1e-9, threshold + 0.01, (2 / 3) * math.log(11), 10.0, -10.0))
+    assert z[0].item() == pytest.approx(0.5)
+    assert z[1].item() == 0.0 and z[2].item() > 0.0
+    assert z[3].item() == pytest.approx(1.0) and z[4].item() == 1.0 and z[5].item() == 0.0
+    assert z[2].item() == pytest.approx(sigmoid((threshold + 0.01) * 1.5) * 1.2 - 0.1)
+
+
+def test_mean_gate_by_quadrature_matches_monte_carlo():
+    torch.manual_seed(2)
+    la = t64(-2.0, 0.0, 1.0, 20.0)
+    mc = sample_gates(la.repeat(200_000, 1)).mean(0)
+    torch.testing.assert_close(mean_gates(la), mc, rtol=0, atol=4e-3)
+    assert mean_gates(t64(0.0)).item() == pytest.approx(0.5, abs=1e-12)  # symmetric around u = 1/2
+    assert mean_gates(t64(20.0)).item() == 1.0
+
+
+def test_fused_gate_equals_reference_formula_and_gradients():
+    torch.manual_seed(3)
+    w = torch.randn(40, 30, dtype=torch.float64, requires_grad=True)
+    la = (3 * torch.randn(40, 30, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(40, 30, dtype=torch.float64)
+    torch.manual_seed(9)
+    out = gated_mul(w, la)
+    (out * g).sum().backward()
+    grads = w.grad.clone(), la.grad.clone()
+    w.grad = la.grad = None
+    torch.manual_seed(9)  # the same noise for the straightforward formula
+    ref = w * sample_gates(la)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], w.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[1], la.grad, rtol=1e-12, atol=1e-12)
+    assert bool((grads[1] == 0).any()) and bool((grads[1] != 0).any())  # clamped samples pass no gradient
+
+
+def test_fused_gate_in_float32_stays_within_rounding():
+    torch.manual_seed(4)
+    w = torch.randn(256, 64, requires_grad=True)
+    la = torch.randn(256, 64, requires_grad=True)
+    torch.manual_seed(5)
+    out = gated_mul(w, la)
+    torch.manual_seed(5)
+    torch.testing.assert_close(out, w * sample_gates(la), rtol=1e-5, atol=1e-6)
+
+
+def test_expected_count_value_and_gradient():
+    la = t64(-3.0, -1.0, 0.0, 2.0, 4.0).requires_grad_()
+    count = expected_count(la)
+    shift = (2 / 3) * math.log(11)
+    assert count.item() == pytest.approx(sum(sigmoid(a + shift) for a in la.tolist()), abs=1e-14)
+    count.backward()
+    expected = [sigmoid(a + shift) * (1 - sigmoid(a + shift)) for a in la.tolist()]
+    torch.testing.assert_close(la.grad, t64(*expected), rtol=0, atol=1e-14)
+
+
+# -- channel gates share one sample per forward -------------------------------------------------------------
+def test_channel_gate_members_share_a_sample_and_resample_next_forward():
+    torch.manual_seed(6)
+    gate = ChannelGate(500, torch.zeros(1), droprate_init=0.5)
+    a, b = ChannelGated(gate, owner=True), ChannelGated(gate)
+    w = torch.ones(500, 3)
+    first_a, first_b = a(w), b(torch.ones(500))
+    torch.testing.assert_close(first_a[:, 0], first_b)  # the same gate vector for the weight and its bias
+    second_a = a(w)  # a second access by the same member starts a new forward: a fresh sample
+    assert not torch.equal(second_a, first_a)
+    torch.testing.assert_close(b(torch.ones(500)), second_a[:, 0])
+    a.eval()
+    b.eval()
+    torch.testing.assert_close(a(w)[:, 0], eval_gates(gate.log_alpha.detach()))
+    assert list(dict(a.named_parameters())) == ["gate.log_alpha"] and not list(b.parameters())
+
+
+# -- expected L0 of layers with known log-alphas --------------------------------------------------------------
+class TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.fc2 = nn.Linear(4, 2)
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_expected_density_per_weight_with_known_log_alphas():
+    model = TwoLayer()
+    sp = sw.sparsify(model, "l0", target=0.5)
+    la1 = torch.linspace(-4, 4, 12).view(4, 3)
+    la2 = torch.linspace(3, -1, 8).view(2, 4)
+    with torch.no_grad():
+        model.fc1.parametrizations.weight[0].log_alpha.copy_(la1)
+        model.fc2.parametrizations.weight[0].log_alpha.copy_(la2)
+    shift = (2 / 3) * math.log(11)
+    kept = sum(sigmoid(a + shift) for a in la1.flatten().tolist() + la2.flatten().tolist())
+    assert sp.method.expected_densities().item() == pytest.approx(kept / 20, abs=1e-6)
+    assert sp.method.summary()["expected density"] == pytest.approx(kept / 20, abs=1e-6)
+    assert sp.method.deterministic_density() == pytest.approx(sum(a > -1.5986 for a in la1.flatten().tolist()
+                                                                  + la2.flatten().tolist()) / 20)  # fmt: skip
+
+
+def test_expected_density_per_channel_counts_the_cascade():
+    model = TwoLayer()
+    sp = sw.sparsify(model, "l0", target=0.5, granularity="channel")
+    p = [0.9, 0.2, 0.5, 0.7]  # fc1's 4 output channels = fc2's 4 inputs
+    q = [0.6, 0.3]  # fc2's 2 output channels (read by the untargeted head)
+    shift = (2 / 3) * math.log(11)
+    with torch.no_grad():
+        model.fc1.parametrizations.weight[0].gate.log_alpha.copy_(
+            torch.tensor([math.log(v / (1 - v)) - shift for v in p])
+        )
+        model.fc2.parametrizations.weight[0].gate.log_alpha.copy_(
+            torch.tensor([math.log(v / (1 - v)) - shift for v in q])
+        )
+    # brute force: weight (o, i) of fc2 survives iff output o and input i are both kept (independent gates)
+    fc1 = sum(p[o] for o in range(4) for _ in range(3))
+    fc2 = sum(q[o] * p[i] for o in range(2) for i in range(4))
+    assert sp.method.expected_densities().item() == pytest.approx((fc1 + fc2) / 20, abs=1e-6)
+
+
+# -- dual ascent on scalars -------------------------------------------------------------------------------------
+def test_dual_update_restart_and_projection():
+    duals = DualAscent(1, lr=0.1, restarts=True)
+    assert duals.value.item() == 0.0  # multipliers start at 0
+    duals.update(t64(0.5))
+    assert duals.value.item() == pytest.approx(0.05)
+    duals.update(t64(0.2))
+    assert duals.value.item() == pytest.approx(0.07)
+    duals.update(t64(-0.01))  # feasible: restart to exactly 0
+    assert duals.value.item() == 0.0
+    plain = DualAscent(2, lr=0.1, restarts=False)
+    plain.update(t64(0.5, 0.1))
+    plain.update(t64(-0.1, -0.5))  # no restart: ascent, then projection onto lambda >= 0
+    torch.testing.assert_close(plain.value, t64(0.04, 0.0))
+    assert plain.term(t64(2.0, 3.0)).item() == pytest.approx(0.08)
+
+
+def test_dual_state_round_trip_and_errors():
+    duals = DualAscent(2, lr=0.5)
+    duals.update(t64(1.0, 2.0))
+    other = DualAscent(2, lr=0.5)
+    other.load_state_dict(duals.state_dict())
+    torch.testing.assert_close(other.value, t64(0.5, 1.0))
+    with pytest.raises(ConfigError, match="dual_lr=-1"):
+        DualAscent(1, lr=-1)
+    with pytest.raises(ConfigError, match="3 multipliers"):
+        DualAscent(1, lr=1).load_state_dict({"multipliers": t64(1, 2, 3)})
+    with pytest.raises(ConfigError, match="2 defects for 1"):
+        DualAscent(1, lr=1).update(t64(1, 2))
