@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections import defaultdict
@@ -140,8 +141,7 @@ def _child(name: str, out: Path) -> None:
 
 def sweep(picks: dict[str, str], timeout: int, jobs: int) -> list[dict]:
     """Run every family in a subprocess (``jobs`` at a time) under ``timeout`` seconds each."""
-    tmp = RESULTS / "tmp_sweep"
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="timm_sweep_"))
     pending = list(picks.items())
     running: list[tuple[str, str, subprocess.Popen, float, Path]] = []
     records = []

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 _SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
 _CLAMP = {torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clamp_min", "clamp_min_", "clamp_max"}
+_POW = {operator.pow, torch.pow, "pow", "pow_"}
 _EXPAND = {"expand", "expand_as"}
 _STACK = {torch.stack}
 _VIEW_CHAIN = {"view", "reshape", "unsqueeze", "to", "type_as", "float", "half", "double", "contiguous",
@@ -71,6 +72,11 @@ class FunctionVisitor:
             return self.per_channel(node, x, True, _arg(node, 1, "output_size"))
         if target in R.NONZERO_FUNCS or target in R.NONZERO_METHODS:
             return self.per_channel(node, x, False)
+        if target in _POW:
+            exponent = _arg(node, 1, "exponent")
+            if not isinstance(exponent, (int, float)) or isinstance(exponent, bool):
+                return self.refuse(node, x, target)
+            return self.per_channel(node, x, exponent > 0)
         if target in _CLAMP:
             lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
             if target in ("clamp_max",):
@@ -364,8 +370,17 @@ class FunctionVisitor:
         if shape is not None and ndim is not None:
             k = axis - (ndim - len(shape))
             if k < 0 or shape[k] == 1:
-                return self.zeros(width)  # broadcast along the channels: same effect on every channel
+                return self.broadcast_zero(a, width)  # the same effect on every channel
         return self.param_zero(node, target, a, x, width)
+
+    def broadcast_zero(self, a: fx.Node, width: int) -> torch.Tensor:
+        """A tensor broadcast over the channels: zero everywhere only if it is a parameter that is all zeros."""
+        if self.real and a.op == "get_attr":
+            owner, _, attr = str(a.target).rpartition(".")
+            tensor = getattr(self.modules.get(owner), attr, None)
+            if isinstance(tensor, torch.Tensor) and not bool(tensor.any()):
+                return self.ones(width)
+        return self.zeros(width)
 
     def param_zero(self, node: fx.Node, target: Any, a: fx.Node, x: State, width: int) -> torch.Tensor | None:
         """A per-channel parameter (layer scale, learned offset): becomes a ``param`` use, sliced with x."""
