@@ -36,9 +36,11 @@ METHOD_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("magnitude-erk", dict(allocation="erk", target=0.7)),
     ("magnitude-channel", dict(granularity="channel")),
     ("magnitude-gradual", dict(schedule="cubic", start=0, end=4, every=2, target=0.8)),
+    ("l0", dict()),
+    ("l0-channel", dict(granularity="channel", target=0.3)),
 ]
 IDENTITY_AT_START: set[str] = {"magnitude-gradual"}
-PROJECTED_AT_EXPORT: set[str] = set()
+PROJECTED_AT_EXPORT: set[str] = {"l0", "l0-channel"}
 STEPS = 5
 
 ROW_IDS = [r[0] for r in METHOD_ROWS]

@@ -274,9 +274,12 @@ def test_negative_learning_rate_in_param_groups():
         sp.param_groups(lr=0.1, gates={"lr": -1.0})
 
 
-def test_channel_target_below_the_floor_of_what_can_be_gated():
-    with pytest.raises(ConfigError, match="out of reach"):
-        sw.sparsify(ZOO["vit_block"][0](), "l0", target=0.6, granularity="channel")
+def test_channel_floor_counts_the_cascade():
+    p = 1 / (1 + math.exp(math.log(100) - SHIFT))  # P(z != 0) at the clamp's floor
+    floor = (384 * p + 768 * p * p) / 1152  # fc1 by its own gates; fc2 by its own and fc1's
+    with pytest.raises(ConfigError, match=f"cannot go below {floor:.4f}"):
+        sw.sparsify(ZOO["mlp"][0](), "l0", target=0.99, granularity="channel")
+    sw.sparsify(ZOO["mlp"][0](), "l0", target=1 - floor - 1e-3, granularity="channel")  # just above: accepted
 
 
 # -- timm smoke ---------------------------------------------------------------------------------------------------

@@ -130,6 +130,14 @@ class L0(Method):
                 self.model, self.graph, self.targets, cfg.droprate_init, cfg.temperature, cfg.input_shape
             )
             self.notes_ += self.plan.notes
+            gated = set(self.plan.out_gates) | set(self.plan.in_segs)
+            if not gated:
+                why = "; ".join(self.plan.notes)
+                raise NoTargetsError(
+                    f"no targeted layer of {type(self.model).__name__} can be channel-gated ({why}); "
+                    "use granularity='weight'"
+                )
+            self.targets[:] = [t for t in self.targets if t.name in gated]  # the others are not sparsified at all
             self.layers = [self._channel_layer(t, constraint_of[t.name], costs[t.name]) for t in self.targets]
         self.totals = [0.0] * len(self.densities)
         for layer in self.layers:

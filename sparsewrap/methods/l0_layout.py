@@ -235,7 +235,7 @@ def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Targ
     for t in targets:
         out, segs = plan.out_gates.get(t.name), plan.in_segs.get(t.name, ())
         if out is None and not segs:
-            plan.notes.append(f"{t.name}: no gated channel group on its output or input; left dense")
+            plan.notes.append(f"{t.name}: no gated channel group on its output or input; left dense, not a target")
             continue
         attach(t.module, "weight", ChannelGated(out, segs, owner=out is not None and out not in owned))
         owned.add(out)
