@@ -108,8 +108,8 @@ def training_figure(path: str | os.PathLike, layers: Sequence[tuple[str, float]]
         path: the ``.png`` to write (atomically).
         layers: ``(layer name, sparsity at export)`` in execution order.
         requested: the requested overall sparsity (dashed line), if any.
-        losses: training loss per step.
-        epochs: ``(epoch, validation accuracy, sparsity)`` per epoch.
+        losses: training (task) loss per step.
+        epochs: ``(epoch, validation accuracy, current sparsity)`` per epoch (epoch 0: before sparsifying).
         title: a caption at the top.
     """
     width, height = 1500, 560
@@ -132,7 +132,7 @@ def training_figure(path: str | os.PathLike, layers: Sequence[tuple[str, float]]
     steps = list(range(1, len(losses) + 1))
     finite = [v for v in losses if math.isfinite(v)] or [0.0, 1.0]
     curve = Panel(draw, (580, top, 980, bottom), (0, max(len(losses), 1)), (0, max(finite) * 1.05 or 1))
-    curve.frame("training loss", "step", "loss")
+    curve.frame("training loss (task)", "step", "loss")
     curve.line(steps, losses, GREY, width=1)
     curve.line(steps, _smooth(list(losses), max(1, len(losses) // 50)), BLUE)
 
@@ -141,5 +141,5 @@ def training_figure(path: str | os.PathLike, layers: Sequence[tuple[str, float]]
     last.frame("per epoch", "epoch", "fraction", integer_x=True)
     last.line([e for e, a, _ in epochs if a is not None], [a for _, a, _ in epochs if a is not None], GREEN, dots=True)
     last.line([e for e, _, s in epochs if s is not None], [s for _, _, s in epochs if s is not None], BLUE, dots=True)
-    last.legend([("validation accuracy", GREEN), ("sparsity", BLUE)])
+    last.legend([("validation accuracy", GREEN), ("sparsity of the learned masks/gates", BLUE)])
     return write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))

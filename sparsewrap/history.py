@@ -55,6 +55,7 @@ class History:
     Attributes:
         records: one :class:`EpochRecord` per finished epoch.
         losses: the loss (task + penalty, averaged over ranks) of every optimizer step.
+        penalties: the penalty part of each step's loss (the task loss is ``losses[i] - penalties[i]``).
         stopped: why the run stopped before its last epoch (``"SIGINT"``, ``"SIGTERM"``, ``"callback"``), or None.
         checkpoint: the checkpoint written last, if any.
         resumed_at: ``(epoch, batch)`` where this call resumed a previous run, if it did.
@@ -63,6 +64,7 @@ class History:
 
     records: list[EpochRecord] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    penalties: list[float] = field(default_factory=list)
     stopped: str | None = None
     checkpoint: Path | None = None
     resumed_at: tuple[int, int] | None = None
@@ -73,7 +75,8 @@ class History:
         return self.records[-1] if self.records else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"records": [asdict(r) for r in self.records], "losses": list(self.losses), "stopped": self.stopped,
+        return {"records": [asdict(r) for r in self.records], "losses": list(self.losses),
+                "penalties": list(self.penalties), "stopped": self.stopped,
                 "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
                 "resumed_at": self.resumed_at, "position": self.position}  # fmt: skip
 

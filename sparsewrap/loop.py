@@ -159,7 +159,7 @@ def _set_lr(run: _Run) -> float:
     return lr
 
 
-def _train_step(run: _Run, batch: Any) -> float:
+def _train_step(run: _Run, batch: Any) -> tuple[float, float]:
     x, y = _split_batch(batch, run.device)
     out = run.net(x)
     task = run.loss_fn(out, y)
@@ -180,12 +180,12 @@ def _train_step(run: _Run, batch: Any) -> float:
         run.sp.step()
         distributed.sync_sparsity(run.sp)
     hits = _correct(out, y)
-    value, sums = float(loss.detach()), run.sums
+    value, pen, sums = float(loss.detach()), float(penalty.detach()), run.sums
     sums[0] += value
-    sums[1] += float(penalty.detach())
+    sums[1] += pen
     if hits is not None:
         sums[2], sums[3] = sums[2] + hits[0], sums[3] + hits[1]
-    return value
+    return value, pen
 
 
 def _generators(loader: Iterable) -> list[torch.Generator]:
@@ -230,11 +230,14 @@ def _train_epoch(run: _Run, loader: Iterable, stop: StopSignal) -> bool:
     state = run.state
     run.net.train()
     for batch in _batches(run, loader):
-        loss = _train_step(run, batch)
+        loss, penalty = _train_step(run, batch)
         state.batch += 1
         state.step += 1
-        state.loss = distributed.all_reduce_sum([loss])[0] / run.ctx.world_size if run.ctx else loss
-        state.history.losses.append(state.loss)
+        if run.ctx is not None:
+            loss, penalty = (v / run.ctx.world_size for v in distributed.all_reduce_sum([loss, penalty]))
+        state.loss = loss
+        state.history.losses.append(loss)
+        state.history.penalties.append(penalty)
         if run.main:
             run.callback.on_step_end(state)
         if state.batch != state.batches and _stop_wanted(run, stop):  # on the last batch: finish the epoch first

@@ -139,8 +139,8 @@ def save_state(run: _Run) -> None:
             "epoch_rng": at_epoch_start if state.batch else None,
             "records": [asdict(r) for r in state.history.records], "stopped": state.history.stopped,
         }  # fmt: skip
-        losses = torch.tensor(state.history.losses, dtype=torch.float64)
-        extra = {"loop": loop, "optimizer": run.optimizer.state_dict(), "losses": losses}
+        steps = torch.tensor([state.history.losses, state.history.penalties], dtype=torch.float64)
+        extra = {"loop": loop, "optimizer": run.optimizer.state_dict(), "losses": steps}
         save(run.sp, run.checkpoint, extra=extra)
     if run.ctx is not None:
         torch.distributed.barrier()
@@ -181,7 +181,7 @@ def restore(run: _Run, path: Path) -> None:
     state = run.state
     state.epoch, state.batch, state.step = int(loop["epoch"]), int(loop["batch"]), int(loop["step"])
     state.history.records = [EpochRecord(**r) for r in loop["records"]]
-    state.history.losses = [float(v) for v in extra["losses"].tolist()]
+    state.history.losses, state.history.penalties = (list(map(float, row)) for row in extra["losses"].tolist())
     state.history.stopped = None
     run.sums = [float(v) for v in loop["sums"]]
     rank, world = (run.ctx.rank, run.ctx.world_size) if run.ctx else (0, 1)
