@@ -91,10 +91,16 @@ class ChannelGroup:
 
 @dataclass
 class ChannelAnalysis:
-    """Groups plus every use of their channels (what the purge slices)."""
+    """Groups plus every use of their channels (what the purge slices).
+
+    ``aliases`` (real mode only) pairs two layouts of equal width combined position by position although their
+    segments differ (e.g. a ``cat`` of two branches added to one wider tensor): the channels at each position
+    must be kept or removed together, across groups.
+    """
 
     groups: list[ChannelGroup]
     uses: list[Use]
+    aliases: list[tuple[tuple[Seg, ...], tuple[Seg, ...]]] = field(default_factory=list)
 
 
 @dataclass
@@ -128,6 +134,7 @@ class Walker(FunctionVisitor):
         self.parent: list[int] = []
         self.groups: list[ChannelGroup] = []
         self.uses: list[Use] = []
+        self.aliases: list[tuple[tuple[Seg, ...], tuple[Seg, ...]]] = []
         self.state: dict[fx.Node, object] = {}
 
     # -- union-find over spaces ------------------------------------------------------------------------------
@@ -166,6 +173,9 @@ class Walker(FunctionVisitor):
                                      and y.hi == self.group(y.space).size))
             for x, y in zip(a.segs, b.segs)
         )  # fmt: skip
+        if not same and self.real and a.width == b.width and all(s.rep == 1 for s in a.segs + b.segs):
+            self.aliases.append((a.segs, b.segs))  # tied position by position; the purge keeps them consistent
+            return True
         if not same:
             self.block(a, f"{what}: combines tensors whose channel layouts differ")
             self.block(b, f"{what}: combines tensors whose channel layouts differ")
@@ -224,13 +234,13 @@ class Walker(FunctionVisitor):
         groups = [self.groups[r] for r in roots]
         for g in groups:
             g.reasons = list(dict.fromkeys(g.reasons))
-        uses = []
-        for u in self.uses:
-            segs = tuple(Seg(None if s.space is None else index[self.find(s.space)], s.lo, s.hi, s.rep) for s in u.segs)
-            uses.append(Use(u.module, u.role, segs, u.groups, u.param, u.dim, u.zero))
+        def resolve(segs: tuple[Seg, ...]) -> tuple[Seg, ...]:
+            return tuple(Seg(None if s.space is None else index[self.find(s.space)], s.lo, s.hi, s.rep) for s in segs)
+
+        uses = [Use(u.module, u.role, resolve(u.segs), u.groups, u.param, u.dim, u.zero) for u in self.uses]
         if not self.real:
             self.check_exact(groups, uses)
-        return ChannelAnalysis(groups, uses)
+        return ChannelAnalysis(groups, uses, [(resolve(a), resolve(b)) for a, b in self.aliases])
 
     @staticmethod
     def check_exact(groups: list[ChannelGroup], uses: list[Use]) -> None:

@@ -200,22 +200,26 @@ class _Trial:
         key = frozenset(u.key for u in units)
         if self.last is not None and self.last[0] == key:
             return self.last[1:]
-        keep = self.planner.keep_sets({u.key for u in units if u.kind == "group"})
+        keep = self.planner.keep_sets({g for u in units if u.kind == "group" for g in u.members})
         ops = self.planner.ops(keep, {u.key for u in units if u.kind == "heads"})
         candidate = apply_plan(_shared_copy(self.model), ops)
         err = relative_error(self.ref, _run(candidate, self.inputs))
         self.last = (key, candidate, ops, err)
         return candidate, ops, err
 
+    def fail(self, unit: Unit, reason: str) -> None:
+        for key in unit.members or (unit.key,):
+            self.failures[key] = reason
+
     def passes(self, units: list[Unit]) -> bool:
         try:
             _, _, err = self.build(units)
         except Exception as exc:  # any failure of a candidate means "leave these units dense"
             if len(units) == 1:
-                self.failures[units[0].key] = f"shrinking breaks the forward ({type(exc).__name__}: {exc})"[:300]
+                self.fail(units[0], f"shrinking breaks the forward ({type(exc).__name__}: {exc})"[:300])
             return False
         if err > self.tol and len(units) == 1:
-            self.failures[units[0].key] = f"outputs change after shrinking (relative error {err:.2e})"
+            self.fail(units[0], f"outputs change after shrinking (relative error {err:.2e})")
         return err <= self.tol
 
     def settle(self, accepted: list[Unit], todo: list[Unit]) -> list[Unit]:
@@ -314,8 +318,10 @@ def _purge(model: nn.Module, inputs: tuple, round_to: int, tol: float, start: fl
 def _unit_reports(
     planner: Planner, units: list[Unit], accepted: list[Unit], ops: Ops, trial: _Trial
 ) -> list[UnitReport]:
-    done = {u.key for u in accepted}
-    keep = planner.keep_sets({u.key for u in accepted if u.kind == "group"}) if accepted else {}
+    done = {g for u in accepted if u.kind == "group" for g in u.members} | {
+        u.key for u in accepted if u.kind == "heads"
+    }
+    keep = planner.keep_sets({g for u in accepted if u.kind == "group" for g in u.members}) if accepted else {}
     out = []
     for i, g in enumerate(planner.groups):
         zero = int(planner.dead[i].sum())
@@ -323,7 +329,8 @@ def _unit_reports(
             out.append(UnitReport(g.producers[0], "group", g.size, int(keep[i].sum()), zero, "purged"))
             continue
         if i in done:
-            out.append(UnitReport(g.producers[0], "group", g.size, g.size, zero, "dense", "round_to keeps them all"))
+            why = "layout constraints keep them all (round_to, grouped conv, GroupNorm, tied channels)"
+            out.append(UnitReport(g.producers[0], "group", g.size, g.size, zero, "dense", why))
             continue
         rem = int(planner.removable[i].sum()) if i in planner.removable else 0
         if not zero and not rem:

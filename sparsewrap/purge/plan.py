@@ -29,10 +29,11 @@ class Unit:
     """One independently accepted or rolled back piece of the purge: a channel group, or a module's heads."""
 
     kind: str  # "group" or "heads"
-    key: int | str  # group index or attention module name
+    key: int | str  # group index (the first of ``members``) or attention module name
     label: str
     size: int
     removable: int
+    members: tuple[int, ...] = ()  # groups accepted together (tied by aliases)
 
 
 def _role_key(u: Use) -> str:
@@ -53,6 +54,7 @@ class Planner:
         self._refuse_shared_uses()
         self.dead = {i: self._dead(i) for i in range(len(self.groups))}
         self.removable = {i: self._removable(i) for i in range(len(self.groups)) if not self.reasons[i]}
+        self.classes, self.components = self._alias_classes(analysis.aliases)
         self.heads = self._dead_heads()
 
     # -- what may not be touched -----------------------------------------------------------------------------
@@ -118,6 +120,57 @@ class Planner:
                 pos += s.width
         return ok
 
+    @staticmethod
+    def _positions(segs: tuple[Seg, ...]):
+        for s in segs:
+            for c in range(s.lo, s.hi):
+                for _ in range(s.rep):
+                    yield None if s.space is None else (s.space, c)
+
+    def _alias_classes(self, aliases: list) -> tuple[list[list[tuple[int, int]]], list[tuple[int, ...]]]:
+        """Channels tied across groups by aliases (kept or removed together), and the groups tied together."""
+        parent: dict[tuple[int, int], tuple[int, int]] = {}
+
+        def find(x: tuple[int, int]) -> tuple[int, int]:
+            parent.setdefault(x, x)
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        pinned = set()
+        for a, b in aliases:
+            for x, y in zip(self._positions(a), self._positions(b)):
+                if x is None or y is None:
+                    pinned.update(v for v in (x, y) if v is not None)
+                elif x != y:
+                    parent[find(x)] = find(y)
+        members: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+        for x in list(parent) + list(pinned):
+            members[find(x)].append(x)
+        classes = [sorted(set(m)) for m in members.values()]
+        for cls in classes:  # a channel goes only if every channel tied to it can go
+            ok = all(g in self.removable and bool(self.removable[g][c]) and (g, c) not in pinned for g, c in cls)
+            if not ok:
+                for g, c in cls:
+                    if g in self.removable:
+                        self.removable[g][c] = False
+        link: dict[int, int] = {}
+
+        def root(g: int) -> int:
+            link.setdefault(g, g)
+            while link[g] != g:
+                g = link[g]
+            return g
+
+        for cls in classes:
+            for g, _ in cls[1:]:
+                link[root(g)] = root(cls[0][0])
+        comps: dict[int, list[int]] = defaultdict(list)
+        for g in range(len(self.groups)):
+            comps[root(g)].append(g)
+        return classes, [tuple(sorted(c)) for c in comps.values()]
+
     def _dead_heads(self) -> dict[str, Tensor]:
         outs = {u.module for u in self.uses if u.role == "out"}
         shared = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
@@ -136,11 +189,13 @@ class Planner:
     # -- units -----------------------------------------------------------------------------------------------
     def units(self) -> list[Unit]:
         out = []
-        for g, rem in self.removable.items():
-            n = int(rem.sum())
+        for comp in self.components:
+            if any(g not in self.removable for g in comp):
+                continue  # a group tied to a blocked one stays with it
+            n = sum(int(self.removable[g].sum()) for g in comp)
             if n:
-                grp = self.groups[g]
-                out.append(Unit("group", g, grp.producers[0], grp.size, n))
+                grp = self.groups[comp[0]]
+                out.append(Unit("group", comp[0], grp.producers[0], grp.size, n, comp))
         for name, dead in self.heads.items():
             out.append(Unit("heads", name, name, dead.numel(), int(dead.sum())))
         return out
@@ -222,6 +277,12 @@ class Planner:
                 m = self.mask(u.segs, keep)
                 whole = m.reshape(u.groups, -1).any(1, keepdim=True).expand(u.groups, m.numel() // u.groups)
                 changed |= self._grow(u.segs, keep, whole.reshape(-1))
+            for cls in self.classes:
+                if any(g not in keep or bool(keep[g][c]) for g, c in cls):
+                    for g, c in cls:
+                        if g in keep and not bool(keep[g][c]):
+                            keep[g][c] = True
+                            changed = True
             if not changed:
                 return keep
         raise RuntimeError("purge constraints did not settle")  # pragma: no cover - sets only grow
