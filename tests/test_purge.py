@@ -292,3 +292,32 @@ def test_bad_arguments_raise_clear_errors() -> None:
         purge(model, x)
     with pytest.raises(ConfigError, match="example_inputs"):
         sw.export(model, purge=True)
+
+
+class GhostLike(nn.Module):
+    """cat of two branches added to one wider shortcut: channels are tied across groups position by position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.short = nn.Conv2d(3, 8, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.cat([self.a(x), self.b(x)], dim=1) + self.short(x)
+        return self.out(F.relu(y))
+
+
+def test_channels_tied_across_layouts_go_only_when_zero_on_every_side() -> None:
+    model = GhostLike().double().eval()
+    with torch.no_grad():
+        for conv, ch in ((model.a, 1), (model.short, 1), (model.b, 3), (model.short, 7), (model.a, 2)):
+            conv.weight[ch] = 0
+            conv.bias[ch] = 0
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    small = purge(model, x).model
+    # positions 1 (a1 + short1) and 7 (b3 + short7) are zero on both sides; position 2 only in a
+    assert (small.a.out_channels, small.b.out_channels, small.short.out_channels) == (3, 3, 6)
+    torch.testing.assert_close(small.out.weight, model.out.weight[:, [0, 2, 3, 4, 5, 6]])
+    assert rel_err(run(model, x), run(small, x)) <= 1e-12
