@@ -96,12 +96,16 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         torch.manual_seed(rank)
         mag = magnitude(MLP())
         mag_history = sw.fit(mag, train, val, epochs=2, seed=0)
+        torch.manual_seed(rank)
+        l0 = sw.sparsify(MLP(), "l0", target=0.7, granularity="channel", gate_lr=0.1, dual_lr=0.1)
+        l0_history = sw.fit(l0, train, val, epochs=1, seed=0)
         record = {"seen": flip.method.seen, "chosen": flip.method.chosen, "losses": history.losses,
                   "final": digest(list(flip.model.state_dict().values()) + [flip.method.multiplier]),
                   "magnitude": digest(list(mag.model.state_dict().values())),
                   "layers": [la.exported_sparsity for la in mag.report().layers],
                   "exported": mag.report().exported, "val_accuracy": mag_history.last.val_accuracy,
-                  "val_examples": len(val.sampler)}  # fmt: skip
+                  "val_examples": len(val.sampler), "l0": digest(list(l0.model.state_dict().values())),
+                  "l0_method": l0_history.last.method}  # fmt: skip
         Path(tmp, f"rank{rank}.json").write_text(json.dumps(record))
     finally:
         dist.destroy_process_group()
@@ -122,6 +126,8 @@ def test_masks_and_method_state_identical_on_every_rank_at_every_step(ranks):
     assert zero["chosen"] != one["chosen"]  # the ranks did decide differently: the sync made them agree
     assert zero["losses"] == one["losses"]  # losses are averaged over ranks
     assert zero["magnitude"] == one["magnitude"]
+    assert zero["l0"] == one["l0"]  # gates (log_alpha), weights
+    assert zero["l0_method"] == one["l0_method"] and zero["l0_method"]["multiplier"] > 0
 
 
 def test_ddp_sparsity_matches_a_single_process_run(ranks):

@@ -109,6 +109,24 @@ def test_resume_continues_exactly(mnist, tmp_path, at, how):
         torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
 
 
+def test_resume_continues_exactly_with_stochastic_gates(mnist, tmp_path):
+    """L0 samples its gates from the RNG and updates a multiplier in step(): both must resume exactly."""
+    train, test = loaders(mnist, batch=256)
+
+    def l0(seed: int) -> sw.Sparsifier:
+        torch.manual_seed(seed)
+        return sw.sparsify(DropMLP(), "l0", target=0.7, granularity="channel", gate_lr=0.1, dual_lr=0.1)
+
+    full = sw.fit(l0(0), train, test, epochs=2, out=tmp_path / "a", seed=0)
+    stopped = sw.fit(l0(0), train, test, epochs=2, out=tmp_path / "b", seed=0, callback=StopAt(5, "sigint"))
+    assert stopped.position == (1, 1)
+    sp = l0(7)
+    resumed = sw.fit(sp, train, test, epochs=2, out=tmp_path / "b", resume=True)
+    assert resumed.losses == full.losses and resumed.penalties == full.penalties
+    assert any(p != 0 for p in full.penalties)  # the multiplier did move
+    assert resumed.last.method == full.last.method  # multiplier, expected density, ...
+
+
 def test_finished_run_resumes_to_nothing(mnist, tmp_path):
     train, _ = loaders(mnist, batch=256)
     sw.fit(sparsified(), train, epochs=1, out=tmp_path)
