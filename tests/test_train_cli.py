@@ -18,8 +18,9 @@ from sparsewrap import data as swdata
 from sparsewrap.cli import main
 from sparsewrap.loop import evaluate
 
-BASE = ["train", "--model", "sparsewrap.models:lenet5", "--method", "magnitude", "-O", "granularity=channel",
-        "--limit", "512", "--val-limit", "256", "--batch-size", "64"]  # fmt: skip
+COMMON = ["train", "--model", "sparsewrap.models:lenet5", "-O", "granularity=channel", "--limit", "512",
+          "--val-limit", "256", "--batch-size", "64"]  # fmt: skip
+BASE = [*COMMON, "--method", "magnitude"]
 TRAIN = [*BASE, "--target", "0.9"]
 
 
@@ -30,8 +31,12 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return exit_info.value.code, out, " ".join(err.split())
 
 
-def test_train_export_purge_load_evaluate(capsys, tmp_path):
-    code, out, err = run(capsys, *TRAIN, "--epochs", "2", "--out", tmp_path / "run")
+@pytest.mark.parametrize("method", ["l0", "magnitude"])
+def test_train_export_purge_load_evaluate(capsys, tmp_path, method):
+    options = ["-O", "gate_lr=0.2", "-O", "dual_lr=0.2"] if method == "l0" else []
+    argv = [*COMMON, "--method", method, "--target", "0.9", *options, "--epochs", "2", "--lr", "3e-3", "--out",
+            tmp_path / "run"]  # fmt: skip
+    code, out, err = run(capsys, *argv)
     assert code == 0, err
     ckpt = tmp_path / "run" / "last.safetensors"
     assert "epoch 2/2" in out and f"sparsewrap export {ckpt} --purge" in out
