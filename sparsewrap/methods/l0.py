@@ -87,8 +87,11 @@ class L0Config:
             raise ConfigError(f"droprate_init={self.droprate_init!r} must be in (0, 1), e.g. 0.5")
         if not self.temperature > 0:
             raise ConfigError(f"temperature={self.temperature!r} must be > 0 (the papers use 2/3)")
-        if not self.log_alpha_max > 0:
-            raise ConfigError(f"log_alpha_max={self.log_alpha_max!r} must be > 0 (the papers use log(100) = 4.605)")
+        if not 0 < self.log_alpha_max <= 12:
+            raise ConfigError(
+                f"log_alpha_max={self.log_alpha_max!r} must be in (0, 12] (the papers use log(100) = 4.605; beyond 12 "
+                "P(z != 0) is saturated anyway)"
+            )
         if self.input_shape is not None:
             if not all(isinstance(d, int) and d > 0 for d in self.input_shape):
                 raise ConfigError(f"input_shape={self.input_shape!r} must be positive ints, e.g. [3, 224, 224]")
@@ -144,6 +147,7 @@ class L0(Method):
             self.totals[layer.constraint] += layer.cost * layer.numel
         if any(t <= 0 for t in self.totals):
             raise ConfigError("a constraint covers layers that never run on input_shape (zero MACs); exclude them")
+        self._clamp()  # the initial log_alpha too: the fused expected count relies on |log_alpha| <= 12
         self.p_min = float(prob_nonzero(torch.tensor(-cfg.log_alpha_max, dtype=torch.float64), cfg.temperature))
         self.duals = DualAscent(len(self.densities), cfg.dual_lr, cfg.dual_restarts)
         self._defect: Tensor | None = None
@@ -239,6 +243,9 @@ class L0(Method):
                     self._defect = dens - self._requested_densities(dens)
             self.duals.update(self._defect)
             self._defect = None
+        self._clamp()
+
+    def _clamp(self) -> None:
         bound = self.config.log_alpha_max
         with torch.no_grad():
             for p in self.gate_parameters():

@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..dependency import ChannelAnalysis, ChannelGroup, analyse_channels
 from ..parametrizations import attach
-from ..parametrizations.gated import ChannelGate, ChannelGated, GatedWeight, InSeg, expected_count, prob_nonzero
+from ..parametrizations.gated import ChannelGate, ChannelGated, GatedWeight, InSeg, prob_nonzero
 from ..targets import Target
 from ..tracing import ModelGraph, symbolic_trace
 
@@ -74,7 +74,7 @@ class GatedLayer:
     def expected(self, probs: dict[ChannelGate, Tensor], like: Tensor) -> Tensor:
         """Expected number of kept weights (differentiable in the gates); ``probs`` holds ``P(z != 0)``."""
         if self.weight_gate is not None:
-            return expected_count(self.weight_gate.log_alpha, self.weight_gate.beta)
+            return self.weight_gate.expected_count()
         n = like.new_tensor(float(self.numel))
         if self._same_gate():
             p = probs[self.out_gate]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -39,8 +40,18 @@ if abs(ZETA + GAMMA - 1.0) > 1e-12:  # the fused backward below relies on it
 
 # -- the reference math (plain autograd; the fused paths are tested against these) ---------------------------
 def uniform_noise(like: Tensor) -> Tensor:
-    """``u = eps + (1 - 2 eps) U(0, 1)``, fresh, with ``like``'s shape, dtype and device."""
-    return torch.empty_like(like, memory_format=torch.contiguous_format).uniform_(EPS, 1.0 - EPS)
+    """``u = eps + (1 - 2 eps) U(0, 1)``, fresh, with ``like``'s shape, dtype and device.
+
+    On the CPU the uniforms come from NumPy's PCG64 (several times faster than torch's Mersenne twister on one
+    core), seeded by one draw from torch's default generator, so ``torch.manual_seed`` still fixes them.
+    """
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    kind = {torch.float32: np.float32, torch.float64: np.float64}.get(out.dtype)
+    if out.device.type != "cpu" or kind is None or out.numel() < 4096:
+        return out.uniform_(EPS, 1.0 - EPS)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    np.random.Generator(np.random.PCG64(seed)).random(out=out.numpy().reshape(-1), dtype=kind)
+    return out.mul_(1.0 - 2.0 * EPS).add_(EPS)
 
 
 def sample_gates(log_alpha: Tensor, beta: float = BETA, u: Tensor | None = None) -> Tensor:
@@ -112,41 +123,74 @@ def init_log_alpha(shape: tuple[int, ...], droprate_init: float, like: Tensor) -
 
 
 # -- the fused per-weight path --------------------------------------------------------------------------------
+def _shift(beta: float) -> float:
+    return -beta * math.log(-GAMMA / ZETA)  # P(z != 0) = sigmoid(log_alpha + shift)
+
+
 class _GatedMul(torch.autograd.Function):
-    """``w * z`` with ``z`` a fresh hard-concrete sample, computed in one buffer and differentiated by hand."""
+    """``(w * z, sum P(z != 0))`` with ``z`` a fresh hard-concrete sample, differentiated by hand.
+
+    The noise buffer becomes ``z`` in place; the backward needs only ``w``, ``z`` and ``log_alpha``. The expected
+    count is a second output so that its gradient joins the gate gradient in the same buffer. It is the
+    unclamped ``sum(sigmoid(log_alpha + shift))``, equal to :func:`prob_nonzero`'s sum while ``|log_alpha| <= 12``
+    (where the ``eps`` clamp cannot bind); the L0 method keeps ``log_alpha`` in that range.
+    """
 
     @staticmethod
-    def forward(ctx, w: Tensor, log_alpha: Tensor, beta: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, w: Tensor, log_alpha: Tensor, beta: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         z = uniform_noise(log_alpha).logit_()  # logistic noise log u - log(1 - u)
-        z.add_(log_alpha).div_(beta).sigmoid_().mul_(_STRETCH).add_(GAMMA).clamp_(0.0, 1.0)
-        ctx.save_for_backward(w, z)
+        z.add_(log_alpha).div_(beta).sigmoid_()
+        torch.add(torch.tensor(GAMMA, dtype=z.dtype), z, alpha=_STRETCH, out=z).clamp_(0.0, 1.0)
+        count = torch.add(log_alpha, _shift(beta)).sigmoid_().sum()
+        ctx.save_for_backward(w, z, log_alpha)
         ctx.beta = beta
-        return w * z
+        ctx.set_materialize_grads(False)
+        return w * z, count
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        w, z = ctx.saved_tensors
-        grad_la = None
-        if ctx.needs_input_grad[1]:
+    def backward(ctx, grad: Tensor | None, grad_count: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        w, z, log_alpha = ctx.saved_tensors
+        grad_la, scratch = None, None
+        if ctx.needs_input_grad[1] and grad is not None:
             # dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta) inside the clamp, 0 where it is active;
-            # with zeta + gamma = 1, (z - gamma)(zeta - z) = z (1 - z) - gamma zeta: two fused kernels, in place
-            gw = torch.mul(grad, w)
-            grad_la = torch.ops.aten.sigmoid_backward(gw, z)  # gw * z * (1 - z)
-            grad_la.add_(gw, alpha=-GAMMA * ZETA)
-            del gw
+            # with zeta + gamma = 1, (z - gamma)(zeta - z) = z (1 - z) - gamma zeta: fused kernels, in place
+            scratch = torch.mul(grad, w)
+            grad_la = torch.ops.aten.sigmoid_backward(scratch, z)  # grad * w * z * (1 - z)
+            grad_la.add_(scratch, alpha=-GAMMA * ZETA)
             torch.ops.aten.hardtanh_backward.grad_input(grad_la, z, 0.0, 1.0, grad_input=grad_la)
             grad_la.div_(_STRETCH * ctx.beta)
-        grad_w = grad * z if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[1] and grad_count is not None:
+            p = torch.add(log_alpha, _shift(ctx.beta), out=scratch).sigmoid_()  # reuses the scratch buffer
+            torch.ops.aten.sigmoid_backward.grad_input(grad_count.to(p.dtype), p, grad_input=p)  # g p (1 - p)
+            grad_la = p if grad_la is None else grad_la.add_(p)
+        grad_w = grad * z if ctx.needs_input_grad[0] and grad is not None else None
         return grad_w, grad_la, None
 
 
 def gated_mul(w: Tensor, log_alpha: Tensor, beta: float = BETA) -> Tensor:
     """``w * z`` with a fresh hard-concrete sample ``z`` per entry of ``log_alpha`` (same shape as ``w``)."""
-    return _GatedMul.apply(w, log_alpha, beta)
+    return _GatedMul.apply(w, log_alpha, beta)[0]
+
+
+class _Kept:
+    """A tensor tied to one forward (a sample, an expected count), never deep-copied or saved."""
+
+    __slots__ = ("value", "seen", "version")
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+        self.seen: set[int] = set()
+        self.version = -1
+
+    def __deepcopy__(self, memo: dict) -> _Kept:
+        return _Kept()
 
 
 class GatedWeight(SparseParametrization):
     """One hard-concrete gate per weight: ``w * z`` (a sample in train mode, the median gate in eval mode).
+
+    A training forward also computes the expected number of open gates; :meth:`expected_count` returns it
+    (differentiable) until ``log_alpha`` changes, so the penalty costs no second pass over the gates.
 
     Args:
         like: the weight (gives shape, dtype and device of ``log_alpha``).
@@ -158,31 +202,29 @@ class GatedWeight(SparseParametrization):
         super().__init__()
         self.beta = beta
         self.log_alpha = nn.Parameter(init_log_alpha(tuple(like.shape), droprate_init, like))
+        self._count = _Kept()
 
     def forward(self, original: Tensor) -> Tensor:
-        if self.training:
-            return gated_mul(original, self.log_alpha, self.beta)
-        return original * eval_gates(self.log_alpha, self.beta)
+        if not self.training:
+            return original * eval_gates(self.log_alpha, self.beta)
+        out, count = _GatedMul.apply(original, self.log_alpha, self.beta)
+        if count.requires_grad:
+            self._count.value, self._count.version = count, self.log_alpha._version
+        return out
+
+    def expected_count(self) -> Tensor:
+        """``sum(P(z != 0))`` (differentiable), from this step's forward when it ran with gradients."""
+        kept = self._count
+        if kept.value is not None and kept.version == self.log_alpha._version and torch.is_grad_enabled():
+            value, kept.value = kept.value, None  # used once: a second call recomputes
+            return value
+        return expected_count(self.log_alpha, self.beta)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.log_alpha.shape)}, beta={self.beta:.4g}"
 
 
 # -- channel gates shared by a group ------------------------------------------------------------------------------
-class _Sample:
-    """The current stochastic sample of a channel gate and the members that used it (never deep-copied)."""
-
-    __slots__ = ("z", "seen", "version")
-
-    def __init__(self) -> None:
-        self.z: Tensor | None = None
-        self.seen: set[int] = set()
-        self.version = -1
-
-    def __deepcopy__(self, memo: dict) -> _Sample:
-        return _Sample()
-
-
 class ChannelGate(nn.Module):
     """One hard-concrete gate per channel of a channel group, shared by every tensor of the group.
 
@@ -197,7 +239,7 @@ class ChannelGate(nn.Module):
         super().__init__()
         self.beta = beta
         self.log_alpha = nn.Parameter(init_log_alpha((size,), droprate_init, like))
-        self._sample = _Sample()
+        self._sample = _Kept()
         self._members = 0
 
     def new_member(self) -> int:
@@ -211,18 +253,37 @@ class ChannelGate(nn.Module):
             return eval_gates(self.log_alpha, self.beta)
         s = self._sample
         stale = (
-            s.z is None
+            s.value is None
             or member in s.seen
             or s.version != self.log_alpha._version
-            or (torch.is_grad_enabled() and self.log_alpha.requires_grad and not s.z.requires_grad)
+            or (torch.is_grad_enabled() and self.log_alpha.requires_grad and not s.value.requires_grad)
         )
         if stale:
-            s.z, s.seen, s.version = sample_gates(self.log_alpha, self.beta), set(), self.log_alpha._version
+            s.value, s.seen, s.version = sample_gates(self.log_alpha, self.beta), set(), self.log_alpha._version
         s.seen.add(member)
-        return s.z
+        return s.value
 
     def extra_repr(self) -> str:
         return f"channels={self.log_alpha.numel()}, beta={self.beta:.4g}"
+
+
+class _RowScale(torch.autograd.Function):
+    """``w * z[:, None, ...]`` for a weight with rows ``w[c]``; ``dz`` by one batched dot product per row."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(w, z)
+        return w * _along(z, 0, w.dim())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        w, z = ctx.saved_tensors
+        grad_w = grad * _along(z, 0, w.dim()) if ctx.needs_input_grad[0] else None
+        grad_z = None
+        if ctx.needs_input_grad[1]:
+            c = w.shape[0]
+            grad_z = torch.bmm(grad.reshape(c, 1, -1), w.reshape(c, -1, 1)).view(c)  # no full-size temporary
+        return grad_w, grad_z
 
 
 def _along(v: Tensor, dim: int, ndim: int) -> Tensor:
@@ -287,8 +348,12 @@ class ChannelGated(SparseParametrization):
         """``x`` scaled by gate values ``z`` along dim 0 and by the 0/1 input mask ``keep_in`` along dim 1."""
         if z is not None:
             z = z.to(x.dtype)
-            per_channel_param = x.shape[0] != z.numel() and x.numel() == z.numel()  # e.g. a (1, C, 1, 1) scale
-            x = x * (z.view(x.shape) if per_channel_param else _along(z, 0, x.dim()))
+            if x.shape[0] != z.numel() and x.numel() == z.numel():  # a per-channel parameter, e.g. (1, C, 1, 1)
+                x = x * z.view(x.shape)
+            elif x.dim() >= 2 and x.numel() > x.shape[0]:
+                x = _RowScale.apply(x, z)
+            else:
+                x = x * z
         if keep_in is not None and x.dim() >= 2:
             x = x * _along(keep_in.to(x.dtype), 1, x.dim())
         return x
