@@ -113,18 +113,19 @@ def test_imagefolder_data_trains(capsys, tmp_path):
             for i in range(count):
                 shade = 40 if label == "cat" else 210
                 Image.new("RGB", (40, 40), (shade, i * 20, 90)).save(folder / f"{i}.png")
-    argv = ["train", "--model", "timm:resnet18", "--data", f"imagefolder:{tmp_path / 'images'}", "--method",
+    argv = ["train", "--model", "timm:test_resnet", "--data", f"imagefolder:{tmp_path / 'images'}", "--method",
             "magnitude", "--target", "0.5", "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--out",
             tmp_path / "run"]  # fmt: skip
     code, out, err = run(capsys, *argv)
     assert code == 0, err
     sp = sw.load(tmp_path / "run" / "last.safetensors")
-    assert sp.model.fc.out_features == 2 and sp.step_count == 3  # 12 images / 4
+    assert sp.model.get_classifier().out_features == 2 and sp.step_count == 3  # 12 images / 4
     assert sp.report().exported == pytest.approx(0.5, abs=1e-6)
 
 
 def test_demo_writes_table_and_figure(capsys, tmp_path):
-    code, out, err = run(capsys, "demo", "--limit", "256", "--epochs", "1", "--out", tmp_path / "demo")
+    code, out, err = run(capsys, "demo", "--limit", "256", "--test-limit", "500", "--epochs", "1", "--out",
+                         tmp_path / "demo")  # fmt: skip
     assert code == 0, err
     text = " ".join(out.split())
     for row in ("test accuracy", "parameters", "MACs / image", "CPU latency"):

@@ -243,6 +243,7 @@ def demo_cmd(
     dense_epochs: Annotated[int, typer.Option(help="Epochs of dense training first.")] = 1,
     method: Annotated[str | None, typer.Option(help="Method (default: the demo's).")] = None,
     limit: Annotated[int, typer.Option(help="Training images per epoch (MNIST has 60,000).")] = 20_000,
+    test_limit: Annotated[int | None, typer.Option(help="Test images to evaluate on (default: all 10,000).")] = None,
     out: Annotated[Path, typer.Option(help="Where the checkpoint, exported model and figure go.")] = Path("runs/demo"),
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 1,
 ) -> None:
@@ -255,7 +256,7 @@ def demo_cmd(
 
     if threads > 0:  # LeNet-5's layers are too small to gain from more threads; on a busy machine they lose a lot
         torch.set_num_threads(threads)
-    config = DemoConfig(epochs=epochs, dense_epochs=dense_epochs, train_limit=limit, out=out)
+    config = DemoConfig(epochs=epochs, dense_epochs=dense_epochs, train_limit=limit, test_limit=test_limit, out=out)
     if method is not None:
         config.method = method
     result = run_demo(config, RichProgress(console), lambda text: console.print(f"[bold cyan]{text}"))
