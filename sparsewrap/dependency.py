@@ -76,6 +76,8 @@ class ChannelGroup:
         companions: ``(module, param)`` per-channel parameters zeroed with the channel (biases, norm affine).
         consumers: modules that read these channels on their input (weight dim 1).
         reasons: why the group is not exact or cannot be purged (empty when it can).
+        blocked: which channels the reasons concern (bool per channel): an op that sees only a slice of the
+            group pins that slice, the other channels may still be removed. ``None`` until the walk finishes.
     """
 
     size: int
@@ -83,6 +85,7 @@ class ChannelGroup:
     companions: list[tuple[str, str]] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    blocked: Tensor | None = None
 
     @property
     def exact(self) -> bool:
@@ -135,6 +138,7 @@ class Walker(FunctionVisitor):
         self.groups: list[ChannelGroup] = []
         self.uses: list[Use] = []
         self.aliases: list[tuple[tuple[Seg, ...], tuple[Seg, ...]]] = []
+        self.pinned: list[tuple[int, int, int]] = []  # (space, lo, hi) channel ranges a reason concerns
         self.state: dict[fx.Node, object] = {}
 
     # -- union-find over spaces ------------------------------------------------------------------------------
@@ -160,6 +164,7 @@ class Walker(FunctionVisitor):
         self.parent[rb] = ra
         if ga.size != gb.size:
             ga.reasons.append(f"{what} joins spaces of {ga.size} and {gb.size} channels")
+            self.pinned += [(ra, 0, max(ga.size, gb.size))]
         ga.producers += gb.producers
         ga.companions += gb.companions
         ga.consumers += gb.consumers
@@ -191,6 +196,7 @@ class Walker(FunctionVisitor):
             for s in st.segs:
                 if s.space is not None:
                     self.group(s.space).reasons.append(reason)
+                    self.pinned.append((s.space, s.lo, s.hi))
         elif isinstance(st, (list, tuple)):
             for x in st:
                 self.block(x, reason)
@@ -234,6 +240,10 @@ class Walker(FunctionVisitor):
         groups = [self.groups[r] for r in roots]
         for g in groups:
             g.reasons = list(dict.fromkeys(g.reasons))
+            g.blocked = torch.zeros(g.size, dtype=torch.bool)
+        for space, lo, hi in self.pinned:
+            groups[index[self.find(space)]].blocked[lo:hi] = True
+
         def resolve(segs: tuple[Seg, ...]) -> tuple[Seg, ...]:
             return tuple(Seg(None if s.space is None else index[self.find(s.space)], s.lo, s.hi, s.rep) for s in segs)
 

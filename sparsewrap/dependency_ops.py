@@ -277,6 +277,11 @@ class FunctionVisitor:
             return [x.with_(axis=axis, ndim=ndim) for _ in meta]
         if name == "unbind":
             return self.refuse(node, x, target)
+        widths = [m.shape[x.axis] for m in meta]
+        if name != "chunk" or len(set(widths)) != 1:
+            self.block(x, f"{node.name}: splits the channel axis at fixed sizes (they would not follow a purge)")
+            return None
+        self.use("", "chunk", x, groups=len(widths))  # chunk(n) stays aligned if every piece keeps as many
         outs, pos = [], 0
         for m in meta:
             width = m.shape[x.axis]
@@ -309,11 +314,8 @@ class FunctionVisitor:
         ndim = len(out_shape) if out_shape is not None else None
         if kept is None:
             return st.with_(axis=axis, ndim=ndim)
-        segs = self.cut(st, *kept)
-        if segs is None:
-            self.block(st, f"{node.name}: slicing cuts through a flattened channel")
-            return None
-        return st.with_(segs=segs, axis=axis, ndim=ndim, zero=st.zero[kept[0] : kept[1]])
+        self.block(st, f"{node.name}: slices the channel axis at fixed bounds (they would not follow a purge)")
+        return None
 
     # -- binary ops ------------------------------------------------------------------------------------------
     def binary(self, node: fx.Node, target: Any) -> State | None:

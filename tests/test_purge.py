@@ -321,3 +321,39 @@ def test_channels_tied_across_layouts_go_only_when_zero_on_every_side() -> None:
     assert (small.a.out_channels, small.b.out_channels, small.short.out_channels) == (3, 3, 6)
     torch.testing.assert_close(small.out.weight, model.out.weight[:, [0, 2, 3, 4, 5, 6]])
     assert rel_err(run(model, x), run(small, x)) <= 1e-12
+
+
+class Glu(nn.Module):
+    """chunk(2) into value and gate halves: a value channel and its gate go together, so the halves stay equal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.c = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.a(x).chunk(2, dim=1)
+        return self.c(value * torch.sigmoid(gate))
+
+
+class FixedSplit(Glu):
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.a(x).split([4, 4], dim=1)  # literal sizes: they would not follow a purge
+        return self.c(value * torch.sigmoid(gate))
+
+
+def test_chunk_keeps_pieces_equal_and_a_fixed_split_stays_dense() -> None:
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    model = Glu().double().eval()
+    with torch.no_grad():
+        model.a.weight[[1, 2]] = 0  # value channels 1 and 2: their gates (5, 6) are not needed either
+        model.a.bias[[1, 2]] = 0
+    small = purge(model, x).model
+    assert small.a.out_channels == 4 and small.c.in_channels == 2
+    torch.testing.assert_close(small.a.weight, model.a.weight[[0, 3, 4, 7]])
+    assert rel_err(run(model, x), run(small, x)) <= 1e-12
+    fixed = FixedSplit().double().eval()
+    fixed.load_state_dict(model.state_dict())
+    result = purge(fixed, x)
+    assert result.model.a.out_channels == 8
+    assert "fixed sizes" in next(u for u in result.report.units if u.name == "a").reason

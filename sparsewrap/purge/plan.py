@@ -36,6 +36,13 @@ class Unit:
     members: tuple[int, ...] = ()  # groups accepted together (tied by aliases)
 
 
+def _blocked(g) -> Tensor:
+    """Channels the analysis pins (all of them if it gave reasons without saying which channels)."""
+    if g.blocked is not None and (bool(g.blocked.any()) or not g.reasons):
+        return g.blocked.clone()
+    return torch.full((g.size,), bool(g.reasons), dtype=torch.bool)
+
+
 def _role_key(u: Use) -> str:
     return f"param:{u.param}:{u.dim}" if u.role == "param" else u.role
 
@@ -50,10 +57,11 @@ class Planner:
         self.round_to = max(1, int(round_to))
         self.modules = dict(model.named_modules())
         self.reasons: dict[int, list[str]] = {i: list(g.reasons) for i, g in enumerate(self.groups)}
+        self.blocked = {i: _blocked(g) for i, g in enumerate(self.groups)}
         self._colzero: dict[str, Tensor] = {}
         self._refuse_shared_uses()
         self.dead = {i: self._dead(i) for i in range(len(self.groups))}
-        self.removable = {i: self._removable(i) for i in range(len(self.groups)) if not self.reasons[i]}
+        self.removable = {i: self._removable(i) & ~self.blocked[i] for i in range(len(self.groups))}
         self.classes, self.components = self._alias_classes(analysis.aliases)
         self.heads = self._dead_heads()
 
@@ -62,11 +70,14 @@ class Planner:
         for s in u.segs:
             if s.space is not None:
                 self.reasons[s.space].append(reason)
+                self.blocked[s.space][s.lo : s.hi] = True
 
     def _refuse_shared_uses(self) -> None:
         counts = Counter((u.module, _role_key(u)) for u in self.uses)
         shared = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
         for u in self.uses:
+            if u.role == "chunk":
+                continue
             module = self.modules.get(u.module)
             if module is None:
                 self._refuse(u, f"{u.module}: module not found")
@@ -268,6 +279,7 @@ class Planner:
             if u.role in ("in", "out") and u.groups > 1:
                 convs[u.module][u.role] = u
         norms = [u for u in self.uses if u.role == "norm" and u.groups > 1]
+        chunks = [u for u in self.uses if u.role == "chunk"]
         for _ in range(10_000):
             changed = self._round(keep)
             for name, io in convs.items():
@@ -277,6 +289,10 @@ class Planner:
                 m = self.mask(u.segs, keep)
                 whole = m.reshape(u.groups, -1).any(1, keepdim=True).expand(u.groups, m.numel() // u.groups)
                 changed |= self._grow(u.segs, keep, whole.reshape(-1))
+            for u in chunks:  # every piece of a chunk(n) keeps the same number of channels
+                m = self.mask(u.segs, keep).reshape(u.groups, -1)
+                rows = torch.ones(u.groups, dtype=torch.bool)
+                changed |= self._grow(u.segs, keep, self._pad_rows(m, rows, int(m.sum(1).max())).reshape(-1))
             for cls in self.classes:
                 if any(g not in keep or bool(keep[g][c]) for g, c in cls):
                     for g, c in cls:
@@ -291,7 +307,7 @@ class Planner:
         """``{module: {role: kept indices}}`` for the accepted groups and head units."""
         out: Ops = defaultdict(dict)
         for u in self.uses:
-            if not any(s.space in keep for s in u.segs):
+            if u.role == "chunk" or not any(s.space in keep for s in u.segs):
                 continue
             m = self.mask(u.segs, keep)
             if bool(m.all()):
