@@ -1,0 +1,191 @@
+"""Training overhead of sparsification: median train-step time of the sparsified model over the dense model.
+
+Both models are built from the same initialisation and stepped in the same process, interleaved (dense,
+sparse, sparse, dense, ...), so that machine noise (other processes, frequency scaling, allocator warm-up)
+hits both alike. A step is forward + cross-entropy + backward + SGD(momentum) step (+ ``sp.penalty()`` and
+``sp.step()`` for the sparse model), on one fixed random batch so that no data loading is timed.
+
+    python bench/overhead.py                       # all models x all rows, writes results/overhead.json
+    python bench/overhead.py --models resnet18 --rows magnitude --steps 30
+    python bench/overhead.py --device cuda
+    python bench/overhead.py --threads 1 --clock cpu   # process CPU time: stable on a busy machine
+
+Goal for the mask parametrization (``magnitude``): at most 1.05x dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsewrap as sw
+from sparsewrap.fileio import write_atomic
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (name, timm architecture, image size, batch)
+MODELS: list[tuple[str, str, int, int]] = [
+    ("resnet18", "resnet18", 32, 64),
+    ("vit_tiny", "vit_tiny_patch16_224", 224, 16),
+]
+# (row id, sparsify keyword arguments incl. method); add a row per method
+METHOD_ROWS: list[tuple[str, dict[str, Any]]] = [
+    ("magnitude", dict(method="magnitude", target=0.9)),
+    ("magnitude-channel", dict(method="magnitude", target=0.5, granularity="channel")),
+]
+GOAL = 1.05  # for rows using the mask parametrization
+MASKED_ROWS = {"magnitude", "magnitude-channel"}
+
+
+@dataclass
+class Result:
+    model: str
+    row: str
+    input: list[int]
+    dense_ms: float
+    sparse_ms: float
+    ratio: float  # median sparse / median dense
+    paired_ratio: float  # median over repeats of sparse / dense measured back to back
+    steps: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stepper:
+    """One model, its optimizer and (for the sparse one) its Sparsifier; :meth:`__call__` times one step."""
+
+    def __init__(self, model: nn.Module, sp: sw.Sparsifier | None, device: torch.device, clock: str) -> None:
+        self.model, self.sp, self.device = model.to(device).train(), sp, device
+        self.clock = time.process_time if clock == "cpu" else time.perf_counter
+        params = sp.param_groups(lr=0.01) if sp is not None else [{"params": list(model.parameters()), "lr": 0.01}]
+        self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        _sync(self.device)
+        start = self.clock()
+        loss = F.cross_entropy(self.model(x), y)
+        if self.sp is not None:
+            loss = loss + self.sp.penalty()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.sp is not None:
+            self.sp.step()
+        _sync(self.device)
+        return self.clock() - start
+
+
+def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any], steps: int, warmup: int,
+            device: torch.device, clock: str) -> tuple[list[float], list[float]]:  # fmt: skip
+    """Interleaved step times (seconds) of the dense and the sparsified model."""
+    torch.manual_seed(0)
+    dense_model = timm.create_model(arch, pretrained=False, num_classes=10)
+    sparse_model = timm.create_model(arch, pretrained=False, num_classes=10)
+    sparse_model.load_state_dict(dense_model.state_dict())
+    options = dict(kwargs)
+    sp = sw.sparsify(sparse_model, options.pop("method"), **options)
+    dense, sparse = Stepper(dense_model, None, device, clock), Stepper(sparse_model, sp, device, clock)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    for _ in range(warmup):
+        dense(x, y), sparse(x, y)
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(steps):
+        order = (dense, sparse) if i % 2 == 0 else (sparse, dense)  # ABBA: neither always runs first
+        for stepper in order:
+            times[stepper is sparse].append(stepper(x, y))
+    return times
+
+
+def run_one(name: str, arch: str, size: int, batch: int, row: str, kwargs: dict[str, Any], steps: int, warmup: int,
+            device: torch.device, clock: str) -> Result:  # fmt: skip
+    dense, sparse = measure(arch, size, batch, kwargs, steps, warmup, device, clock)
+    d, s = statistics.median(dense), statistics.median(sparse)
+    paired = statistics.median(b / a for a, b in zip(dense, sparse))
+    return Result(name, row, [batch, 3, size, size], d * 1e3, s * 1e3, s / d, paired, steps)
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def render(results: list[Result]) -> str:
+    lines = [f"{'model':<10} {'row':<20} {'input':<16} {'dense ms':>9} {'sparse ms':>10} {'ratio':>7} {'paired':>7}"]
+    for r in results:
+        flag = "  > goal" if r.row in MASKED_ROWS and r.ratio > GOAL else ""
+        lines.append(f"{r.model:<10} {r.row:<20} {'x'.join(map(str, r.input)):<16} {r.dense_ms:9.1f} "
+                     f"{r.sparse_ms:10.1f} {r.ratio:7.3f} {r.paired_ratio:7.3f}{flag}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=[m[0] for m in MODELS], help="subset of: %(default)s")
+    ap.add_argument("--rows", nargs="*", default=[r[0] for r in METHOD_ROWS], help="subset of: %(default)s")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per model (each)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: perf_counter; cpu: process CPU time (use with --threads 1 on a shared machine)",
+    )
+    ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = dict(METHOD_ROWS)
+    unknown = sorted(set(args.rows) - set(rows)) + sorted(set(args.models) - {m[0] for m in MODELS})
+    if unknown:
+        ap.error(f"unknown model or row {unknown}; models: {[m[0] for m in MODELS]}, rows: {list(rows)}")
+    results = []
+    for name, arch, size, batch in [m for m in MODELS if m[0] in args.models]:
+        for row in [r for r in rows if r in args.rows]:
+            results.append(
+                run_one(name, arch, size, batch, row, rows[row], args.steps, args.warmup, device, args.clock)
+            )
+            print(render(results[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(render(results))
+    record = {
+        "goal_masked": GOAL,
+        "device": str(device),
+        "clock": args.clock,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "commit": _commit(),
+        "results": [asdict(r) for r in results],
+    }
+    text = json.dumps(record, indent=2)
+    write_atomic(args.out, lambda tmp: tmp.write_text(text + "\n"))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
