@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -286,3 +287,111 @@ def test_bad_options_raise_clear_errors_and_leave_the_model_untouched(row_id: st
     sw.sparsify(model, method, **kwargs)  # the model is still usable
     with pytest.raises(ConfigError, match=r"MLP is already sparsified; export it first"):
         sw.sparsify(model, method, **kwargs)
+
+
+# -- the controller and the registry, for every row --------------------------------------------------------------
+@rows
+def test_density_is_one_minus_the_target(row_id: str) -> None:
+    method, kwargs = _row(row_id)
+    target = kwargs.pop("target")
+    sp = sw.sparsify(_build("mlp"), method, density=1.0 - target, **kwargs)
+    assert sp.method.requested_sparsity() == pytest.approx(target)
+    assert sp.spec.target == pytest.approx(target)
+
+
+@rows
+def test_param_groups_take_overrides_and_refuse_unknown_groups(row_id: str) -> None:
+    sp = _sparsify("mlp", row_id)
+    groups = sp.param_groups(lr=0.1, weight_decay=5e-4, weights={"momentum": 0.9})
+    weights = groups[0]
+    assert weights["lr"] == 0.1 and weights["weight_decay"] == 5e-4 and weights["momentum"] == 0.9
+    assert all(g["lr"] is not None for g in groups)
+    torch.optim.AdamW(sp.param_groups(lr=1e-3))  # ready for any optimizer
+    listed = ", ".join(repr(n) for n in sorted(g["name"] for g in sp.param_groups()))
+    with pytest.raises(ConfigError, match=r"param_groups: no group named 'nope'; groups: " + re.escape(listed)):
+        sp.param_groups(nope={"lr": 1.0})
+    with pytest.raises(ConfigError, match=r"learning rate of group 'weights' is -1.0; it must be >= 0"):
+        sp.param_groups(lr=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(target=True), r"target=True is outside \(0, 1\)"),
+        (dict(target=float("nan")), r"target=nan is outside \(0, 1\)"),
+        (dict(target=0), r"target=0 is outside \(0, 1\)"),
+        (
+            dict(density=1.0),
+            r"density=1.0 is outside \(0, 1\); density is the fraction of targeted weights that are kept",
+        ),
+        (dict(target={}), r"target= is an empty dict"),
+        (dict(target={"fc1": 2.0}), r"target\['fc1'\]=2.0 is outside \(0, 1\)"),
+        (dict(), r"method 'magnitude' needs target= \(sparsity in \(0, 1\)\) or density="),
+    ],
+)
+def test_targets_are_validated_up_front(kwargs: dict, match: str) -> None:
+    model = _build("mlp")
+    with pytest.raises(ConfigError, match=match):
+        sw.sparsify(model, "magnitude", **kwargs)
+    assert not list(wrapped_tensors(model))
+
+
+def test_unknown_method_lists_the_registered_ones() -> None:
+    with pytest.raises(sw.UnknownNameError, match=r"unknown method 'magnitud'; registered methods: .*'magnitude'"):
+        sw.sparsify(_build("mlp"), "magnitud", target=0.5)
+    with pytest.raises(KeyError):
+        sw.sparsify(_build("mlp"), "magnitud", target=0.5)
+    with pytest.raises(ConfigError, match=r"model must be an nn.Module, got str"):
+        sw.sparsify("resnet18", "magnitude", target=0.5)
+
+
+@dataclass
+class _EveryOtherConfig:
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.offset not in (0, 1):
+            raise ConfigError(f"offset={self.offset!r} must be 0 or 1")
+
+
+class _EveryOther(sw.Method):
+    """A third-party method: prunes every other weight (a fixed pattern), through the public extension points."""
+
+    name = "test-every-other"
+    description = "Every other weight (test method)."
+    Config = _EveryOtherConfig
+
+    def attach(self) -> None:
+        from sparsewrap.parametrizations import Masked, attach
+
+        for t in self.targets:
+            mask = attach(t.module, "weight", Masked(t.shape, t.original)).mask
+            mask.view(-1)[self.config.offset :: 2] = 0
+
+
+def test_a_third_party_method_registers_and_runs_end_to_end(monkeypatch) -> None:
+    from sparsewrap.methods import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # leave the global registry as it was
+    assert sw.register_method(_EveryOther) is _EveryOther
+    assert sw.list_methods()["test-every-other"] == "Every other weight (test method)."
+    with pytest.raises(ConfigError, match=r"a method named 'test-every-other' is already registered"):
+        sw.register_method(_EveryOther)
+    with pytest.raises(ConfigError, match=r"offset=2 must be 0 or 1"):
+        sw.sparsify(_build("mlp"), "test-every-other", target=0.5, offset=2)
+    sp = sw.sparsify(_build("mlp"), "test-every-other", target=0.5, offset=1)
+    plain = sw.export(sp)
+    assert (plain.fc1.weight.view(-1)[1::2] == 0).all() and (plain.fc1.weight.view(-1)[0::2] != 0).all()
+    assert sp.report().exported == pytest.approx(0.5)
+
+
+def test_register_method_refuses_bad_classes(monkeypatch) -> None:
+    from sparsewrap.methods import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    nameless = type("Nameless", (sw.Method,), {"Config": _EveryOtherConfig})
+    with pytest.raises(ConfigError, match=r"Nameless needs a non-empty class attribute 'name'"):
+        sw.register_method(nameless)
+    plain_config = type("PlainConfig", (sw.Method,), {"name": "test-plain", "Config": dict})
+    with pytest.raises(ConfigError, match=r"PlainConfig.Config must be a dataclass"):
+        sw.register_method(plain_config)
