@@ -93,9 +93,9 @@ class ModuleVisitor:
                     g.companions.append((name, "bias"))
         if self.real:
             w = module.weight.detach()
-            zero = ~(w != 0).reshape(w.shape[0], -1).any(1) | x.zero
+            zero = ~(w != 0).reshape(w.shape[0], -1).any(1).cpu() | x.zero
             if module.bias is not None:
-                zero = zero & (module.bias.detach() == 0)
+                zero = zero & (module.bias.detach() == 0).cpu()
         else:
             zero = self.ones(x.width) if single else x.zero & (module.bias is None)
         self.use(name, "dw", x, zero=zero)
@@ -111,7 +111,7 @@ class ModuleVisitor:
                 nz = nz & alive
             zero = ~nz.any(1)
             if module.bias is not None:
-                zero = zero & (module.bias.detach() == 0)
+                zero = zero & (module.bias.detach() == 0).cpu()
         return zero.cpu()
 
     def visit_norm(self, node: fx.Node, name: str, module: nn.Module, x: State) -> State | None:

@@ -149,8 +149,10 @@ def relative_error(ref: Sequence[Tensor], out: Sequence[Tensor]) -> float:
 
 
 def default_tolerance(model: nn.Module) -> float:
+    """Relative output error accepted by verification: a few thousand ulps of the model's dtype."""
     p = next(model.parameters(), None)
-    return 1e-9 if p is not None and p.dtype == torch.float64 else 1e-4
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
 
 
 def apply_plan(model: nn.Module, ops: Ops) -> nn.Module:
