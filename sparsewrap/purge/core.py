@@ -304,8 +304,9 @@ def _purge(model: nn.Module, inputs: tuple, round_to: int, tol: float, start: fl
     try:
         analysis, ref = _analyse(model, inputs)
         planner = Planner(model, analysis, round_to)
-    except TraceError as exc:
-        report = PurgeReport(before, before, trace_error=str(exc), seconds=time.perf_counter() - start)
+    except Exception as exc:  # untraceable, or an analysis bug: never a crash, the model stays as it is
+        why = str(exc) if isinstance(exc, TraceError) else f"channel analysis failed: {type(exc).__name__}: {exc}"
+        report = PurgeReport(before, before, trace_error=why, seconds=time.perf_counter() - start)
         return PurgeResult(copy.deepcopy(model), {}, report)
     trial = _Trial(model, planner, inputs, ref, tol)
     units = planner.units()
