@@ -234,3 +234,50 @@ def test_a_loaded_model_trains_and_exports(tmp_path: Path) -> None:
     sp2.model.eval()
     torch.testing.assert_close(fresh.eval()(x), sp2.model(x))
     assert F.mse_loss(fresh(x), sp2.model(x)) == 0
+
+
+# -- recipes -------------------------------------------------------------------------------------------------------
+def test_recipe_parse_and_its_errors() -> None:
+    assert ModelRecipe.parse("timm:resnet18", num_classes=3) == ModelRecipe("timm", "resnet18", {"num_classes": 3})
+    assert ModelRecipe.parse("sparsewrap.models:lenet5").source == "factory"
+    for bad in ("resnet18", ":lenet5", "sparsewrap.models:"):
+        with pytest.raises(
+            ConfigError, match=f"model {bad!r} is not understood; accepted forms: 'timm:<architecture>'"
+        ):
+            ModelRecipe.parse(bad)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("timm:resnet_nope", r"timm has no architecture 'resnet_nope'"),
+        ("sparsewrap.nope:f", r"cannot import factory 'sparsewrap.nope:f'"),
+        ("sparsewrap.models:nope", r"cannot import factory 'sparsewrap.models:nope'"),
+        ("sparsewrap.recipe:recipe_for", r"factory 'sparsewrap.recipe:recipe_for' returned NoneType, not an nn.Module"),
+    ],
+)
+def test_create_model_errors_name_the_spec(spec: str, match: str) -> None:
+    kwargs = {"model": nn.Linear(2, 2)} if spec.endswith("recipe_for") else {}
+    with pytest.raises(ConfigError, match=match):
+        sw.create_model(spec, **kwargs)
+
+
+def test_default_input_shapes() -> None:
+    assert ModelRecipe("timm", "resnet18").default_input_shape() == [3, 224, 224]
+    assert ModelRecipe("timm", "resnet18", {"in_chans": 1}).default_input_shape() == [1, 224, 224]
+    assert ModelRecipe("timm", "vit_tiny_patch16_224", {"img_size": 64}).default_input_shape() == [3, 64, 64]
+    assert ModelRecipe("factory", "sparsewrap.models:lenet5").default_input_shape() is None
+    assert ModelRecipe("factory", "x:y", input_shape=[1, 28, 28]).default_input_shape() == [1, 28, 28]
+
+
+def test_a_broken_recipe_in_a_checkpoint_is_a_checkpoint_error(tmp_path: Path) -> None:
+    sp = sw.sparsify(lenet(), "magnitude", target=0.5)
+    path = sw.save(sp, tmp_path / "l.safetensors", recipe=ModelRecipe("factory", "sparsewrap.gone:lenet5"))
+    with pytest.raises(CheckpointError, match=r"cannot rebuild the model from its recipe: cannot import factory"):
+        sw.load(path)
+
+
+def lenet() -> nn.Module:
+    from sparsewrap.models import lenet5
+
+    return lenet5()
