@@ -24,6 +24,7 @@ a new sample when a member asks for a second time, i.e. when the next forward st
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -39,18 +40,37 @@ if abs(ZETA + GAMMA - 1.0) > 1e-12:  # the fused backward below relies on it
 
 
 # -- the reference math (plain autograd; the fused paths are tested against these) ---------------------------
+_CHUNK = 1 << 20  # uniforms per independently seeded NumPy stream
+
+
+def _fill_chunks(flat: np.ndarray, base: int, chunks: range) -> None:
+    for i in chunks:
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([base, i])))
+        rng.random(out=flat[i * _CHUNK : (i + 1) * _CHUNK], dtype=flat.dtype)
+
+
 def uniform_noise(like: Tensor) -> Tensor:
     """``u = eps + (1 - 2 eps) U(0, 1)``, fresh, with ``like``'s shape, dtype and device.
 
-    On the CPU the uniforms come from NumPy's PCG64 (several times faster than torch's Mersenne twister on one
-    core), seeded by one draw from torch's default generator, so ``torch.manual_seed`` still fixes them.
+    On the CPU the uniforms come from NumPy's PCG64, several times faster than torch's Mersenne twister and
+    run on ``torch.get_num_threads()`` threads (NumPy releases the GIL): one stream per chunk of 2^20 values,
+    all seeded by one draw from torch's default generator, so ``torch.manual_seed`` fixes them whatever the
+    thread count. Elsewhere (CUDA) torch's own generator is used.
     """
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
-    kind = {torch.float32: np.float32, torch.float64: np.float64}.get(out.dtype)
-    if out.device.type != "cpu" or kind is None or out.numel() < 4096:
+    if out.device.type != "cpu" or out.dtype not in (torch.float32, torch.float64) or out.numel() < 4096:
         return out.uniform_(EPS, 1.0 - EPS)
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    np.random.Generator(np.random.PCG64(seed)).random(out=out.numpy().reshape(-1), dtype=kind)
+    base = int(torch.randint(0, 2**62, (1,)).item())
+    flat = out.numpy().reshape(-1)
+    n_chunks = -(-flat.size // _CHUNK)
+    workers = max(1, min(torch.get_num_threads(), n_chunks))
+    threads = [threading.Thread(target=_fill_chunks, args=(flat, base, range(k, n_chunks, workers)))
+               for k in range(1, workers)]  # fmt: skip
+    for t in threads:
+        t.start()
+    _fill_chunks(flat, base, range(0, n_chunks, workers))
+    for t in threads:
+        t.join()
     return out.mul_(1.0 - 2.0 * EPS).add_(EPS)
 
 
