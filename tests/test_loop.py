@@ -162,6 +162,22 @@ def test_cosine_schedule_decays_the_weights_group_only(mnist):
     assert history.records[1].lr == pytest.approx(0.0, abs=1e-12)
 
 
+def test_checkpoint_holds_the_optimizer_groups_and_state(mnist, tmp_path):
+    from sparsewrap.checkpoint import read_extra
+
+    train, _ = loaders(mnist, batch=256)
+    torch.manual_seed(0)
+    sp = sw.sparsify(DropMLP(), "l0", target=0.7, granularity="channel")
+    sw.fit(sp, train, epochs=1, lr=2e-3, weight_decay=1e-4, groups={"gates": {"lr": 0.25}}, out=tmp_path)
+    saved = read_extra(tmp_path / "last.safetensors")
+    groups = {g["name"]: g for g in saved["optimizer"]["param_groups"]}
+    assert (groups["weights"]["lr"], groups["weights"]["weight_decay"]) == (2e-3, 1e-4)
+    assert (groups["gates"]["lr"], groups["gates"]["weight_decay"]) == (0.25, 0.0)
+    steps = {float(v["step"]) for v in saved["optimizer"]["state"].values()}
+    assert steps == {4.0}  # Adam's per-parameter step counters, as tensors in the safetensors file
+    assert saved["loop"]["epoch"] == 1 and saved["loop"]["step"] == 4 and saved["losses"].shape == (2, 4)
+
+
 def test_plain_model_trains_but_cannot_checkpoint(mnist, tmp_path):
     train, test = loaders(mnist, batch=128)
     torch.manual_seed(0)
