@@ -302,7 +302,8 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
         loss_fn: ``loss_fn(outputs, targets)`` averaged over the batch; default cross-entropy.
         device: move the model there first (ignored under ``torchrun``: each rank uses its own device).
         out: directory for ``last.safetensors``, written atomically after every epoch and when stopped.
-        resume: continue the run saved in ``out`` (a missing checkpoint starts afresh, with a warning).
+        resume: continue the run saved in ``out`` (a missing checkpoint starts afresh, with a warning); the
+            optimizer's saved state and settings (learning rates included) replace the ones given here.
         overwrite: allow starting a new run over a directory that holds another checkpoint.
         seed: seed every generator first (rank ``r`` uses ``seed + r``); a resumed run restores its RNGs.
         clip_grad_norm: clip the gradients' global norm to this value.
