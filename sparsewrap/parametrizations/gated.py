@@ -11,9 +11,11 @@ Hard concrete with stretch limits ``gamma = -0.1``, ``zeta = 1.1`` and temperatu
 The eval gate divides by ``beta`` as in Gallego-Posada et al. 2022 (the gate is open when
 ``log_alpha > beta * log(1/11) = -1.5986``); fractional eval gates are kept and folded into the weights.
 
-Per-weight gates use a fused autograd function: the noise buffer becomes the gate sample in place, and the
-backward needs only the weight and the sample (``dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta)``
-inside the clamp), so a train step allocates no full-size temporary beyond the sample and the gated weight.
+Per-weight gates use a fused autograd function: the noise buffer becomes the gate sample in place (NumPy's
+PCG64 on the CPU, seeded from torch's generator), the expected L0 count is a second output whose gradient joins
+the gate gradient in one buffer, and the backward needs only the weight, the sample and ``log_alpha``
+(``dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta)`` inside the clamp, computed with fused
+in-place kernels), so a train step keeps no full-size temporary beyond the sample and the gated weight.
 
 Channel gates (:class:`ChannelGate`) are shared by every tensor of a channel group: the producers' weights
 (dim 0), their biases and the BatchNorm affine terms after them (the role of the paper's L0BatchNorm), so a
@@ -287,25 +289,6 @@ class ChannelGate(nn.Module):
         return f"channels={self.log_alpha.numel()}, beta={self.beta:.4g}"
 
 
-class _RowScale(torch.autograd.Function):
-    """``w * z[:, None, ...]`` for a weight with rows ``w[c]``; ``dz`` by one batched dot product per row."""
-
-    @staticmethod
-    def forward(ctx, w: Tensor, z: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(w, z)
-        return w * _along(z, 0, w.dim())
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
-        w, z = ctx.saved_tensors
-        grad_w = grad * _along(z, 0, w.dim()) if ctx.needs_input_grad[0] else None
-        grad_z = None
-        if ctx.needs_input_grad[1]:
-            c = w.shape[0]
-            grad_z = torch.bmm(grad.reshape(c, 1, -1), w.reshape(c, -1, 1)).view(c)  # no full-size temporary
-        return grad_w, grad_z
-
-
 def _along(v: Tensor, dim: int, ndim: int) -> Tensor:
     shape = [1] * ndim
     shape[dim] = -1
@@ -368,12 +351,8 @@ class ChannelGated(SparseParametrization):
         """``x`` scaled by gate values ``z`` along dim 0 and by the 0/1 input mask ``keep_in`` along dim 1."""
         if z is not None:
             z = z.to(x.dtype)
-            if x.shape[0] != z.numel() and x.numel() == z.numel():  # a per-channel parameter, e.g. (1, C, 1, 1)
-                x = x * z.view(x.shape)
-            elif x.dim() >= 2 and x.numel() > x.shape[0]:
-                x = _RowScale.apply(x, z)
-            else:
-                x = x * z
+            per_channel_param = x.shape[0] != z.numel() and x.numel() == z.numel()  # e.g. a (1, C, 1, 1) scale
+            x = x * (z.view(x.shape) if per_channel_param else _along(z, 0, x.dim()))
         if keep_in is not None and x.dim() >= 2:
             x = x * _along(keep_in.to(x.dtype), 1, x.dim())
         return x
