@@ -69,7 +69,13 @@ def test_closed_channel_is_exactly_zero_after_batchnorm():
         model(x)
         assert feats["bn1"][:, 0::2].abs().max() == 0.0  # zero after BN, so zero for every consumer
         assert feats["bn1"][:, 1::2].abs().max() > 0.0
-    assert model.bn1.running_mean[0::2].abs().max() == 0.0  # the batch statistics of a zero channel are zero
+    # conv1 feeds only bn1, which carries the gate (z * BN(x)); conv1's rows are just masked at eval and export
+    assert model.conv1.parametrizations.weight[0].mask_only and not model.fc.parametrizations.weight[0].mask_only
+    plain = sw.export(sp)
+    assert (plain.conv1.weight[0::2] == 0).all() and (plain.conv1.bias[0::2] == 0).all()
+    z = torch.clamp(torch.sigmoid(gate.log_alpha.detach()[1::2] * 1.5) * 1.2 - 0.1, 0, 1)
+    torch.testing.assert_close(plain.conv1.weight[1::2], model.conv1.parametrizations.weight.original[1::2])
+    torch.testing.assert_close(plain.bn1.weight[1::2], model.bn1.parametrizations.weight.original[1::2] * z)
     # flatten -> Linear is analysed with the input shape: conv2's channels are gated and fc reads them
     assert model.fc.parametrizations.weight[0].in_segs[0][3] == 4  # 4 positions per channel after the flatten
     assert not sp.report().notes

@@ -311,7 +311,7 @@ class L0(Method):
             if not isinstance(p, ChannelGated):
                 continue
             original = module.parametrizations[tname].original
-            zo = z[p.out_gate] if p.out_gate is not None else None
+            zo = (keep if p.mask_only else z)[p.out_gate] if p.out_gate is not None else None
             ki = p.input_keep(keep) if p.in_segs else None
             out[(mname, tname)] = p.apply_gates(original, zo, ki).detach().clone()
         self._record(self._spent(keep0), self._spent(keep))

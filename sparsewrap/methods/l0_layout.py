@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -166,13 +167,15 @@ def _gateable(modules: dict[str, nn.Module], group: ChannelGroup) -> str:
     return ""
 
 
-def _analysis(model: nn.Module, graph: ModelGraph, input_shape: Sequence[int] | None) -> tuple[ChannelAnalysis, bool]:
-    """Channel analysis, with shapes when an input shape is known (flatten -> Linear needs them)."""
+def _analysis(
+    model: nn.Module, graph: ModelGraph, input_shape: Sequence[int] | None
+) -> tuple[ChannelAnalysis, fx.GraphModule, bool]:
+    """Channel analysis (with its graph), with shapes when an input shape is known (flatten -> Linear needs them)."""
     if input_shape is None:
         size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")  # timm models know theirs
         input_shape = list(size) if isinstance(size, (list, tuple)) else None
     if input_shape is None:
-        return analyse_channels(model, graph.graph), False
+        return analyse_channels(model, graph.graph), graph.graph, False
     gm = symbolic_trace(model)  # a fresh graph: the shapes are written into its nodes
     p = next(model.parameters())
     was_training = model.training
@@ -183,10 +186,10 @@ def _analysis(model: nn.Module, graph: ModelGraph, input_shape: Sequence[int] | 
     except Exception as exc:  # the graph did not run on that shape: analyse without shapes
         warnings.warn(f"shape propagation at input_shape={list(input_shape)} failed ({exc}); flatten -> Linear "
                       "channels stay ungated", stacklevel=4)  # fmt: skip
-        return analyse_channels(model, graph.graph), False
+        return analyse_channels(model, graph.graph), graph.graph, False
     finally:
         model.train(was_training)
-    return analyse_channels(model, gm), True
+    return analyse_channels(model, gm), gm, True
 
 
 def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Target], droprate_init: float,
@@ -197,7 +200,7 @@ def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Targ
         TraceError: if the model could not be traced (channel groups unknown).
     """
     graph.require_traced("granularity='channel'")
-    analysis, shaped = _analysis(model, graph, input_shape)
+    analysis, gm, shaped = _analysis(model, graph, input_shape)
     modules = dict(model.named_modules())
     by_name = {t.name: t for t in targets}
     plan = ChannelPlan({}, {}, [], {}, [])
@@ -231,13 +234,16 @@ def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Targ
             plan.notes.append(f"{name} reads gated channels but {why}: its dead input slices are not counted")
             continue
         plan.in_segs[name] = segs
+    gated_companions = {c for i in gate_of for c in analysis.groups[i].companions}
+    normalized = _normalized(gm, modules, set(plan.out_gates), gated_companions)
     owned: set[ChannelGate] = set()
     for t in targets:
         out, segs = plan.out_gates.get(t.name), plan.in_segs.get(t.name, ())
         if out is None and not segs:
             plan.notes.append(f"{t.name}: no gated channel group on its output or input; left dense, not a target")
             continue
-        attach(t.module, "weight", ChannelGated(out, segs, owner=out is not None and out not in owned))
+        own = out is not None and out not in owned
+        attach(t.module, "weight", ChannelGated(out, segs, owner=own, mask_only=t.name in normalized))
         owned.add(out)
     done: set[tuple[str, str]] = set()
     for index, gate in gate_of.items():
@@ -245,8 +251,36 @@ def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Targ
             if (mname, tname) in done or getattr(modules[mname], tname, None) is None:
                 continue
             done.add((mname, tname))
-            attach(modules[mname], tname, ChannelGated(gate))
+            attach(modules[mname], tname, ChannelGated(gate, mask_only=mname in normalized))
     return plan
+
+
+def _normalized(gm: fx.GraphModule, modules: dict[str, nn.Module], producers: set[str],
+                companions: set[tuple[str, str]]) -> set[str]:  # fmt: skip
+    """Gated producers whose only use is a BatchNorm whose affine terms are gated by the same channel gate.
+
+    BatchNorm removes any per-channel scale of its input, so for these layers the gate acts through the
+    BatchNorm's weight and bias (``z * BN(x)``, the L0BatchNorm of the paper) and the layer's own rows (and
+    bias) are only masked (0/1) by the eval gate: the same function, without scaling full weight tensors.
+    """
+    out: set[str] = set()
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append(node)
+    for name in producers:
+        nodes = calls.get(name, [])
+        if len(nodes) != 1 or len(nodes[0].users) != 1:
+            continue
+        user = next(iter(nodes[0].users))
+        bn = modules.get(str(user.target)) if user.op == "call_module" else None
+        if (
+            isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            and len(calls.get(str(user.target), [])) == 1
+            and {(str(user.target), "weight"), (str(user.target), "bias")} <= companions
+        ):
+            out.add(name)
+    return out
 
 
 def channel_scores(plan: ChannelPlan, modules: dict[str, nn.Module]) -> dict[ChannelGate, Tensor]:

@@ -308,18 +308,24 @@ class ChannelGated(SparseParametrization):
     inputs that are not gated. Those inputs are already exactly zero when their gate is closed, so the input
     mask only matters for counting and export; it is applied in eval mode only, as a 0/1 mask.
 
+    With ``mask_only`` dim 0 is multiplied by the 0/1 eval keep-mask only (identity in train mode): for a layer
+    followed by a BatchNorm that carries the gate, whose normalization would cancel any scale anyway.
+
     Args:
         out_gate: gate of dim 0, or ``None``.
         in_segs: layout of the input dimension (empty: no input mask).
         owner: whether this parametrization holds ``out_gate`` in its ``state_dict`` (exactly one per gate).
+        mask_only: scale dim 0 by the keep-mask (eval) instead of the gate.
     """
 
-    def __init__(self, out_gate: ChannelGate | None, in_segs: tuple[InSeg, ...] = (), owner: bool = False) -> None:
+    def __init__(self, out_gate: ChannelGate | None, in_segs: tuple[InSeg, ...] = (), owner: bool = False,
+                 mask_only: bool = False) -> None:  # fmt: skip
         super().__init__()
         if owner and out_gate is not None:
             self.gate = out_gate
         self._gates = (out_gate, tuple(in_segs))  # a tuple: not registered, so a shared gate is saved once
-        self.member = out_gate.new_member() if out_gate is not None else 0
+        self.mask_only = bool(mask_only)
+        self.member = out_gate.new_member() if out_gate is not None and not mask_only else 0
 
     @property
     def out_gate(self) -> ChannelGate | None:
@@ -331,7 +337,11 @@ class ChannelGated(SparseParametrization):
 
     def forward(self, original: Tensor) -> Tensor:
         out_gate, in_segs = self._gates
-        z = out_gate.gates(self.member, self.training) if out_gate is not None else None
+        z = None
+        if out_gate is not None and not self.mask_only:
+            z = out_gate.gates(self.member, self.training)
+        elif out_gate is not None and not self.training:
+            z = out_gate.gates(0, False) > 0
         keep = None
         if in_segs and not self.training:
             keep = self.input_keep({g: g.gates(0, False) > 0 for g, *_ in in_segs if g is not None})
