@@ -357,3 +357,15 @@ def test_chunk_keeps_pieces_equal_and_a_fixed_split_stays_dense() -> None:
     result = purge(fixed, x)
     assert result.model.a.out_channels == 8
     assert "fixed sizes" in next(u for u in result.report.units if u.name == "a").reason
+
+
+def test_an_analysis_failure_returns_the_model_unchanged_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self, *args, **kwargs) -> None:
+        raise IndexError("boom")
+
+    monkeypatch.setattr(Planner, "__init__", broken)
+    model = ZOO["mlp"][0]().eval()
+    x = torch.randn(2, 12)
+    result = purge(model, x)
+    assert not result.report.changed and "analysis failed: IndexError: boom" in result.report.trace_error
+    assert torch.equal(run(result.model, x)[0], run(model, x)[0])
