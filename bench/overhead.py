@@ -121,6 +121,15 @@ def run_one(name: str, arch: str, size: int, batch: int, row: str, kwargs: dict[
     return Result(name, row, [batch, 3, size, size], d * 1e3, s * 1e3, s / d, paired, steps)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+        return names[0] if names else platform.machine()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def _commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -174,7 +183,7 @@ def main() -> None:
         "goal_masked": GOAL,
         "device": str(device),
         "clock": args.clock,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
