@@ -21,6 +21,7 @@ from sparsewrap.parametrizations.gated import (
     ZETA,
     ChannelGate,
     ChannelGated,
+    _GatedMul,
     eval_gates,
     expected_count,
     gated_mul,
@@ -127,6 +128,27 @@ def test_fused_gate_equals_reference_formula_and_gradients():
     torch.testing.assert_close(grads[0], w.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads[1], la.grad, rtol=1e-12, atol=1e-12)
     assert bool((grads[1] == 0).any()) and bool((grads[1] != 0).any())  # clamped samples pass no gradient
+
+
+def test_fused_gate_with_its_expected_count_output():
+    torch.manual_seed(3)
+    w = torch.randn(64, 70, dtype=torch.float64, requires_grad=True)
+    la = (3 * torch.randn(64, 70, dtype=torch.float64)).clamp(-12, 12).requires_grad_()
+    g = torch.randn(64, 70, dtype=torch.float64)
+    torch.manual_seed(9)
+    out, count = _GatedMul.apply(w, la, BETA)
+    ((out * g).sum() + 3.0 * count).backward()
+    grads = w.grad.clone(), la.grad.clone()
+    w.grad = la.grad = None
+    torch.manual_seed(9)
+    ref = w * sample_gates(la)
+    ((ref * g).sum() + 3.0 * prob_nonzero(la).sum()).backward()
+    assert count.item() == pytest.approx(prob_nonzero(la).sum().item(), rel=1e-13)
+    torch.testing.assert_close(grads[0], w.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[1], la.grad, rtol=1e-12, atol=1e-12)
+    la.grad = None
+    _GatedMul.apply(w, la, BETA)[1].backward()  # the count alone
+    torch.testing.assert_close(la.grad, prob_nonzero(la) * (1 - prob_nonzero(la)))
 
 
 def test_fused_gate_in_float32_stays_within_rounding():

@@ -152,7 +152,7 @@ def _shift(beta: float) -> float:
 class _GatedMul(torch.autograd.Function):
     """``(w * z, sum P(z != 0))`` with ``z`` a fresh hard-concrete sample, differentiated by hand.
 
-    The noise buffer becomes ``z`` in place; the backward needs only ``w``, ``z`` and ``log_alpha``. The expected
+    The noise buffer becomes ``z`` in place; the backward needs only ``w``, ``z`` and ``P(z != 0)``. The expected
     count is a second output so that its gradient joins the gate gradient in the same buffer. It is the
     unclamped ``sum(sigmoid(log_alpha + shift))``, equal to :func:`prob_nonzero`'s sum while ``|log_alpha| <= 12``
     (where the ``eps`` clamp cannot bind); the L0 method keeps ``log_alpha`` in that range.
@@ -163,28 +163,31 @@ class _GatedMul(torch.autograd.Function):
         z = uniform_noise(log_alpha).logit_()  # logistic noise log u - log(1 - u)
         z.add_(log_alpha).div_(beta).sigmoid_()
         torch.add(torch.tensor(GAMMA, dtype=z.dtype), z, alpha=_STRETCH, out=z).clamp_(0.0, 1.0)
-        count = torch.add(log_alpha, _shift(beta)).sigmoid_().sum()
-        ctx.save_for_backward(w, z, log_alpha)
+        p = torch.add(log_alpha, _shift(beta)).sigmoid_()
+        count = p.sum()
+        ctx.save_for_backward(w, z, p)
         ctx.beta = beta
         ctx.set_materialize_grads(False)
         return w * z, count
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, grad_count: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        w, z, log_alpha = ctx.saved_tensors
+        w, z, p = ctx.saved_tensors
         grad_la, scratch = None, None
         if ctx.needs_input_grad[1] and grad is not None:
             # dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta) inside the clamp, 0 where it is active;
             # with zeta + gamma = 1, (z - gamma)(zeta - z) = z (1 - z) - gamma zeta: fused kernels, in place
-            scratch = torch.mul(grad, w)
-            grad_la = torch.ops.aten.sigmoid_backward(scratch, z)  # grad * w * z * (1 - z)
+            scale = torch.zeros((), dtype=grad.dtype, device=grad.device)
+            scratch = torch.addcmul(scale, grad, w, value=1.0 / (_STRETCH * ctx.beta))
+            grad_la = torch.ops.aten.sigmoid_backward(scratch, z)  # scratch * z * (1 - z)
             grad_la.add_(scratch, alpha=-GAMMA * ZETA)
             torch.ops.aten.hardtanh_backward.grad_input(grad_la, z, 0.0, 1.0, grad_input=grad_la)
-            grad_la.div_(_STRETCH * ctx.beta)
         if ctx.needs_input_grad[1] and grad_count is not None:
-            p = torch.add(log_alpha, _shift(ctx.beta), out=scratch).sigmoid_()  # reuses the scratch buffer
-            torch.ops.aten.sigmoid_backward.grad_input(grad_count.to(p.dtype), p, grad_input=p)  # g p (1 - p)
-            grad_la = p if grad_la is None else grad_la.add_(p)
+            g = grad_count.to(p.dtype)
+            if scratch is None:
+                grad_la = torch.ops.aten.sigmoid_backward(g, p)  # g p (1 - p)
+            else:
+                grad_la.add_(torch.ops.aten.sigmoid_backward.grad_input(g, p, grad_input=scratch))
         grad_w = grad * z if ctx.needs_input_grad[0] and grad is not None else None
         return grad_w, grad_la, None
 
