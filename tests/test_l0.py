@@ -184,6 +184,11 @@ def test_layerwise_targets_leave_unmatched_layers_alone():
     assert not parametrize.is_parametrized(model.fc1)
 
 
+def test_layerwise_pattern_on_ungateable_layers():
+    with pytest.raises(NoTargetsError, match="'attn.qkv' matches no targeted layer that can be channel-gated"):
+        sw.sparsify(ZOO["vit_block"][0](), "l0", target={"attn.qkv": 0.5, "fc*": 0.5}, granularity="channel")
+
+
 def test_penalized_mode():
     torch.manual_seed(0)
     model = TwoLayer()

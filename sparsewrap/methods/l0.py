@@ -111,6 +111,14 @@ class L0(Method):
 
     # -- set-up -----------------------------------------------------------------------------------------------
     def attach(self) -> None:
+        """Attach the gates, set up the constraints and check that the target is reachable.
+
+        Raises:
+            ConfigError: for ``target`` and ``lmbda`` together (or neither), or a target below the floor the
+                ``log_alpha`` clamp allows.
+            NoTargetsError: for a layer-wise pattern matching no (gateable) layer, or no gateable layer at all.
+            TraceError: for ``granularity="channel"`` on a model that could not be traced.
+        """
         cfg = self.config
         if cfg.lmbda is not None and self.target is not None:
             raise ConfigError(
@@ -141,6 +149,7 @@ class L0(Method):
                     "use granularity='weight'"
                 )
             self.targets[:] = [t for t in self.targets if t.name in gated]  # the others are not sparsified at all
+            constraint_of, self.densities = self._constraints()  # a layer-wise pattern may now match nothing
             self.layers = [self._channel_layer(t, constraint_of[t.name], costs[t.name]) for t in self.targets]
         self.totals = [0.0] * len(self.densities)
         for layer in self.layers:
@@ -165,9 +174,10 @@ class L0(Method):
         for pattern, fn, _s in matchers:
             if not any(fn(t.name, t.module) for t in self.targets):
                 names = ", ".join(t.name for t in self.targets[:4]) + (", ..." if len(self.targets) > 4 else "")
+                gran = " that can be channel-gated" if self.config.granularity == "channel" else ""
                 raise NoTargetsError(
-                    f"layer-wise target pattern {pattern!r} matches no targeted layer; layers are named like {names} "
-                    "(globs match the full name; use 're:<regex>' for a regular expression)"
+                    f"layer-wise target pattern {pattern!r} matches no targeted layer{gran}; layers are named like "
+                    f"{names} (globs match the full name; use 're:<regex>' for a regular expression)"
                 )
         constraint_of, densities = {}, []
         for t in self.targets:
