@@ -45,6 +45,8 @@ MODELS: list[tuple[str, str, int, int]] = [
 METHOD_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("magnitude", dict(method="magnitude", target=0.9)),
     ("magnitude-channel", dict(method="magnitude", target=0.5, granularity="channel")),
+    ("l0", dict(method="l0", target=0.9)),  # goal 1.3x
+    ("l0-channel", dict(method="l0", target=0.5, granularity="channel")),  # goal 1.05x
 ]
 GOAL = 1.05  # for rows using the mask parametrization
 MASKED_ROWS = {"magnitude", "magnitude-channel"}
