@@ -256,3 +256,19 @@ def test_state_dict_round_trip_restores_the_schedule_position() -> None:
     sp.step()
     sp2.step()
     assert keep(fresh, "a") == keep(model, "a") and keep(fresh, "b") == keep(model, "b")
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "erk"])
+def test_layer_wise_channel_allocations_stay_within_one_channel_of_each_quota(allocation: str) -> None:
+    from sparsewrap.allocation import layer_sparsities
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
+    sp = sw.sparsify(model, "magnitude", target=0.5, granularity="channel", allocation=allocation)
+    shapes = [t.shape for t in sp.targets]
+    quotas = [s * shape[0] for s, shape in zip(layer_sparsities(allocation, shapes, 0.5), shapes)]
+    dropped = [int(_zero_rows(t.module.weight.detach()).sum()) for t in sp.targets]
+    assert all(abs(d - q) < 1 for d, q in zip(dropped, quotas)), (dropped, quotas)
+    total = sum(t.numel for t in sp.targets)
+    removed = sum(d * t.fan_in for d, t in zip(dropped, sp.targets))
+    assert abs(removed - 0.5 * total) <= max(t.fan_in for t in sp.targets) / 2  # and overall within one channel

@@ -187,7 +187,8 @@ class Magnitude(Method):
         order = sorted(range(len(quotas)), key=lambda i: quotas[i] - math.floor(quotas[i]), reverse=True)
         for i in order:
             unit = self.units[i]
-            if counts[i] < unit.size - 1 and removed + unit.row_numel / 2 < goal:
+            # at most its quota rounded up: a layer-wise allocation stays layer-wise (within one channel)
+            if counts[i] < min(math.ceil(quotas[i]), unit.size - 1) and removed + unit.row_numel / 2 < goal:
                 counts[i] += 1
                 removed += unit.row_numel
         done = [int((u.weights[0][1].mask == 0).sum()) for u in self.units]
