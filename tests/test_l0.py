@@ -340,3 +340,18 @@ def test_module_count_stays_small():
     sp = sw.sparsify(model, "l0", target=0.5, granularity="channel")
     assert len(sp.method.plan.gates) == 2  # one gate per gated group, shared by its tensors
     assert sum(p.numel() for p in sp.method.gate_parameters()) == 16
+
+
+def test_top_k_selection_is_exact_with_ties():
+    from sparsewrap.methods.l0_projection import _top_k, top_by_cost
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 4, (200,)).double()  # many ties
+    for k in (0, 1, 37, 150, 200):
+        ref = torch.zeros(200, dtype=torch.bool)
+        ref[torch.argsort(x, descending=True, stable=True)[:k]] = True
+        assert torch.equal(_top_k(x, k), ref)
+    # different costs per layer: the highest scores whose summed cost is closest to the budget
+    a, b = torch.tensor([5.0, 1.0, 3.0]), torch.tensor([4.0, 2.0])
+    keep_a, keep_b = top_by_cost([a, b], [1.0, 10.0], budget=12.0)  # 5 (1), 4 (10), then 3 (1) -> 12
+    assert keep_a.tolist() == [True, False, True] and keep_b.tolist() == [True, False]

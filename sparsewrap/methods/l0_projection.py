@@ -30,18 +30,29 @@ def top_by_cost(scores: list[Tensor], costs: list[float], budget: float) -> list
     """Keep-masks selecting the highest scores whose summed cost is closest to ``budget``."""
     sizes = [s.numel() for s in scores]
     flat = torch.cat([s.reshape(-1) for s in scores])
-    order = torch.argsort(flat, descending=True, stable=True)  # exact in float64 (the tie-breaks are ~1e-9)
     if len(set(costs)) == 1:
-        j = min(max(round(budget / costs[0]), 0), flat.numel())
-    else:
-        cost = torch.cat([torch.full((n,), float(c), dtype=torch.float64) for n, c in zip(sizes, costs)])
-        cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(cost[order.cpu()], 0)])
-        j = min(int(torch.searchsorted(cum, torch.tensor([budget], dtype=torch.float64)).item()), cum.numel() - 1)
-        if j > 0 and abs(cum[j - 1] - budget) <= abs(cum[j] - budget):
-            j -= 1
+        keep = _top_k(flat, min(max(round(budget / costs[0]), 0), flat.numel()))
+        return [k.view_as(s) for k, s in zip(keep.split(sizes), scores)]
+    order = torch.argsort(flat, descending=True, stable=True)  # exact in float64 (the tie-breaks are ~1e-9)
+    cost = torch.cat([torch.full((n,), float(c), dtype=torch.float64) for n, c in zip(sizes, costs)])
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(cost[order.cpu()], 0)])
+    j = min(int(torch.searchsorted(cum, torch.tensor([budget], dtype=torch.float64)).item()), cum.numel() - 1)
+    if j > 0 and abs(cum[j - 1] - budget) <= abs(cum[j] - budget):
+        j -= 1
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[order[:j]] = True
     return [k.view_as(s) for k, s in zip(keep.split(sizes), scores)]
+
+
+def _top_k(flat: Tensor, k: int) -> Tensor:
+    """Keep-mask of exactly the ``k`` highest scores (ties: lower index first), in O(n) and in the scores' dtype."""
+    n = flat.numel()
+    if k <= 0 or k >= n:
+        return torch.full_like(flat, k >= n, dtype=torch.bool)
+    thr = flat.kthvalue(n - k + 1).values  # the k-th largest
+    keep = flat > thr
+    ties = flat == thr
+    return keep | (ties & (torch.cumsum(ties.to(torch.int64), 0) <= k - int(keep.sum())))
 
 
 class ChannelProjection:
