@@ -163,7 +163,9 @@ def read_extra(path: str | os.PathLike) -> dict[str, Any]:
     return _join_state(header.get("extra") or {}, extra_tensors)
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> Sparsifier:
+def load(
+    path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+) -> Sparsifier:
     """Rebuild a sparsified model and its controller from :func:`save`'s file.
 
     Args:

@@ -74,7 +74,9 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: 
         values = {}
         for tname, plist in module.parametrizations.items():
             if not all(isinstance(p, SparseParametrization) for p in plist):
-                raise ConfigError(f"{mname}.{tname} mixes sparsewrap and other parametrizations; remove the others first")
+                raise ConfigError(
+                    f"{mname}.{tname} mixes sparsewrap and other parametrizations; remove the others first"
+                )
             values[tname] = (baked[(mname, tname)], plist.original)
         module.__class__ = type(module).__bases__[0]
         del module._modules["parametrizations"]

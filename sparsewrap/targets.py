@@ -96,7 +96,9 @@ def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
     return {k: sorted(set(v)) for k, v in owners.items() if len(set(v)) > 1}
 
 
-def select_targets(model: nn.Module, graph: ModelGraph, include: Patterns = None, exclude: Patterns = None) -> list[Target]:
+def select_targets(
+    model: nn.Module, graph: ModelGraph, include: Patterns = None, exclude: Patterns = None
+) -> list[Target]:
     """Pick the layers to sparsify, in execution order.
 
     By default every Conv1d/2d/3d and Linear layer except the classifier head. ``include`` and ``exclude``

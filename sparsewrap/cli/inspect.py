@@ -43,7 +43,9 @@ def render_report(report, title: str) -> Table:
 
 
 @app.command("report")
-def report_cmd(checkpoint: Path = typer.Argument(..., help="A checkpoint written by sparsewrap.save / train.")) -> None:
+def report_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by sparsewrap.save / train."),  # noqa: B008
+) -> None:
     """Per-layer shape, params, nonzeros and sparsity; totals; requested vs achieved."""
     from ..checkpoint import load
 
