@@ -57,7 +57,8 @@ def run(name: str, target: float, args: argparse.Namespace, data: dict) -> dict:
     dense_params = sum(p.numel() for p in model.parameters())
     dense_macs = total_macs(model, INPUT)
     sp = sw.sparsify(model, "l0", target=target, granularity=args.granularity, input_shape=list(INPUT),
-                     dual_lr=args.dual_lr, droprate_init=args.droprate_init)  # fmt: skip
+                     dual_lr=args.dual_lr, droprate_init=args.droprate_init,
+                     log_alpha_max=args.log_alpha_max)  # fmt: skip
     opt = torch.optim.Adam(sp.param_groups(lr=args.lr, gates={"lr": args.gate_lr}))
     xtr, ytr = data["train"]
     gen = torch.Generator().manual_seed(args.seed)
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--gate-lr", type=float, default=0.05)
     ap.add_argument("--dual-lr", type=float, default=5e-3)
     ap.add_argument("--droprate-init", type=float, default=0.5)
+    ap.add_argument("--log-alpha-max", type=float, default=math.log(100.0))
     ap.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP stalls on a busy machine")
