@@ -56,9 +56,10 @@ def run(name: str, target: float, args: argparse.Namespace, data: dict) -> dict:
     model = MODELS[name]()
     dense_params = sum(p.numel() for p in model.parameters())
     dense_macs = total_macs(model, INPUT)
-    sp = sw.sparsify(model, "l0", target=target, granularity=args.granularity, input_shape=list(INPUT),
-                     dual_lr=args.dual_lr, droprate_init=args.droprate_init,
-                     log_alpha_max=args.log_alpha_max)  # fmt: skip
+    options = {
+        k: getattr(args, k) for k in ("dual_lr", "droprate_init", "log_alpha_max") if getattr(args, k) is not None
+    }
+    sp = sw.sparsify(model, "l0", target=target, granularity=args.granularity, input_shape=list(INPUT), **options)
     opt = torch.optim.Adam(sp.param_groups(lr=args.lr, gates={"lr": args.gate_lr}))
     xtr, ytr = data["train"]
     gen = torch.Generator().manual_seed(args.seed)
@@ -91,6 +92,7 @@ def run(name: str, target: float, args: argparse.Namespace, data: dict) -> dict:
         "test error % (purged)": error_rate(purged, *data["test"]),
         "params % (purged)": 100.0 * sum(p.numel() for p in purged.parameters()) / dense_params,
         "MACs % (purged)": 100.0 * total_macs(purged, INPUT) / dense_macs,
+        "options": sp.spec.options,
         "epochs": args.epochs,
         "train seconds": round(train_s, 1),
         "curve": curve,
@@ -109,7 +111,9 @@ def table(rows: list[dict]) -> str:
         )
     lines.append("paper (200 epochs, 5 seeds, model-wise): density / L0 % / params % / MACs % / error %")
     for name, p in PAPER.items():
-        lines.append(f"  {name:8} {p['target density']:.2f} / {p['L0 %']} / {p['params %']} / {p['MACs %']} / {p['error %']}")
+        lines.append(
+            f"  {name:8} {p['target density']:.2f} / {p['L0 %']} / {p['params %']} / {p['MACs %']} / {p['error %']}"
+        )
     return "\n".join(lines)
 
 
@@ -122,9 +126,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--gate-lr", type=float, default=0.05)
-    ap.add_argument("--dual-lr", type=float, default=5e-3)
-    ap.add_argument("--droprate-init", type=float, default=0.5)
-    ap.add_argument("--log-alpha-max", type=float, default=math.log(100.0))
+    ap.add_argument("--dual-lr", type=float, default=None, help="default: the method's")
+    ap.add_argument("--droprate-init", type=float, default=None, help="default: the method's")
+    ap.add_argument("--log-alpha-max", type=float, default=None, help="default: the method's")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP stalls on a busy machine")

@@ -267,7 +267,9 @@ def test_save_load_restores_multipliers_and_resumes_identically(tmp_path):
         (dict(target=0.5, gate_lr=-0.1), ConfigError, "gate_lr=-0.1"),
         (dict(target=0.5, dual_lr=-1.0), ConfigError, "dual_lr=-1.0"),
         (dict(target={"nothing*": 0.5}), NoTargetsError, "'nothing\\*' matches no targeted layer"),
-        (dict(target=0.97), ConfigError, "cannot go below 0.0471"),
+        (dict(target=0.97, log_alpha_max=math.log(100)), ConfigError, "cannot go below 0.0471"),
+        (dict(target=0.996), ConfigError, "cannot go below 0.0049"),  # the default clamp, log(1000)
+        (dict(target=0.5, log_alpha_max=13.0), ConfigError, "log_alpha_max=13.0"),
         (dict(target=0.5, granularity="row"), ConfigError, "granularity='row'"),
         (dict(target=0.5, budget="macs"), ConfigError, "needs input_shape"),
         (dict(target=0.5, droprate_init=1.0), ConfigError, "droprate_init"),
@@ -288,9 +290,10 @@ def test_negative_learning_rate_in_param_groups():
 def test_channel_floor_counts_the_cascade():
     p = 1 / (1 + math.exp(math.log(100) - SHIFT))  # P(z != 0) at the clamp's floor
     floor = (384 * p + 768 * p * p) / 1152  # fc1 by its own gates; fc2 by its own and fc1's
+    kw = dict(granularity="channel", log_alpha_max=math.log(100))
     with pytest.raises(ConfigError, match=f"cannot go below {floor:.4f}"):
-        sw.sparsify(ZOO["mlp"][0](), "l0", target=0.99, granularity="channel")
-    sw.sparsify(ZOO["mlp"][0](), "l0", target=1 - floor - 1e-3, granularity="channel")  # just above: accepted
+        sw.sparsify(ZOO["mlp"][0](), "l0", target=0.99, **kw)
+    sw.sparsify(ZOO["mlp"][0](), "l0", target=1 - floor - 1e-3, **kw)  # just above: accepted
 
 
 # -- timm smoke ---------------------------------------------------------------------------------------------------

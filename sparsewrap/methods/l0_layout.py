@@ -284,12 +284,29 @@ def _normalized(gm: fx.GraphModule, modules: dict[str, nn.Module], producers: se
 
 
 def channel_scores(plan: ChannelPlan, modules: dict[str, nn.Module]) -> dict[ChannelGate, Tensor]:
-    """Ranking score of every channel: ``log_alpha``, ties (clamped gates) broken by the rows' mean ``|w|``."""
-    out = {}
+    """Ranking score of every channel: ``log_alpha``; ties (gates at the clamp) are broken by the channel's
+    weight magnitude: the mean ``|w|`` of its producer rows times that of its consumer columns (when targeted)."""
+
+    def zeros(gate: ChannelGate) -> Tensor:
+        return torch.zeros(gate.log_alpha.numel(), dtype=torch.float64, device=gate.log_alpha.device)
+
+    rows = {g: zeros(g) for g in plan.gates}
+    cols = {g: zeros(g) for g in plan.gates}
     for gate in plan.gates:
-        mag = torch.zeros(gate.log_alpha.numel(), dtype=torch.float64, device=gate.log_alpha.device)
         for name in plan.producers[gate]:
             w = modules[name].parametrizations.weight.original.detach()
-            mag += w.abs().reshape(w.shape[0], -1).mean(1).double()
+            rows[gate] += w.abs().reshape(w.shape[0], -1).mean(1).double()
+    for name, segs in plan.in_segs.items():
+        w = modules[name].parametrizations.weight.original.detach().abs().double()
+        col = w.transpose(0, 1).reshape(w.shape[1], -1).mean(1)  # one value per input column
+        start = 0
+        for gate, lo, hi, rep in segs:
+            width = (hi - lo) * rep
+            if gate is not None:
+                cols[gate][lo:hi] += col[start : start + width].view(hi - lo, rep).mean(1)
+            start += width
+    out = {}
+    for gate in plan.gates:
+        mag = rows[gate] * (cols[gate] if bool((cols[gate] > 0).any()) else 1.0)
         out[gate] = gate.log_alpha.detach().double() + 1e-9 * mag / mag.max().clamp_min(1e-30)
     return out
