@@ -358,3 +358,15 @@ def test_top_k_selection_is_exact_with_ties():
     a, b = torch.tensor([5.0, 1.0, 3.0]), torch.tensor([4.0, 2.0])
     keep_a, keep_b = top_by_cost([a, b], [1.0, 10.0], budget=12.0)  # 5 (1), 4 (10), then 3 (1) -> 12
     assert keep_a.tolist() == [True, False, True] and keep_b.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_small_droprate_init_starts_at_the_identity(granularity):
+    torch.manual_seed(0)
+    dense = ZOO["resnet_tiny"][0]()
+    model = ZOO["resnet_tiny"][0]()
+    model.load_state_dict(dense.state_dict())
+    sw.sparsify(model, "l0", target=0.5, granularity=granularity, droprate_init=0.15)
+    x = torch.randn(2, 3, 8, 8)
+    dense.eval(), model.eval()
+    torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)  # every eval gate is exactly 1
