@@ -96,16 +96,7 @@ def shrink_linear(module: nn.Linear, ops: dict[str, Tensor]) -> None:
     unknown = set(ops) - {"out", "in"}
     if unknown:
         raise ShrinkError(f"Linear has no role {sorted(unknown)}; valid: 'in', 'out'")
-    if "out" in ops:
-        idx = _check(ops["out"], module.out_features, "Linear out")
-        _set(module, "weight", _rows(module.weight, idx))
-        if module.bias is not None:
-            _set(module, "bias", _rows(module.bias, idx))
-        module.out_features = idx.numel()
-    if "in" in ops:
-        idx = _check(ops["in"], module.in_features, "Linear in")
-        _set(module, "weight", module.weight.index_select(1, idx.to(module.weight.device)))
-        module.in_features = idx.numel()
+    _rows_and_columns(module, ops, "out_features", "in_features", "Linear")
 
 
 def _conv_groups(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, ops: dict[str, Tensor]) -> None:
@@ -151,16 +142,7 @@ def shrink_conv(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, ops: dict[str, Tensor
     if module.groups > 1:
         _conv_groups(module, ops)
         return
-    if "out" in ops:
-        idx = _check(ops["out"], module.out_channels, "Conv out")
-        _set(module, "weight", _rows(module.weight, idx))
-        if module.bias is not None:
-            _set(module, "bias", _rows(module.bias, idx))
-        module.out_channels = idx.numel()
-    if "in" in ops:
-        idx = _check(ops["in"], module.in_channels, "Conv in")
-        _set(module, "weight", module.weight.index_select(1, idx.to(module.weight.device)))
-        module.in_channels = idx.numel()
+    _rows_and_columns(module, ops, "out_channels", "in_channels", "Conv")
 
 
 def _only_norm(module: nn.Module, ops: dict[str, Tensor], size: int) -> Tensor:
@@ -218,3 +200,17 @@ def apply_ops(module: nn.Module, ops: dict[str, Tensor]) -> None:
     if fn is None:
         raise ShrinkError(f"no shrink function for {type(module).__name__}; register one with register_shrink")
     fn(module, rest)
+
+
+def _rows_and_columns(module: nn.Module, ops: dict, out_attr: str, in_attr: str, label: str) -> None:
+    """Keep output rows (weight dim 0 and bias) and input columns (weight dim 1); update the size attributes."""
+    if "out" in ops:
+        idx = _check(ops["out"], getattr(module, out_attr), f"{label} out")
+        _set(module, "weight", _rows(module.weight, idx))
+        if module.bias is not None:
+            _set(module, "bias", _rows(module.bias, idx))
+        setattr(module, out_attr, idx.numel())
+    if "in" in ops:
+        idx = _check(ops["in"], getattr(module, in_attr), f"{label} in")
+        _set(module, "weight", module.weight.index_select(1, idx.to(module.weight.device)))
+        setattr(module, in_attr, idx.numel())
