@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         if _state["debug"]:
             traceback.print_exc()
         else:
-            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(_one_line(exc))}", highlight=False, soft_wrap=True)
+            message = f"[bold red]error:[/] {type(exc).__name__}: {escape(_one_line(exc))}"
+            err_console.print(message, highlight=False, soft_wrap=True)
             err_console.print("(run with --debug for the traceback)", style="dim")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
