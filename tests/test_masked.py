@@ -1,0 +1,199 @@
+"""The masked parametrization's fast path for hard masks: exact against the plain product, whatever the optimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sparsewrap.parametrizations import Masked, attach
+from sparsewrap.parametrizations.masked import ZERO_PRESERVING
+
+
+class Product(nn.Module):
+    """The reference: the textbook ``w * mask`` parametrization."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.clone())
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def _net(kind: str, seed: int = 0) -> tuple[nn.Sequential, list[nn.Module]]:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Conv1d(1, 3, 5), nn.Flatten(), nn.Linear(48, 4))
+    gen = torch.Generator().manual_seed(1)
+    masks = []
+    for layer in (net[0], net[2], net[4]):
+        # per weight on the Linears, per output channel on the conv
+        shape = layer.weight.shape if isinstance(layer, nn.Linear) else (3, 1, 1)
+        mask = (torch.rand(shape, generator=gen) > 0.4).to(layer.weight.dtype)
+        if kind == "fast":
+            p = attach(layer, "weight", Masked(shape, layer.weight))
+            p.mask.copy_(mask)
+        else:
+            p = Product(mask)
+            parametrize.register_parametrization(layer, "weight", p)
+        masks.append(p)
+    return net, masks
+
+
+def _forward(net: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    h = net[1](net[0](x))
+    return net[4](net[3](net[2](h.unsqueeze(1)[..., :20])))
+
+
+OPTIMIZERS = [
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-2)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    (torch.optim.Adam, dict(lr=0.01, weight_decay=1e-2)),
+    (torch.optim.AdamW, dict(lr=0.01, amsgrad=True)),
+    (torch.optim.RMSprop, dict(lr=0.01, momentum=0.5, centered=True)),
+    (torch.optim.Adagrad, dict(lr=0.05)),
+    (torch.optim.Adadelta, dict(lr=0.5)),  # not zero-preserving-listed: the per-step projection path
+]
+
+
+@pytest.mark.parametrize("opt_cls,kwargs", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
+def test_hard_mask_training_equals_the_plain_product(opt_cls, kwargs) -> None:
+    """Every step's effective weights and gradients equal those of ``w * mask``, through gradient clipping,
+    gradient accumulation, gradient noise and a mask change in the middle of training (new zeros with live optimizer state)."""
+    runs = []
+    for kind in ("fast", "reference"):
+        net, masks = _net(kind)
+        opt = opt_cls(net.parameters(), **kwargs)
+        runs.append((net, masks, opt))
+    gen = torch.Generator().manual_seed(2)
+    for step in range(24):
+        x, y = torch.randn(16, 12, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+        for net, masks, opt in runs:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(_forward(net, x), y).backward()
+            if step % 5 == 1:
+                F.cross_entropy(_forward(net, x[:8]), y[:8]).backward()  # accumulate a second micro-batch
+            if step % 7 == 3:
+                nn.utils.clip_grad_norm_(net.parameters(), 0.1)
+            if step % 6 == 5:
+                for p in net.parameters():  # a writer that does not keep zeros (gradient noise)
+                    p.grad.add_(0.01)
+            opt.step()
+            if step == 9:
+                with torch.no_grad():
+                    for m in masks:
+                        m.mask.view(-1)[::3] = 0
+        (fast, fast_masks, _), (ref, _, _) = runs
+        for a, b in zip(fast.parameters(), ref.parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6)
+        for i in (0, 2, 4):
+            torch.testing.assert_close(fast[i].weight, ref[i].weight, rtol=0, atol=1e-6)
+    for m, i in zip(fast_masks, (0, 2, 4)):  # the original itself is zero where the mask is
+        original = fast[i].parametrizations.weight.original
+        assert torch.all(original[(m.mask == 0).expand_as(original)] == 0)
+
+
+def _count_projections(monkeypatch) -> list[int]:
+    calls = [0]
+    real = Masked.project
+
+    def counting(self, original):
+        calls[0] += 1
+        real(self, original)
+
+    monkeypatch.setattr(Masked, "project", counting)
+    return calls
+
+
+def _train_step(net: nn.Sequential, opt: torch.optim.Optimizer, clip: bool = False) -> None:
+    x, y = torch.randn(8, 12), torch.randint(0, 4, (8,))
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(_forward(net, x), y).backward()
+    if clip:
+        nn.utils.clip_grad_norm_(net.parameters(), 1e-3)
+    opt.step()
+
+
+def test_a_zero_preserving_step_needs_no_projection_and_other_writers_do(monkeypatch) -> None:
+    assert torch.optim.SGD in ZERO_PRESERVING and torch.optim.Adadelta not in ZERO_PRESERVING
+    net, masks = _net("fast")
+    calls = _count_projections(monkeypatch)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    _train_step(net, opt)
+    assert calls[0] == 3  # the first forward projects each weight once
+    for _ in range(3):
+        calls[0] = 0
+        _train_step(net, opt)
+        assert calls[0] == 0  # SGD kept the pruned entries at zero: nothing to do
+    _train_step(net, opt, clip=True)  # clipping rewrote the gradients: the next forward re-projects
+    calls[0] = 0
+    _train_step(net, opt)
+    assert calls[0] == 3
+    with torch.no_grad():
+        masks[0].mask.view(-1)[:5] = 0  # a mask change re-projects that weight only
+    calls[0] = 0
+    _train_step(net, opt)
+    assert calls[0] == 1
+    with torch.no_grad():
+        net[0].parametrizations.weight.original.add_(1.0)  # any in-place write is seen
+    calls[0] = 0
+    net[0].weight
+    assert calls[0] == 1 and torch.all(net[0].weight[masks[0].mask == 0] == 0)
+
+
+def test_a_mask_change_zeroes_the_optimizer_state_at_pruned_entries() -> None:
+    net, masks = _net("fast")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    _train_step(net, opt)
+    buf = opt.state[net[0].parametrizations.weight.original]["momentum_buffer"]
+    with torch.no_grad():
+        masks[0].mask.view(-1)[:10] = 0
+    assert buf.view(-1)[:10].abs().sum() > 0
+    _train_step(net, opt)
+    assert torch.all(buf.view(-1)[:10] == 0)
+    assert torch.all(net[0].parametrizations.weight.original.view(-1)[:10] == 0)
+
+
+def test_soft_masks_use_the_plain_product_and_leave_the_original_alone() -> None:
+    layer = nn.Linear(4, 3)
+    before = layer.weight.detach().clone()
+    p = attach(layer, "weight", Masked(layer.weight.shape, layer.weight, hard=False))
+    p.mask.fill_(0.25)
+    torch.testing.assert_close(layer.weight, before * 0.25)
+    torch.testing.assert_close(layer.parametrizations.weight.original, before)
+
+
+def test_bake_and_deepcopy_do_not_touch_the_live_original() -> None:
+    net, masks = _net("fast")
+    original = net[0].parametrizations.weight.original
+    before = original.detach().clone()
+    baked = masks[0].bake(original)
+    torch.testing.assert_close(baked, before * masks[0].mask)
+    torch.testing.assert_close(original, before)  # not projected by bake
+    twin = copy.deepcopy(net)
+    x = torch.randn(2, 12)
+    torch.testing.assert_close(_forward(twin, x), _forward(net, x))
+    assert twin[0].parametrizations.weight[0]._original() is twin[0].parametrizations.weight.original
+
+
+def test_a_loaded_optimizer_state_is_zeroed_at_pruned_entries_before_it_is_used() -> None:
+    """Resuming with an optimizer state saved elsewhere (non-zero momentum at pruned entries) stays exact."""
+    net, masks = _net("fast")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    _train_step(net, opt)
+    _train_step(net, opt)
+    state = opt.state_dict()
+    for s in state["state"].values():
+        s["momentum_buffer"] = torch.ones_like(s["momentum_buffer"])  # stale state, non-zero everywhere
+    opt.load_state_dict(state)
+    _train_step(net, opt)
+    _train_step(net, opt)
+    for m, i in zip(masks, (0, 2, 4)):
+        original = net[i].parametrizations.weight.original
+        assert torch.all(original[(m.mask == 0).expand_as(original)] == 0)
+        assert torch.all(net[i].weight[(m.mask == 0).expand_as(original)] == 0)
