@@ -63,7 +63,8 @@ OPTIMIZERS = [
 @pytest.mark.parametrize("opt_cls,kwargs", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
 def test_hard_mask_training_equals_the_plain_product(opt_cls, kwargs) -> None:
     """Every step's effective weights and gradients equal those of ``w * mask``, through gradient clipping,
-    gradient accumulation, gradient noise and a mask change in the middle of training (new zeros with live optimizer state)."""
+    gradient accumulation, gradient noise and a mask change in the middle of training (new zeros with live
+    optimizer state)."""
     runs = []
     for kind in ("fast", "reference"):
         net, masks = _net(kind)
@@ -142,7 +143,8 @@ def test_a_zero_preserving_step_needs_no_projection_and_other_writers_do(monkeyp
     with torch.no_grad():
         net[0].parametrizations.weight.original.add_(1.0)  # any in-place write is seen
     calls[0] = 0
-    net[0].weight
+    weight = net[0].weight
+    assert calls[0] == 1 and torch.all(weight[masks[0].mask == 0] == 0)
     assert calls[0] == 1 and torch.all(net[0].weight[masks[0].mask == 0] == 0)
 
 

@@ -25,6 +25,7 @@ a new sample when a member asks for a second time, i.e. when the next forward st
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import native
 from .base import SparseParametrization
 
 GAMMA, ZETA, EPS = -0.1, 1.1, 1e-6
@@ -160,18 +162,28 @@ class _GatedMul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, log_alpha: Tensor, beta: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        ctx.beta = beta
+        ctx.set_materialize_grads(False)
+        lib = _native_for(w, log_alpha)
+        ctx.keys = None
+        if lib is not None:
+            out, z, count, ctx.keys = _native_forward(lib, w, log_alpha, beta)
+            ctx.save_for_backward(w, z, log_alpha)
+            return out, count
         z = uniform_noise(log_alpha).logit_()  # logistic noise log u - log(1 - u)
         z.add_(log_alpha).div_(beta).sigmoid_()
         torch.add(torch.tensor(GAMMA, dtype=z.dtype), z, alpha=_STRETCH, out=z).clamp_(0.0, 1.0)
         p = torch.add(log_alpha, _shift(beta)).sigmoid_()
         count = p.sum()
         ctx.save_for_backward(w, z, p)
-        ctx.beta = beta
-        ctx.set_materialize_grads(False)
         return w * z, count
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, grad_count: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        if ctx.keys is not None:
+            w, z, log_alpha = ctx.saved_tensors
+            grads = _native_backward(grad, grad_count, w, z, log_alpha, ctx.beta, ctx.needs_input_grad)
+            return (*grads, None)
         w, z, p = ctx.saved_tensors
         grad_la, scratch = None, None
         if ctx.needs_input_grad[1] and grad is not None:
@@ -190,6 +202,84 @@ class _GatedMul(torch.autograd.Function):
                 grad_la.add_(torch.ops.aten.sigmoid_backward.grad_input(g, p, grad_input=scratch))
         grad_w = grad * z if ctx.needs_input_grad[0] and grad is not None else None
         return grad_w, grad_la, None
+
+
+# -- native kernels (sparsewrap/native/hardconcrete.c): the same math in one pass per direction -----------------
+NATIVE_MIN_NUMEL = 1 << 15  # below this the eager kernels are as fast
+
+
+def _native_for(w: Tensor, log_alpha: Tensor):
+    """The native library when it applies to these tensors (float32, CPU, contiguous, large enough), else None."""
+    if (
+        w.device.type != "cpu"
+        or w.dtype != torch.float32
+        or log_alpha.dtype != torch.float32
+        or log_alpha.numel() < NATIVE_MIN_NUMEL
+        or w.shape != log_alpha.shape
+        or not (w.is_contiguous() and log_alpha.is_contiguous())
+    ):
+        return None
+    return native.kernels()
+
+
+def native_keys() -> tuple[int, int]:
+    """The two 32-bit keys of one native sample, drawn from torch's default generator (so seeded and resumable)."""
+    k = torch.randint(0, 2**32, (2,), dtype=torch.int64)
+    return int(k[0]), int(k[1])
+
+
+def _three_halves(beta: float) -> int:
+    return int(abs(beta - 2.0 / 3.0) < 1e-12)  # the kernels use q sqrt(q) for q^(1/beta)
+
+
+def _native_forward(lib, w: Tensor, log_alpha: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:
+    out, z = torch.empty_like(w), torch.empty_like(log_alpha)
+    keys = native_keys()
+    ptrs = (native.ptr(w), native.ptr(log_alpha), native.ptr(out), native.ptr(z))
+    args = (*keys, 1.0 / beta, _shift(beta), _three_halves(beta))
+
+    def run(lo: int, hi: int) -> float:
+        total = ctypes.c_double(0.0)
+        lib.sw_hc_forward(*ptrs, lo, hi, *args, ctypes.byref(total))
+        return total.value
+
+    count = sum(native.parallel(log_alpha.numel(), run))
+    return out, z, torch.tensor(count, dtype=log_alpha.dtype), keys
+
+
+def _native_backward(grad: Tensor | None, grad_count: Tensor | None, w: Tensor, z: Tensor, log_alpha: Tensor,
+                     beta: float, needs: tuple[bool, ...]) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+    g = grad.contiguous() if grad is not None else None
+    grad_w = None
+    if g is not None and needs[0]:
+        # the gated weight's gradient is a fresh tensor owned by autograd: the weight gradient overwrites it
+        grad_w = g if (g is grad and grad._base is None) else torch.empty_like(g)
+    if not needs[1]:
+        return (torch.mul(g, z, out=grad_w) if grad_w is not None else None), None
+    grad_la = torch.empty_like(log_alpha)
+    gcount = float(grad_count) if grad_count is not None else 0.0
+    ptrs = tuple(native.ptr(t) for t in (g, w, z, log_alpha, grad_w, grad_la))
+    args = (1.0 / beta, _shift(beta), gcount)
+    lib = native.kernels()
+    native.parallel(log_alpha.numel(), lambda lo, hi: lib.sw_hc_backward(*ptrs, lo, hi, *args))
+    return grad_w, grad_la
+
+
+def native_sample(log_alpha: Tensor, beta: float, keys: tuple[int, int]) -> Tensor:
+    """The gate sample the native kernels use for ``keys`` (float32 CPU ``log_alpha``; tests and fallbacks)."""
+    lib = native.kernels()
+    la = log_alpha.detach().contiguous()
+    z = torch.empty_like(la)
+    args = (*keys, 1.0 / beta, _three_halves(beta))
+    native.parallel(la.numel(), lambda lo, hi: lib.sw_hc_sample(native.ptr(la), native.ptr(z), lo, hi, *args))
+    return z
+
+
+def native_uniform(n: int, keys: tuple[int, int]) -> Tensor:
+    """The ``n`` uniforms in ``(eps, 1 - eps)`` behind :func:`native_sample` for ``keys`` (for tests)."""
+    u = torch.empty(n)
+    native.kernels().sw_hc_uniform(native.ptr(u), 0, n, *keys)
+    return u
 
 
 def gated_mul(w: Tensor, log_alpha: Tensor, beta: float = BETA) -> Tensor:

@@ -1,0 +1,127 @@
+/* Fused hard-concrete L0 gate kernels (Louizos et al. 2018) for float32 tensors on the CPU.
+ *
+ * Loaded with ctypes by sparsewrap/native/__init__.py, which compiles this file on first use; every function
+ * works on the index range [lo, hi) so that Python threads can split a tensor (ctypes releases the GIL).
+ * The math is the reference of sparsewrap/parametrizations/gated.py, written as one pass per direction:
+ *
+ *   u = eps + (1 - 2 eps) U(0, 1)        (counter-based: a hash of (key, index), so any range is reproducible)
+ *   z = clamp(sigmoid((log(u / (1 - u)) + log_alpha) / beta) (zeta - gamma) + gamma, 0, 1)
+ *   out = w z,   count = sum(sigmoid(log_alpha + shift))
+ *   dL/dw = g z,  dL/dlog_alpha = g w (z - gamma)(zeta - z) / ((zeta - gamma) beta) [0 < z < 1]
+ *                                 + dL/dcount p (1 - p),  p = sigmoid(log_alpha + shift)
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define GAMMA (-0.1f)
+#define ZETA (1.1f)
+#define STRETCH (ZETA - GAMMA)
+#define EPS (1e-6f)
+#define BLOCK 4096
+
+static inline uint32_t mix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return h;
+}
+
+static inline float uniform_at(uint32_t k0, uint32_t k1, int64_t i) {
+    uint32_t h = mix32((uint32_t)i ^ k0);
+    h = mix32(h ^ k1 ^ (uint32_t)((uint64_t)i >> 32));
+    float u = ((float)(h >> 8) + 0.5f) * (1.0f / 16777216.0f); /* 24 bits, strictly inside (0, 1) */
+    return EPS + (1.0f - 2.0f * EPS) * u;
+}
+
+/* the uniforms alone (tests check the gates against the reference formula with them) */
+void sw_hc_uniform(float *u, int64_t lo, int64_t hi, uint32_t k0, uint32_t k1) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; i++) u[i] = uniform_at(k0, k1, i);
+}
+
+/* The gate of weight i for keys (k0, k1), and exp(-la) (shared with the count term).
+ * exp(-(logit(u) + la) / beta) = q^(1/beta) with q = (1 - u) / u * exp(-la): one expf per weight; for
+ * beta = 2/3 the power is q sqrt(q). The count term is sigmoid(la + shift) = 1 / (1 + exp(-la) exp(-shift)). */
+static inline float gate_at(uint32_t k0, uint32_t k1, int64_t i, float la, float inv_beta, int three_halves,
+                            float *en_out) {
+    float u = uniform_at(k0, k1, i);
+    float en = expf(-fminf(fmaxf(la, -40.0f), 40.0f)); /* no infinities: the file is built with -ffast-math */
+    float q = (1.0f - u) / u * en;
+    float t = three_halves ? q * sqrtf(q) : powf(q, inv_beta);
+    *en_out = en;
+    return fminf(fmaxf(STRETCH / (1.0f + t) + GAMMA, 0.0f), 1.0f);
+}
+
+/* out = w z for a fresh sample z, stored in z for the backward (cheaper than recomputing it there); returns
+ * sum(sigmoid(la + shift)) over the range in *count. */
+void sw_hc_forward(const float *w, const float *la, float *out, float *z, int64_t lo, int64_t hi, uint32_t k0,
+                   uint32_t k1, float inv_beta, float shift, int three_halves, double *count) {
+    double total = 0.0;
+    const float c = expf(-shift);
+    for (int64_t b = lo; b < hi; b += BLOCK) {
+        int64_t e = b + BLOCK < hi ? b + BLOCK : hi;
+        float acc = 0.0f;
+        if (three_halves) { /* two copies of the loop so that the branch is resolved outside it */
+#pragma omp simd reduction(+ : acc)
+            for (int64_t i = b; i < e; i++) {
+                float en, zz = gate_at(k0, k1, i, la[i], inv_beta, 1, &en);
+                z[i] = zz;
+                out[i] = w[i] * zz;
+                acc += 1.0f / (1.0f + en * c);
+            }
+        } else {
+#pragma omp simd reduction(+ : acc)
+            for (int64_t i = b; i < e; i++) {
+                float en, zz = gate_at(k0, k1, i, la[i], inv_beta, 0, &en);
+                z[i] = zz;
+                out[i] = w[i] * zz;
+                acc += 1.0f / (1.0f + en * c);
+            }
+        }
+        total += acc;
+    }
+    *count = total;
+}
+
+/* the sample alone (tests compare it with the reference formula) */
+void sw_hc_sample(const float *la, float *z, int64_t lo, int64_t hi, uint32_t k0, uint32_t k1, float inv_beta,
+                  int three_halves) {
+#pragma omp simd
+    for (int64_t i = lo; i < hi; i++) {
+        float en;
+        z[i] = gate_at(k0, k1, i, la[i], inv_beta, three_halves, &en);
+    }
+}
+
+static inline float count_slope(float la, float c) { /* p (1 - p) with p = sigmoid(la + shift), c = exp(-shift) */
+    float p = 1.0f / (1.0f + expf(-fminf(fmaxf(la, -40.0f), 40.0f)) * c);
+    return p * (1.0f - p);
+}
+
+/* dL/dw into gw (may alias g; NULL: not wanted) and dL/dlog_alpha into gla, from the stored sample z.
+ * g may be NULL (no gradient reached the gated weight): only the count term. */
+void sw_hc_backward(const float *g, const float *w, const float *z, const float *la, float *gw, float *gla,
+                    int64_t lo, int64_t hi, float inv_beta, float shift, float gcount) {
+    const float c = expf(-shift), inv_stretch_beta = inv_beta / STRETCH;
+    if (g == 0) {
+#pragma omp simd
+        for (int64_t i = lo; i < hi; i++) gla[i] = gcount * count_slope(la[i], c);
+        return;
+    }
+    if (gw == 0) {
+#pragma omp simd
+        for (int64_t i = lo; i < hi; i++) {
+            float zz = z[i], inside = (zz > 0.0f && zz < 1.0f) ? 1.0f : 0.0f;
+            gla[i] = inside * g[i] * w[i] * (zz - GAMMA) * (ZETA - zz) * inv_stretch_beta + gcount * count_slope(la[i], c);
+        }
+        return;
+    }
+#pragma omp simd
+    for (int64_t i = lo; i < hi; i++) {
+        float zz = z[i], gi = g[i], inside = (zz > 0.0f && zz < 1.0f) ? 1.0f : 0.0f;
+        gla[i] = inside * gi * w[i] * (zz - GAMMA) * (ZETA - zz) * inv_stretch_beta + gcount * count_slope(la[i], c);
+        gw[i] = gi * zz;
+    }
+}

@@ -1,0 +1,133 @@
+"""The native hard-concrete kernels (sparsewrap/native): the reference formula's values and gradients, in one pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsewrap import native
+from sparsewrap.parametrizations import gated
+from sparsewrap.parametrizations.gated import (
+    BETA,
+    EPS,
+    _GatedMul,
+    _shift,
+    native_keys,
+    native_sample,
+    native_uniform,
+    sample_gates,
+)
+
+pytestmark = pytest.mark.skipif(native.kernels() is None, reason="no C compiler: the eager path is used")
+
+SHAPE = (64, 32, 4, 4)  # 32768 weights: the smallest tensor that takes the native path
+assert SHAPE[0] * SHAPE[1] * SHAPE[2] * SHAPE[3] >= gated.NATIVE_MIN_NUMEL
+
+
+def test_uniforms_are_reproducible_per_key_inside_the_clamp_and_look_uniform() -> None:
+    n = 1 << 20
+    u = native_uniform(n, (12345, 678))
+    assert torch.equal(u, native_uniform(n, (12345, 678)))
+    assert not torch.equal(u, native_uniform(n, (12345, 679)))
+    assert EPS <= u.min().item() and u.max().item() <= 1 - EPS
+    # moments and a 64-bin histogram of a million draws (tolerances ~6 standard errors)
+    assert abs(u.double().mean().item() - 0.5) < 6 * (1 / 12 / n) ** 0.5
+    assert abs(u.double().var().item() - 1 / 12) < 2e-3
+    counts = torch.histc(u, bins=64, min=0.0, max=1.0)
+    assert (counts - n / 64).abs().max().item() < 6 * (n / 64) ** 0.5
+    # neighbours are not correlated (a counter-based hash: consecutive indices must look independent)
+    lag = torch.corrcoef(torch.stack([u[:-1], u[1:]]).double())[0, 1].item()
+    assert abs(lag) < 6 / n**0.5
+
+
+def test_a_range_split_gives_the_same_numbers_as_one_call() -> None:
+    n, keys = 100_003, (7, 9)
+    whole = native_uniform(n, keys)
+    parts = torch.empty(n)
+    lib = native.kernels()
+    for lo, hi in ((0, 40_000), (40_000, 40_017), (40_017, n)):
+        lib.sw_hc_uniform(native.ptr(parts), lo, hi, *keys)
+    assert torch.equal(whole, parts)
+
+
+@pytest.mark.parametrize("beta", [BETA, 0.5, 1.0])
+def test_the_sample_is_the_reference_formula_at_the_same_uniforms(beta) -> None:
+    torch.manual_seed(0)
+    la = torch.cat([torch.linspace(-14, 14, 4096), torch.randn(SHAPE).reshape(-1) * 4])
+    keys = (3, 4)
+    u = native_uniform(la.numel(), keys)
+    torch.testing.assert_close(native_sample(la, beta, keys), sample_gates(la, beta, u), rtol=0, atol=2e-6)
+
+
+def _reference(w, la, beta, u, grad, count_weight):
+    w, la = w.detach().clone().requires_grad_(), la.detach().clone().requires_grad_()
+    out = w * sample_gates(la, beta, u)
+    count = torch.sigmoid(la + _shift(beta)).sum()
+    loss = (0 if grad is None else (out * grad).sum()) + count_weight * count
+    loss.backward()
+    return out.detach(), count.detach(), w.grad, la.grad
+
+
+@pytest.mark.parametrize("beta", [BETA, 0.8])
+@pytest.mark.parametrize("use_out", [True, False])
+def test_forward_and_backward_equal_autograd_of_the_reference(beta, use_out) -> None:
+    torch.manual_seed(1)
+    w = torch.randn(SHAPE, requires_grad=True)
+    la = (torch.randn(SHAPE) * 3).clamp(-11, 11).requires_grad_()
+    grad = torch.randn(SHAPE) if use_out else None
+    state = torch.get_rng_state()
+    out, count = _GatedMul.apply(w, la, beta)
+    loss = 0.7 * count + ((out * grad).sum() if use_out else 0)
+    loss.backward()
+    torch.set_rng_state(state)
+    u = native_uniform(la.numel(), native_keys()).view(SHAPE)  # the same keys the forward drew
+    ref_out, ref_count, ref_gw, ref_gla = _reference(w, la, beta, u, grad, 0.7)
+    torch.testing.assert_close(out.detach(), ref_out, rtol=0, atol=2e-6)
+    torch.testing.assert_close(count.detach(), ref_count, rtol=1e-6, atol=0)
+    torch.testing.assert_close(la.grad, ref_gla, rtol=1e-5, atol=1e-5)
+    if use_out:
+        torch.testing.assert_close(w.grad, ref_gw, rtol=0, atol=2e-6)
+    else:
+        assert w.grad is None
+
+
+def test_results_do_not_depend_on_the_thread_count(monkeypatch) -> None:
+    monkeypatch.setattr(native, "_GRAIN", 1024)  # split even this small tensor
+    la = torch.randn(SHAPE) * 3
+    w = torch.randn(SHAPE)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(5)
+            out, count = _GatedMul.apply(w, la, BETA)
+            outs.append((out, count))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-6, atol=0)
+
+
+def test_disabled_by_environment_falls_back_to_the_eager_path(monkeypatch) -> None:
+    monkeypatch.setenv("SPARSEWRAP_NATIVE", "0")
+    monkeypatch.setattr(native, "_state", {})
+    assert native.kernels() is None
+    w, la = torch.randn(SHAPE, requires_grad=True), torch.randn(SHAPE, requires_grad=True)
+    out, count = _GatedMul.apply(w, la, BETA)  # eager: the same expected count, a different noise stream
+    torch.testing.assert_close(count, torch.sigmoid(la + _shift(BETA)).sum(), rtol=1e-6, atol=0)
+    out.sum().backward()
+    assert la.grad is not None and w.grad is not None
+
+
+def test_the_library_is_cached_and_rebuilt_in_a_new_cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SPARSEWRAP_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    lib = native.kernels()
+    assert lib is not None
+    built = list((tmp_path / "native").glob("hardconcrete-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "native").glob("*.so.tmp*"))
+    mtime = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_state", {})
+    native.kernels()
+    assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
