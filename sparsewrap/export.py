@@ -43,12 +43,13 @@ def _plain_copy(model: nn.Module) -> nn.Module:
 
 
 def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: Any = None,
-           round_to: int = 1) -> nn.Module:  # fmt: skip
+           round_to: int = 1, fold_bn: bool = False) -> nn.Module:  # fmt: skip
     """A new plain ``nn.Module`` with masks baked in and no parametrizations.
 
     Its ``state_dict`` keys are those of the unwrapped architecture (it loads with ``strict=True`` into a
-    fresh instance) and running it needs no sparsewrap. The targeted weights reach the requested sparsity
-    exactly (the method's final projection). The input model is left intact and trainable.
+    fresh instance; with ``purge`` or ``fold_bn``, use :func:`sparsewrap.load_purged`) and running it needs no
+    sparsewrap. The targeted weights reach the requested sparsity exactly (the method's final projection). The
+    input model is left intact and trainable.
 
     Args:
         obj: a sparsified model or its :class:`Sparsifier`.
@@ -58,11 +59,19 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: 
         example_inputs: a tensor or tuple for one forward, used by ``purge`` to trace shapes and verify
             outputs (default: a random batch of 2 at the recipe's input shape, for timm models).
         round_to: with ``purge``, keep each group's channel count a multiple of this (fast kernels).
+        fold_bn: for inference: fold each BatchNorm that directly follows a conv (or a linear layer) into that
+            layer's weight and bias and replace it by ``nn.Identity`` (:func:`sparsewrap.purge.fold_batchnorm`),
+            after the purge when ``purge`` is set. The model is returned in eval mode; its ``state_dict`` no
+            longer fits the original architecture, so save it with ``sparsewrap.purge.save_purged`` (the folds
+            are recorded) and load it with :func:`sparsewrap.load_purged`. ``example_inputs`` (or the recipe's
+            input shape) also lets it fold Linear → BatchNorm1d and verify the outputs.
+            ``sparsewrap.purge.fold_report(model)`` lists what was folded and why the rest was not.
 
     Raises:
         ConfigError: if ``obj`` is neither a model nor a Sparsifier, or a module mixes sparsewrap and foreign
             parametrizations on one tensor.
             With ``purge``: no example input and no recorded input shape, or a bad ``round_to``.
+        TraceError: with ``fold_bn``, if folding changed the outputs on the example inputs.
     """
     model, sp = controller_of(obj)
     baked = _baked(model, sp)
@@ -87,7 +96,11 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: 
     if purge:
         from .purge.io import purge_exported
 
-        return purge_exported(plain, model, example_inputs, round_to)
+        return purge_exported(plain, model, example_inputs, round_to, fold_bn=fold_bn)
+    if fold_bn:
+        from .purge.io import fold_exported
+
+        return fold_exported(plain, model, example_inputs)
     return plain
 
 

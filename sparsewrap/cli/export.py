@@ -1,17 +1,23 @@
 """``sparsewrap export``: checkpoint → plain model file (safetensors, pt2, onnx), optionally purged.
 
 With ``--purge`` it also prints a before/after table (parameters, MACs, file size, CPU latency at batch 1
-and 32, median of repeats) and flags any row where the purged model is not better.
+and 32, median of repeats) and flags any row where the purged model is not better. ``--fold-bn`` folds each
+BatchNorm that directly follows a conv into the conv (inference only); with ``--purge`` the dense side of the
+table is folded the same way, so the ratios compare like with like.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from . import app, console
+
+if TYPE_CHECKING:
+    from ..purge.fold import FoldReport
 
 FORMATS = ("safetensors", "pt2", "onnx")
 SUFFIX = {"safetensors": ".safetensors", "pt2": ".pt2", "onnx": ".onnx"}
@@ -66,6 +72,12 @@ def render_comparison(comparison, title: str) -> Table:
     return table
 
 
+def _print_folds(report: FoldReport) -> None:
+    console.print(f"fold: {report.summary()}")
+    for name, reason in report.skipped[:8]:
+        console.print(f"  kept: {name}: {reason}", style="dim")
+
+
 @app.command("export")
 def export_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by sparsewrap.save / train."),  # noqa: B008
@@ -76,11 +88,14 @@ def export_cmd(
     round_to: int = typer.Option(1, "--round-to", min=1, help="With --purge: kept channel counts a multiple of N."),
     repeats: int = typer.Option(5, "--repeats", min=1, help="With --purge: timed runs per latency (median)."),
     timing: bool = typer.Option(True, "--timing/--no-timing", help="With --purge: measure CPU latency."),
+    fold_bn: bool = typer.Option(
+        False, "--fold-bn", help="Fold BatchNorms into the preceding convs (inference); the file records the folds."
+    ),
 ) -> None:
     """Bake the sparsity into a plain model for the original architecture and write it atomically."""
     from ..checkpoint import load
     from ..export import export
-    from ..purge import purge_report
+    from ..purge import fold_report, purge_report
     from ..purge.compare import compare, file_size
     from ..recipe import recipe_for
 
@@ -93,30 +108,40 @@ def export_cmd(
         shape = recipe.default_input_shape() if recipe else None
     if shape is None and (fmt != "safetensors" or purge):
         raise typer.BadParameter("this needs an input shape: the checkpoint records none", param_hint="--input-shape")
-    out = output or checkpoint.with_name(f"{checkpoint.stem}.{'purged' if purge else 'exported'}{SUFFIX[fmt]}")
+    kind = "purged" if purge else ("folded" if fold_bn else "exported")
+    out = output or checkpoint.with_name(f"{checkpoint.stem}.{kind}{SUFFIX[fmt]}")
     report = sp.report()
     sparsity = f"sparsity of targeted weights {report.exported:.4f}" + (
         "" if report.requested is None else f" (requested {report.requested:.4f})"
     )
-    if not purge:
-        _write(export(sp), out, fmt, shape, purged=False)
-        console.print(f"wrote {out} ({fmt}); {sparsity}")
-        return
     import torch
 
-    dense = export(sp).eval()
-    p = next(dense.parameters())
-    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
-    small = export(sp, purge=True, example_inputs=example, round_to=round_to).eval()
+    p = next(sp.model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    needs_example = shape is not None and (purge or fold_bn)
+    example = torch.randn(2, *shape, generator=gen).to(p.device, p.dtype) if needs_example else None
+    if not purge:
+        plain = export(sp, example_inputs=example, fold_bn=fold_bn)
+        _write(plain, out, fmt, shape, purged=fold_bn)  # the folds must be recorded to load it again
+        console.print(f"wrote {out} ({fmt}); {sparsity}")
+        if fold_bn:
+            _print_folds(fold_report(plain))
+        return
+    dense = export(sp, example_inputs=example, fold_bn=fold_bn).eval()
+    small = export(sp, purge=True, example_inputs=example, round_to=round_to, fold_bn=fold_bn).eval()
     _write(small, out, fmt, shape, purged=True)
     summary = purge_report(small)
     console.print(f"wrote {out} ({fmt}); {sparsity}")
     console.print(f"purge: {summary.summary()} (verified, max relative error {summary.max_rel_error:.1e})")
     for unit in [u for u in summary.units if u.status == "dense"][:8]:
         console.print(f"  dense: {unit.name} ({unit.zero}/{unit.size} zero): {unit.reason}", style="dim")
+    if fold_bn:
+        _print_folds(fold_report(small))
     sizes = (file_size(lambda path: _write(dense, path, fmt, shape, purged=False), SUFFIX[fmt]), out.stat().st_size)
     comparison = compare(dense, small, shape, batches=(1, 32) if timing else (), repeats=repeats, sizes=sizes)
-    console.print(render_comparison(comparison, f"{checkpoint.name}: dense vs purged ({'x'.join(map(str, shape))})"))
+    folded = ", both BatchNorm-folded" if fold_bn else ""
+    title = f"{checkpoint.name}: dense vs purged ({'x'.join(map(str, shape))}{folded})"
+    console.print(render_comparison(comparison, title))
     slow = [r.name for r in comparison.rows if r.unit == "ms" and r.worse]
     if slow:
         console.print(f"[bold red]warning:[/] the purged model is not faster ({', '.join(slow)})")

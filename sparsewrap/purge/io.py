@@ -1,9 +1,10 @@
 """Purged models on disk: safetensors weights plus the purge plan in its metadata (no pickle), pt2 or ONNX.
 
 The plan is JSON: the source architecture's fingerprint (class and ``state_dict`` key/shape list of the
-*unpurged* model), how to rebuild it (recipe, when known), and ``{module: {role: kept indices}}``. A digest
-covers the plan and every tensor, so a corrupted file is refused. :func:`load_purged` checks the fingerprint
-against the fresh model it is given, replays the plan with the shrink table and loads the weights strictly.
+*unpurged* model), how to rebuild it (recipe, when known), ``{module: {role: kept indices}}`` and, when
+BatchNorms were folded (``fold_bn``), the folded ``[layer, batchnorm]`` pairs. A digest covers the plan and every
+tensor, so a corrupted file is refused. :func:`load_purged` checks the fingerprint against the fresh model it is
+given, replays the plan with the shrink table, replays the folds and loads the weights strictly.
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, choices
 from .core import PURGE_ATTR, PurgeReport, UnitReport, apply_plan, purge
+from .fold import FoldReport, apply_folds, fold_batchnorm
 from .shrink import ShrinkError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest plan format this version reads
+PLAN_VERSION = 1  # plans without BatchNorm folds: older sparsewrap versions still read them
+FOLD_VERSION = 2  # plans with "fold_bn": older versions must refuse them rather than load a wrong model
 META_KEY = "sparsewrap_purge"
 FORMATS = ("safetensors", "pt2", "onnx")
+LOCAL_KEYS = ("report", "fold_report")  # in the in-memory record only, not written to files
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -37,38 +42,86 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def purge_exported(plain: nn.Module, source: nn.Module, example_inputs: Any, round_to: int) -> nn.Module:
+def _example_inputs(plain: nn.Module, source: nn.Module, example_inputs: Any, why: str | None) -> Any:
+    """``example_inputs``, or a seeded random batch of 2 at the recipe's input shape (``None`` if unknown).
+
+    Raises:
+        ConfigError: if there is no shape to build one from and ``why`` says what needs it.
+    """
+    from ..recipe import recipe_for
+
+    if example_inputs is not None:
+        return example_inputs
+    recipe = recipe_for(source)
+    shape = recipe.default_input_shape() if recipe is not None else None
+    if not shape:
+        if why is None:
+            return None
+        raise ConfigError(
+            f"{why} needs example_inputs=<a tensor or tuple of tensors> to trace shapes and verify outputs; "
+            f"{type(source).__name__} records no input shape"
+        )
+    p = next(plain.parameters())
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, *shape, generator=gen).to(device=p.device, dtype=p.dtype)
+
+
+def _new_record(plain: nn.Module, source: nn.Module, round_to: int) -> dict[str, Any]:
+    from ..recipe import recipe_for
+
+    recipe = recipe_for(source)
+    return {
+        "format_version": PLAN_VERSION,
+        "source": {"class": type(plain).__name__, "fingerprint": fingerprint(plain)},
+        "recipe": None if recipe is None else json.loads(recipe.to_json()),
+        "round_to": round_to,
+        "ops": {},
+    }
+
+
+def _fold_into_record(model: nn.Module, record: dict[str, Any], example_inputs: Any) -> None:
+    """Fold ``model``'s BatchNorms (in eval mode) and record the pairs so :func:`load_purged` can replay them."""
+    report = fold_batchnorm(model.eval(), example_inputs)
+    if report.trace_error:
+        warnings.warn(report.summary(), stacklevel=4)
+    record["format_version"] = FOLD_VERSION
+    record["fold_bn"] = [list(pair) for pair in report.folded]
+    record["fold_report"] = asdict(report)
+
+
+def purge_exported(plain: nn.Module, source: nn.Module, example_inputs: Any, round_to: int,
+                   fold_bn: bool = False) -> nn.Module:  # fmt: skip
     """The purge step of :func:`sparsewrap.export` (``purge=True``): purge ``plain`` and record the plan on it.
+
+    With ``fold_bn`` the purged model is then put in eval mode and its BatchNorms folded (recorded in the plan).
 
     Raises:
         ConfigError: if no example input is given and the model records no input shape.
     """
-    from ..recipe import recipe_for
-
-    recipe = recipe_for(source)
-    if example_inputs is None:
-        shape = recipe.default_input_shape() if recipe is not None else None
-        if not shape:
-            raise ConfigError(
-                "purge needs example_inputs=<a tensor or tuple of tensors> to trace shapes and verify outputs; "
-                f"{type(source).__name__} records no input shape"
-            )
-        p = next(plain.parameters())
-        gen = torch.Generator().manual_seed(0)
-        example_inputs = torch.randn(2, *shape, generator=gen).to(device=p.device, dtype=p.dtype)
+    example_inputs = _example_inputs(plain, source, example_inputs, "purge")
+    record = _new_record(plain, source, round_to)
     result = purge(plain, example_inputs, round_to=round_to)
     if not result.report.changed:
         warnings.warn(result.report.summary(), stacklevel=3)
-    record = {
-        "format_version": FORMAT_VERSION,
-        "source": {"class": type(plain).__name__, "fingerprint": fingerprint(plain)},
-        "recipe": None if recipe is None else json.loads(recipe.to_json()),
-        "round_to": round_to,
-        "ops": {m: {r: idx.tolist() for r, idx in roles.items()} for m, roles in result.ops.items()},
-        "report": asdict(result.report),
-    }
+    record["ops"] = {m: {r: idx.tolist() for r, idx in roles.items()} for m, roles in result.ops.items()}
+    record["report"] = asdict(result.report)
+    if fold_bn:
+        _fold_into_record(result.model, record, example_inputs)
     object.__setattr__(result.model, PURGE_ATTR, record)  # plain data only: the model still unpickles anywhere
     return result.model
+
+
+def fold_exported(plain: nn.Module, source: nn.Module, example_inputs: Any) -> nn.Module:
+    """The ``fold_bn`` step of :func:`sparsewrap.export` without purge: fold in place, record an empty plan.
+
+    The record makes :func:`save_purged` / :func:`load_purged` work for the folded model, whose ``state_dict``
+    no longer matches the original architecture. Without example inputs (and no recorded input shape), only
+    conv pairs are folded and the outputs are not verified.
+    """
+    record = _new_record(plain, source, 1)
+    _fold_into_record(plain, record, _example_inputs(plain, source, example_inputs, None))
+    object.__setattr__(plain, PURGE_ATTR, record)
+    return plain
 
 
 def purge_report(model: nn.Module) -> PurgeReport:
@@ -79,10 +132,30 @@ def purge_report(model: nn.Module) -> PurgeReport:
     """
     record = _record(model)
     if "report" not in record:
-        raise ConfigError("this purged model was loaded from a file; its purge report is not stored there")
+        raise ConfigError(
+            "this model carries no purge report: it was loaded from a file (the report is not stored there) or "
+            "exported with fold_bn=True and purge=False"
+        )
     data = dict(record["report"])
     data["units"] = [UnitReport(**u) for u in data.get("units", [])]
     return PurgeReport(**data)
+
+
+def fold_report(model: nn.Module) -> FoldReport:
+    """The :class:`FoldReport` of a model returned by ``export(..., fold_bn=True)``.
+
+    Raises:
+        ConfigError: if the model's BatchNorms were not folded by ``export`` (or it was loaded from a file).
+    """
+    record = getattr(model, PURGE_ATTR, None)
+    if not isinstance(record, dict) or "fold_report" not in record:
+        raise ConfigError(
+            "this model carries no fold report: it was not exported with fold_bn=True, or was loaded from a file"
+        )
+    data = dict(record["fold_report"])
+    data["folded"] = [tuple(p) for p in data["folded"]]
+    data["skipped"] = [tuple(s) for s in data["skipped"]]
+    return FoldReport(**data)
 
 
 def _record(model: nn.Module) -> dict[str, Any]:
@@ -122,7 +195,7 @@ def save_purged(model: nn.Module, path: str | os.PathLike, fmt: str = "safetenso
     from safetensors.torch import save_file
 
     record = _record(model)
-    plan = json.dumps({k: v for k, v in record.items() if k != "report"}, sort_keys=True)
+    plan = json.dumps({k: v for k, v in record.items() if k not in LOCAL_KEYS}, sort_keys=True)
     tensors = _unshare({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
     meta = {"format": "pt", META_KEY: plan, "sha256": _digest(plan, tensors)}
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -196,7 +269,8 @@ def load_purged(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
             records how to build it (timm models, ``sparsewrap.create_model``).
 
     Returns:
-        ``model`` (or the rebuilt one), shrunk in place, with the purged weights loaded strictly.
+        ``model`` (or the rebuilt one), shrunk in place (and its recorded BatchNorms folded into their layers,
+        replaced by ``nn.Identity``), with the purged weights loaded strictly.
 
     Raises:
         CheckpointError: for a missing, corrupted or foreign file, a plan made for another architecture, or
@@ -219,6 +293,9 @@ def load_purged(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
             f"is a {type(model).__name__} with different layers or shapes. Pass a fresh, unpurged instance of the "
             "architecture the file was exported from"
         )
+    folds = plan.get("fold_bn", [])
+    if not isinstance(folds, list) or not all(isinstance(p, list) for p in folds):
+        raise CheckpointError(f"{path}: the purge plan is malformed (fold_bn must be a list of [layer, batchnorm])")
     try:
         ops = {
             m: {r: torch.as_tensor(idx, dtype=torch.long) for r, idx in roles.items()}
@@ -227,6 +304,10 @@ def load_purged(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
         apply_plan(model, ops)
     except (ShrinkError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path}: the purge plan does not apply to {type(model).__name__}: {exc}") from exc
+    try:
+        apply_folds(model, folds)
+    except ShrinkError as exc:
+        raise CheckpointError(f"{path}: the BatchNorm folds do not apply to {type(model).__name__}: {exc}") from exc
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
