@@ -405,3 +405,44 @@ def test_cli_fold_bn_without_purge_writes_a_loadable_file(tmp_path: Path, capsys
     loaded = sw.load_purged(out).eval()
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(eval_out(loaded, x), eval_out(sw.export(sp).eval(), x), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_channels_last_times_both_models_in_nhwc(tmp_path: Path, capsys, monkeypatch) -> None:
+    import sparsewrap.purge.compare as compare_module
+
+    layouts: list[bool] = []
+    real = compare_module.paired_latency
+
+    def spy(models, *args, **kwargs):
+        out = real(models, *args, **kwargs)
+        layouts.append(all(m.stem.weight.is_contiguous(memory_format=torch.channels_last) for m in models))
+        return out
+
+    monkeypatch.setattr(compare_module, "paired_latency", spy)
+    model = randomize_bn(sw.create_model("tests.zoo:ResNetTiny"), shift=False)
+    ckpt = sw.save(sw.sparsify(model, "magnitude", target=0.5, granularity="channel"), tmp_path / "t.safetensors")
+    args = ["export", str(ckpt), "--purge", "--channels-last", "--input-shape", "3,8,8", "--repeats", "1"]
+    code, text = run_cli(args, capsys)
+    assert code == 0, text
+    assert layouts == [True, True] and "channels_last" in text  # batch 1 and 32, both models converted
+
+
+def test_paired_latency_interleaves_the_models_and_restores_their_modes() -> None:
+    from sparsewrap.purge.compare import paired_latency
+
+    calls: list[str] = []
+
+    class Tag(nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name, self.lin = name, nn.Linear(4, 4)
+
+        def forward(self, x):
+            calls.append(self.name)
+            return self.lin(x)
+
+    a, b = Tag("a"), Tag("b").eval()
+    times = paired_latency([a, b], (4,), batch=2, repeats=4)
+    assert len(times) == 2 and all(t >= 0 for t in times)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 2  # warm-ups, then ABBA
+    assert a.training and not b.training

@@ -91,6 +91,9 @@ def export_cmd(
     fold_bn: bool = typer.Option(
         False, "--fold-bn", help="Fold BatchNorms into the preceding convs (inference); the file records the folds."
     ),
+    channels_last: bool = typer.Option(
+        False, "--channels-last", help="With --purge: time both models in NHWC (oneDNN's CPU layout) on image input."
+    ),
 ) -> None:
     """Bake the sparsity into a plain model for the original architecture and write it atomically."""
     from ..checkpoint import load
@@ -138,8 +141,9 @@ def export_cmd(
     if fold_bn:
         _print_folds(fold_report(small))
     sizes = (file_size(lambda path: _write(dense, path, fmt, shape, purged=False), SUFFIX[fmt]), out.stat().st_size)
-    comparison = compare(dense, small, shape, batches=(1, 32) if timing else (), repeats=repeats, sizes=sizes)
-    folded = ", both BatchNorm-folded" if fold_bn else ""
+    batches = (1, 32) if timing else ()
+    comparison = compare(dense, small, shape, batches, repeats=repeats, sizes=sizes, channels_last=channels_last)
+    folded = (", both BatchNorm-folded" if fold_bn else "") + (", channels_last" if channels_last else "")
     title = f"{checkpoint.name}: dense vs purged ({'x'.join(map(str, shape))}{folded})"
     console.print(render_comparison(comparison, title))
     slow = [r.name for r in comparison.rows if r.unit == "ms" and r.worse]

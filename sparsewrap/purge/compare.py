@@ -44,28 +44,45 @@ class Comparison:
         return next(r for r in self.rows if r.name == name)
 
 
-def latency(model: nn.Module, input_shape: Sequence[int], batch: int, repeats: int = 5, warmup: int = 1,
-            clock: Callable[[], float] = time.perf_counter) -> float:  # fmt: skip
-    """Median seconds of one eval forward at ``(batch, *input_shape)`` on the model's device.
+def paired_latency(models: Sequence[nn.Module], input_shape: Sequence[int], batch: int, repeats: int = 5,
+                   clock: Callable[[], float] = time.perf_counter,
+                   channels_last: bool = False) -> list[float]:  # fmt: skip
+    """Median seconds of one eval forward at ``(batch, *input_shape)`` for each model, their runs interleaved
+    (A B, B A, ...) after one warm-up each, so that machine drift hits every model alike.
 
     ``clock=time.process_time`` measures CPU seconds instead of wall time: with one thread it is what the
-    forward costs, unaffected by other processes sharing the cores.
+    forward costs, unaffected by other processes sharing the cores. ``channels_last`` runs 4-D inputs in NHWC
+    (the models are converted in place), oneDNN's native layout on the CPU. The models' train/eval modes are
+    restored afterwards.
     """
-    p = next(model.parameters())
+    p = next(models[0].parameters())
     x = torch.randn(batch, *input_shape, dtype=p.dtype, device=p.device)
-    was_training = model.training
-    model.eval()
-    times = []
+    if channels_last and x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
+        for m in models:
+            m.to(memory_format=torch.channels_last)
+    modes = [m.training for m in models]
+    times: list[list[float]] = [[] for _ in models]
     try:
-        with torch.no_grad():
-            for i in range(warmup + repeats):
-                start = clock()
-                model(x)
-                if i >= warmup:
-                    times.append(clock() - start)
+        with torch.inference_mode():
+            for m in models:
+                m.eval()(x)
+            for i in range(repeats):
+                order = range(len(models)) if i % 2 == 0 else reversed(range(len(models)))
+                for j in order:
+                    start = clock()
+                    models[j](x)
+                    times[j].append(clock() - start)
     finally:
-        model.train(was_training)
-    return statistics.median(times)
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    return [statistics.median(t) for t in times]
+
+
+def latency(model: nn.Module, input_shape: Sequence[int], batch: int, repeats: int = 5,
+            clock: Callable[[], float] = time.perf_counter, channels_last: bool = False) -> float:  # fmt: skip
+    """Median seconds of one eval forward of ``model`` (see :func:`paired_latency`)."""
+    return paired_latency([model], input_shape, batch, repeats, clock, channels_last)[0]
 
 
 def file_size(write: Callable[[Path], object], suffix: str) -> int:
@@ -77,8 +94,10 @@ def file_size(write: Callable[[Path], object], suffix: str) -> int:
 
 
 def compare(dense: nn.Module, purged: nn.Module, input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
-            repeats: int = 5, sizes: tuple[int, int] | None = None) -> Comparison:  # fmt: skip
-    """Parameters, MACs (per example), optional file sizes, and latency at each batch size."""
+            repeats: int = 5, sizes: tuple[int, int] | None = None,
+            channels_last: bool = False) -> Comparison:  # fmt: skip
+    """Parameters, MACs (per example), optional file sizes, and latency at each batch size (interleaved runs;
+    ``channels_last`` converts both models and times NHWC inputs)."""
     out = Comparison()
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     out.rows.append(Row("parameters", count(dense), count(purged)))
@@ -86,7 +105,6 @@ def compare(dense: nn.Module, purged: nn.Module, input_shape: Sequence[int], bat
     if sizes is not None:
         out.rows.append(Row("file size", sizes[0], sizes[1], "B"))
     for b in batches:
-        before = latency(dense, input_shape, b, repeats)
-        after = latency(purged, input_shape, b, repeats)
+        before, after = paired_latency([dense, purged], input_shape, b, repeats, channels_last=channels_last)
         out.rows.append(Row(f"latency bs{b}", before * 1e3, after * 1e3, "ms"))
     return out
