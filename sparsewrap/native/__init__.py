@@ -3,12 +3,15 @@
 The hard-concrete gate of :mod:`sparsewrap.parametrizations.gated` costs about fifteen passes over a weight
 tensor in eager PyTorch (noise, logit, sigmoid, clamp, products, and as many in backward); the kernels in
 ``hardconcrete.c`` do the forward and the backward in one pass each, vectorized (``-O3 -ffast-math``, glibc's
-vector ``expf``/``logf``) and split over ``torch.get_num_threads()`` threads. Plain C with no Python or torch
-headers: it builds in about a second. The shared library is cached under ``$SPARSEWRAP_CACHE`` (default
-``~/.cache/sparsewrap``), keyed by the source, the flags, the compiler and the CPU, and written atomically.
+vector ``expf``). Plain C with no Python or torch headers: it builds in about a second. When torch runs on
+GNU OpenMP (its pip wheels do), the library is built with ``-fopenmp`` and links to the ``libgomp`` torch has
+already loaded, so its loops run on torch's own thread pool with ``torch.get_num_threads()`` threads (separate
+Python threads would fight torch's spinning OpenMP workers for the cores). The shared library is cached under
+``$SPARSEWRAP_CACHE`` (default ``~/.cache/sparsewrap``), keyed by the source, the flags, the compiler and the
+CPU, and written atomically.
 
 Without a C compiler, or with ``SPARSEWRAP_NATIVE=0``, :func:`kernels` returns ``None`` and callers use their
-eager path (same math, same distribution, slower); the reason is logged once at INFO level.
+eager path (same math and distribution, another noise stream, slower); the reason is logged once at INFO level.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -86,9 +88,19 @@ def _cpu_id() -> str:
         return ""
 
 
+def _torch_runs_gomp() -> bool:
+    """Whether this process has GNU OpenMP loaded (torch's pip wheels ship and load ``libgomp.so.1``)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            return any("libgomp" in line for line in fh)
+    except OSError:
+        return False
+
+
 def _build(cc: str) -> Path:
+    flags = FLAGS + (["-fopenmp"] if _torch_runs_gomp() else [])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id()]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_id()]).encode()).hexdigest()
     target = cache_dir() / f"hardconcrete-{key[:16]}.so"
     if target.exists():
         return target
@@ -96,7 +108,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        out = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise OSError(f"{cc} failed: {out.stderr.strip()[-500:]}")
         os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
@@ -132,24 +144,3 @@ def kernels() -> ctypes.CDLL | None:
 def ptr(t: torch.Tensor | None) -> ctypes._Pointer | None:
     """A ``float*`` to a contiguous float32 CPU tensor's data (``None`` for ``None``)."""
     return None if t is None else ctypes.cast(t.data_ptr(), _f32p)
-
-
-_pool: ThreadPoolExecutor | None = None
-_GRAIN = 1 << 16  # do not split below this many elements per thread
-
-
-def parallel(n: int, fn) -> list:
-    """Run ``fn(lo, hi)`` over ``[0, n)`` split across ``torch.get_num_threads()`` threads; results in order."""
-    global _pool
-    workers = max(1, min(torch.get_num_threads(), n // _GRAIN))
-    if workers == 1:
-        return [fn(0, n)]
-    with _lock:
-        if _pool is None or _pool._max_workers < workers:  # noqa: SLF001
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sparsewrap")
-    step = -(-n // workers)
-    step += -step % 16  # keep SIMD blocks aligned
-    bounds = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
-    futures = [_pool.submit(fn, lo, hi) for lo, hi in bounds[1:]]
-    first = fn(*bounds[0])
-    return [first] + [f.result() for f in futures]

@@ -1,7 +1,8 @@
 /* Fused hard-concrete L0 gate kernels (Louizos et al. 2018) for float32 tensors on the CPU.
  *
  * Loaded with ctypes by sparsewrap/native/__init__.py, which compiles this file on first use; every function
- * works on the index range [lo, hi) so that Python threads can split a tensor (ctypes releases the GIL).
+ * works on the index range [lo, hi). Built with -fopenmp when the process runs torch's libgomp, the loops run
+ * on that same OpenMP runtime (one thread pool, torch.set_num_threads applies); otherwise on one thread.
  * The math is the reference of sparsewrap/parametrizations/gated.py, written as one pass per direction:
  *
  *   u = eps + (1 - 2 eps) U(0, 1)        (counter-based: a hash of (key, index), so any range is reproducible)
@@ -18,6 +19,7 @@
 #define STRETCH (ZETA - GAMMA)
 #define EPS (1e-6f)
 #define BLOCK 4096
+#define PARALLEL_MIN 65536 /* elements below which one thread does it all */
 
 static inline uint32_t mix32(uint32_t h) {
     h ^= h >> 16;
@@ -37,7 +39,7 @@ static inline float uniform_at(uint32_t k0, uint32_t k1, int64_t i) {
 
 /* the uniforms alone (tests check the gates against the reference formula with them) */
 void sw_hc_uniform(float *u, int64_t lo, int64_t hi, uint32_t k0, uint32_t k1) {
-#pragma omp simd
+#pragma omp parallel for simd schedule(static) if (hi - lo > PARALLEL_MIN)
     for (int64_t i = lo; i < hi; i++) u[i] = uniform_at(k0, k1, i);
 }
 
@@ -60,6 +62,7 @@ void sw_hc_forward(const float *w, const float *la, float *out, float *z, int64_
                    uint32_t k1, float inv_beta, float shift, int three_halves, double *count) {
     double total = 0.0;
     const float c = expf(-shift);
+#pragma omp parallel for schedule(static) reduction(+ : total) if (hi - lo > PARALLEL_MIN)
     for (int64_t b = lo; b < hi; b += BLOCK) {
         int64_t e = b + BLOCK < hi ? b + BLOCK : hi;
         float acc = 0.0f;
@@ -88,7 +91,7 @@ void sw_hc_forward(const float *w, const float *la, float *out, float *z, int64_
 /* the sample alone (tests compare it with the reference formula) */
 void sw_hc_sample(const float *la, float *z, int64_t lo, int64_t hi, uint32_t k0, uint32_t k1, float inv_beta,
                   int three_halves) {
-#pragma omp simd
+#pragma omp parallel for simd schedule(static) if (hi - lo > PARALLEL_MIN)
     for (int64_t i = lo; i < hi; i++) {
         float en;
         z[i] = gate_at(k0, k1, i, la[i], inv_beta, three_halves, &en);
@@ -106,19 +109,19 @@ void sw_hc_backward(const float *g, const float *w, const float *z, const float 
                     int64_t lo, int64_t hi, float inv_beta, float shift, float gcount) {
     const float c = expf(-shift), inv_stretch_beta = inv_beta / STRETCH;
     if (g == 0) {
-#pragma omp simd
+#pragma omp parallel for simd schedule(static) if (hi - lo > PARALLEL_MIN)
         for (int64_t i = lo; i < hi; i++) gla[i] = gcount * count_slope(la[i], c);
         return;
     }
     if (gw == 0) {
-#pragma omp simd
+#pragma omp parallel for simd schedule(static) if (hi - lo > PARALLEL_MIN)
         for (int64_t i = lo; i < hi; i++) {
             float zz = z[i], inside = (zz > 0.0f && zz < 1.0f) ? 1.0f : 0.0f;
             gla[i] = inside * g[i] * w[i] * (zz - GAMMA) * (ZETA - zz) * inv_stretch_beta + gcount * count_slope(la[i], c);
         }
         return;
     }
-#pragma omp simd
+#pragma omp parallel for simd schedule(static) if (hi - lo > PARALLEL_MIN)
     for (int64_t i = lo; i < hi; i++) {
         float zz = z[i], gi = g[i], inside = (zz > 0.0f && zz < 1.0f) ? 1.0f : 0.0f;
         gla[i] = inside * gi * w[i] * (zz - GAMMA) * (ZETA - zz) * inv_stretch_beta + gcount * count_slope(la[i], c);

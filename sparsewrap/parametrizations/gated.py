@@ -238,13 +238,9 @@ def _native_forward(lib, w: Tensor, log_alpha: Tensor, beta: float) -> tuple[Ten
     ptrs = (native.ptr(w), native.ptr(log_alpha), native.ptr(out), native.ptr(z))
     args = (*keys, 1.0 / beta, _shift(beta), _three_halves(beta))
 
-    def run(lo: int, hi: int) -> float:
-        total = ctypes.c_double(0.0)
-        lib.sw_hc_forward(*ptrs, lo, hi, *args, ctypes.byref(total))
-        return total.value
-
-    count = sum(native.parallel(log_alpha.numel(), run))
-    return out, z, torch.tensor(count, dtype=log_alpha.dtype), keys
+    total = ctypes.c_double(0.0)
+    lib.sw_hc_forward(*ptrs, 0, log_alpha.numel(), *args, ctypes.byref(total))
+    return out, z, torch.tensor(total.value, dtype=log_alpha.dtype), keys
 
 
 def _native_backward(grad: Tensor | None, grad_count: Tensor | None, w: Tensor, z: Tensor, log_alpha: Tensor,
@@ -261,7 +257,7 @@ def _native_backward(grad: Tensor | None, grad_count: Tensor | None, w: Tensor, 
     ptrs = tuple(native.ptr(t) for t in (g, w, z, log_alpha, grad_w, grad_la))
     args = (1.0 / beta, _shift(beta), gcount)
     lib = native.kernels()
-    native.parallel(log_alpha.numel(), lambda lo, hi: lib.sw_hc_backward(*ptrs, lo, hi, *args))
+    lib.sw_hc_backward(*ptrs, 0, log_alpha.numel(), *args)
     return grad_w, grad_la
 
 
@@ -271,7 +267,7 @@ def native_sample(log_alpha: Tensor, beta: float, keys: tuple[int, int]) -> Tens
     la = log_alpha.detach().contiguous()
     z = torch.empty_like(la)
     args = (*keys, 1.0 / beta, _three_halves(beta))
-    native.parallel(la.numel(), lambda lo, hi: lib.sw_hc_sample(native.ptr(la), native.ptr(z), lo, hi, *args))
+    lib.sw_hc_sample(native.ptr(la), native.ptr(z), 0, la.numel(), *args)
     return z
 
 
