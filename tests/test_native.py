@@ -131,3 +131,41 @@ def test_the_library_is_cached_and_rebuilt_in_a_new_cache(tmp_path, monkeypatch)
     monkeypatch.setattr(native, "_state", {})
     native.kernels()
     assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def _pattern(use_scratch: bool, retain: bool):
+    """Two forwards whose graphs overlap (gradient accumulation, or a retained graph), then backward."""
+    torch.manual_seed(3)
+    w = torch.randn(SHAPE, requires_grad=True)
+    la = (torch.randn(SHAPE) * 2).requires_grad_()
+    scratch = gated._Scratch() if use_scratch else None
+    out1, c1 = _GatedMul.apply(w, la, BETA, scratch)
+    loss1 = (out1 * out1).sum() + c1
+    if retain:
+        loss1.backward(retain_graph=True)
+    out2, c2 = _GatedMul.apply(w, la, BETA, scratch)  # must not overwrite the sample graph 1 still holds
+    loss2 = (out2 * out2).sum() + c2
+    if retain:
+        loss2.backward()
+        loss1.backward()  # the retained graph, after the second forward
+    else:
+        (loss1 + loss2).backward()
+    return w.grad.clone(), la.grad.clone()
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_the_reused_sample_buffer_never_changes_a_gradient(retain) -> None:
+    ref, got = _pattern(False, retain), _pattern(True, retain)
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+
+
+def test_the_sample_buffer_is_reused_once_the_backward_released_it() -> None:
+    w, la = torch.randn(SHAPE, requires_grad=True), torch.randn(SHAPE, requires_grad=True)
+    scratch = gated._Scratch()
+    out, count = _GatedMul.apply(w, la, BETA, scratch)
+    first = scratch.buf
+    (out.sum() + count).backward()
+    out, count = _GatedMul.apply(w, la, BETA, scratch)
+    assert scratch.buf is first  # reused: no new 4-byte-per-weight allocation this step
+    out2, _ = _GatedMul.apply(w, la, BETA, scratch)
+    assert scratch.buf is not first  # the first sample is still held by the pending graph
