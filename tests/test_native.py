@@ -163,9 +163,11 @@ def test_the_sample_buffer_is_reused_once_the_backward_released_it() -> None:
     w, la = torch.randn(SHAPE, requires_grad=True), torch.randn(SHAPE, requires_grad=True)
     scratch = gated._Scratch()
     out, count = _GatedMul.apply(w, la, BETA, scratch)
-    first = scratch.buf
+    first, first_out = scratch.sample.buf, scratch.out.buf
     (out.sum() + count).backward()
+    del out
     out, count = _GatedMul.apply(w, la, BETA, scratch)
-    assert scratch.buf is first  # reused: no new 4-byte-per-weight allocation this step
+    assert scratch.sample.buf is first and scratch.out.buf is first_out  # reused: no new full-size tensors
     out2, _ = _GatedMul.apply(w, la, BETA, scratch)
-    assert scratch.buf is not first  # the first sample is still held by the pending graph
+    assert scratch.sample.buf is not first  # the first sample is still held by the pending graph
+    assert scratch.out.buf is not first_out  # and the first gated weight by `out`

@@ -28,7 +28,6 @@ from __future__ import annotations
 import ctypes
 import math
 import threading
-import weakref
 
 import numpy as np
 import torch
@@ -234,24 +233,28 @@ def _three_halves(beta: float) -> int:
     return int(abs(beta - 2.0 / 3.0) < 1e-12)  # the kernels use q sqrt(q) for q^(1/beta)
 
 
-class _Scratch:
-    """The buffer a parametrization's gate sample is written into, reused from step to step.
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # absent: buffers are not reused
 
-    A fresh 44 MB sample per step (ResNet-18) costs as much in page faults as the kernel that fills it. The
-    sample is saved for backward through a view; once autograd has released that view (the backward ran, or
-    the graph was dropped) the buffer is free for the next forward. While a graph still holds it (gradient
-    accumulation over several forwards, ``retain_graph=True``) a new buffer is used. Reuse bumps the buffer's
-    version counter, so a graph that kept it against expectation fails loudly rather than silently.
+
+class _Buffer:
+    """A buffer handed out again only when no tensor but this one refers to its memory.
+
+    Each forward of a per-weight gate writes two full-size tensors (the sample, kept for backward, and the
+    gated weight); fresh ones every step cost as much in page faults as the kernel that fills them. The buffer
+    is lent out as a view; it is reused when its storage has no other user (the graph that saved it has run its
+    backward or was dropped, and no one kept the gated weight), and a new one is taken while anything still
+    refers to it (gradient accumulation over several forwards, ``retain_graph=True``, ``parametrize.cached``).
+    Reuse also bumps the version counter, so autograd would refuse a stale saved copy rather than use it.
     """
 
-    __slots__ = ("buf", "held")
+    __slots__ = ("buf", "storage")
 
     def __init__(self) -> None:
         self.buf: Tensor | None = None
-        self.held: weakref.ref | None = None
+        self.storage = None
 
-    def __deepcopy__(self, memo: dict) -> _Scratch:
-        return _Scratch()
+    def __deepcopy__(self, memo: dict) -> _Buffer:
+        return _Buffer()
 
     def take(self, like: Tensor) -> Tensor:
         buf = self.buf
@@ -260,20 +263,35 @@ class _Scratch:
             or buf.shape != like.shape
             or buf.dtype != like.dtype
             or buf.device != like.device
-            or (self.held is not None and self.held() is not None)
+            or _storage_use_count(self.storage._cdata) != 2  # this buffer and its storage object: nothing else
         ):
-            self.buf = buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+            buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+            if _storage_use_count is None:
+                return buf
+            self.buf, self.storage = buf, buf.untyped_storage()
         else:
             torch.autograd.graph.increment_version(buf)
-        view = buf.view_as(buf)
-        self.held = weakref.ref(view)
-        return view
+        return buf.view_as(buf)
+
+
+class _Scratch:
+    """The reusable buffers of one gated tensor: the sample and the gated weight."""
+
+    __slots__ = ("sample", "out")
+
+    def __init__(self) -> None:
+        self.sample, self.out = _Buffer(), _Buffer()
+
+    def __deepcopy__(self, memo: dict) -> _Scratch:
+        return _Scratch()
 
 
 def _native_forward(lib, w: Tensor, log_alpha: Tensor, beta: float,
                     scratch: _Scratch | None) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:  # fmt: skip
-    out = torch.empty_like(w)
-    z = scratch.take(log_alpha) if scratch is not None else torch.empty_like(log_alpha)
+    if scratch is not None:
+        out, z = scratch.out.take(w), scratch.sample.take(log_alpha)
+    else:
+        out, z = torch.empty_like(w), torch.empty_like(log_alpha)
     keys = native_keys()
     ptrs = (native.ptr(w), native.ptr(log_alpha), native.ptr(out), native.ptr(z))
     args = (*keys, 1.0 / beta, _shift(beta), _three_halves(beta))
