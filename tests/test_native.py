@@ -40,6 +40,17 @@ def test_uniforms_are_reproducible_per_key_inside_the_clamp_and_look_uniform() -
     assert abs(lag) < 6 / n**0.5
 
 
+def test_streams_of_different_keys_are_uncorrelated() -> None:
+    n = 1 << 20
+    base = native_uniform(n, (1000, 2000)).double()
+    for keys in [(1000, 2001), (1001, 2001), (77, 88), (123456789, 987654321)]:  # each forward draws both keys
+        other = native_uniform(n, keys).double()
+        r = torch.corrcoef(torch.stack([base, other]))[0, 1].item()
+        assert abs(r) < 6 / n**0.5, keys
+        common = torch.isin(other, base).double().mean().item()  # not the same values, moved elsewhere
+        assert common < 0.1, keys
+
+
 def test_a_range_split_gives_the_same_numbers_as_one_call() -> None:
     n, keys = 100_003, (7, 9)
     whole = native_uniform(n, keys)

@@ -31,8 +31,9 @@ static inline uint32_t mix32(uint32_t h) {
 }
 
 static inline float uniform_at(uint32_t k0, uint32_t k1, int64_t i) {
-    uint32_t h = mix32((uint32_t)i ^ k0);
-    h = mix32(h ^ k1 ^ (uint32_t)((uint64_t)i >> 32));
+    /* one murmur3 finalizer over a keyed odd-multiplier sequence: a bijection of the index for given keys,
+     * and both keys are fresh 32-bit draws every forward */
+    uint32_t h = mix32(((uint32_t)i ^ k0) * 0x9e3779b1u + (k1 ^ (uint32_t)((uint64_t)i >> 32)));
     float u = ((float)(h >> 8) + 0.5f) * (1.0f / 16777216.0f); /* 24 bits, strictly inside (0, 1) */
     return EPS + (1.0f - 2.0f * EPS) * u;
 }
