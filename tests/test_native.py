@@ -182,3 +182,50 @@ def test_the_sample_buffer_is_reused_once_the_backward_released_it() -> None:
     out2, _ = _GatedMul.apply(w, la, BETA, scratch)
     assert scratch.sample.buf is not first  # the first sample is still held by the pending graph
     assert scratch.out.buf is not first_out  # and the first gated weight by `out`
+
+
+def _l0_run(eager_clamp: bool, steps: int = 6):
+    """Per-weight L0 on a layer large enough for the native path, with a tight clamp that binds every step."""
+    import sparsewrap as sw
+
+    torch.manual_seed(11)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 192), torch.nn.ReLU(), torch.nn.Linear(192, 4))
+    sp = sw.sparsify(model, "l0", target=0.15, include=["0"], log_alpha_max=0.3, droprate_init=0.4)
+    gate = model[0].parametrizations.weight[0]
+    opt = torch.optim.SGD(sp.param_groups(lr=0.5), lr=0.5, momentum=0.9)
+    x, y = torch.randn(32, 256), torch.randint(0, 4, (32,))
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y) + sp.penalty()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sp.step()
+        if eager_clamp:
+            gate.ensure_clamped()  # what a clamp right after every step gives
+    return sp, gate
+
+
+def test_the_lazy_clamp_inside_the_kernel_equals_clamping_after_every_step() -> None:
+    (lazy_sp, lazy), (eager_sp, eager) = _l0_run(False), _l0_run(True)
+    assert lazy.log_alpha.numel() >= gated.NATIVE_MIN_NUMEL
+    assert lazy.log_alpha.detach().abs().max() > 0.3  # the last step moved it past the bound: not yet clamped
+    torch.testing.assert_close(lazy_sp.model[0].parametrizations.weight.original,
+                               eager_sp.model[0].parametrizations.weight.original, rtol=0, atol=0)  # fmt: skip
+    state = lazy_sp.model.state_dict()  # every reader sees the clamped values
+    key = next(k for k in state if k.endswith("log_alpha"))
+    torch.testing.assert_close(state[key], eager.log_alpha.detach(), rtol=0, atol=0)
+
+
+def test_eval_and_export_see_the_clamped_log_alpha() -> None:
+    import sparsewrap as sw
+
+    sp, gate = _l0_run(False, steps=3)
+    with torch.no_grad():
+        gate.log_alpha.fill_(5.0)  # beyond the bound, as an optimizer step can leave it
+    sp.model.eval()
+    sp.model(torch.randn(2, 256))
+    assert gate.log_alpha.detach().max().item() == pytest.approx(0.3)
+    with torch.no_grad():
+        gate.log_alpha.add_(1.0)
+    sw.export(sp)
+    assert gate.log_alpha.detach().max().item() == pytest.approx(0.3)

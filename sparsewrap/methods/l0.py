@@ -150,7 +150,7 @@ class L0(Method):
         self.notes_: list[str] = []
         self.plan = None
         if cfg.granularity == "weight":
-            gates = attach_weight_gates(self.targets, cfg.droprate_init, cfg.temperature)
+            gates = attach_weight_gates(self.targets, cfg.droprate_init, cfg.temperature, cfg.log_alpha_max)
             self.layers = [GatedLayer(t, constraint_of[t.name], costs[t.name], weight_gate=g)
                            for t, g in zip(self.targets, gates)]  # fmt: skip
         else:
@@ -270,11 +270,18 @@ class L0(Method):
                     self._defect = dens - self._requested_densities(dens)
             self.duals.update(self._defect)
             self._defect = None
-        self._clamp()
+        self._clamp(lazy=True)
 
-    def _clamp(self) -> None:
+    def _clamp(self, lazy: bool = False) -> None:
+        """Project the gates' ``log_alpha`` onto ``[-log_alpha_max, log_alpha_max]``. With ``lazy``, per-weight
+        gates are left to clamp themselves at their next use (GatedWeight: inside the forward kernel's pass)."""
         bound = self.config.log_alpha_max
         with torch.no_grad():
+            if self.plan is None:
+                for layer in self.layers:
+                    if not lazy:
+                        layer.weight_gate.ensure_clamped()
+                return
             for p in self.gate_parameters():
                 p.clamp_(-bound, bound)
 
@@ -304,6 +311,7 @@ class L0(Method):
         return z
 
     def _bake_weights(self) -> dict[tuple[str, str], Tensor]:
+        self._clamp()
         keeps: dict[int, Tensor] = {}
         for k in range(len(self.densities)):
             mine = [la for la in self.layers if la.constraint == k]
@@ -358,6 +366,7 @@ class L0(Method):
         beta = self.config.temperature
         if self.plan is not None:
             return self._spent({g: eval_gates(g.log_alpha, beta) > 0 for g in self.plan.gates}) / sum(self.totals)
+        self._clamp()
         kept = sum(la.cost * int((eval_gates(la.weight_gate.log_alpha, beta) > 0).sum()) for la in self.layers)
         return kept / sum(self.totals)
 

@@ -134,9 +134,10 @@ def gate_probs(layers: list[GatedLayer]) -> dict[ChannelGate, Tensor]:
     return out
 
 
-def attach_weight_gates(targets: list[Target], droprate_init: float, beta: float) -> list[GatedWeight]:
-    """One :class:`GatedWeight` on each target's weight."""
-    return [attach(t.module, "weight", GatedWeight(t.original, droprate_init, beta)) for t in targets]
+def attach_weight_gates(targets: list[Target], droprate_init: float, beta: float,
+                        bound: float | None = None) -> list[GatedWeight]:  # fmt: skip
+    """One :class:`GatedWeight` on each target's weight (``log_alpha`` clamped to ``[-bound, bound]``)."""
+    return [attach(t.module, "weight", GatedWeight(t.original, droprate_init, beta, bound)) for t in targets]
 
 
 @dataclass

@@ -62,6 +62,7 @@ SIGNATURES = {
         _f32,
         _f32,
         _i32,
+        _f32,
         ctypes.POINTER(ctypes.c_double),
     ],
     "sw_hc_backward": [_f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i64, _i64, _f32, _f32, _f32],

@@ -57,32 +57,46 @@ static inline float gate_at(uint32_t k0, uint32_t k1, int64_t i, float la, float
     return fminf(fmaxf(STRETCH / (1.0f + t) + GAMMA, 0.0f), 1.0f);
 }
 
+/* One forward element: clamps la[i] to [-bound, bound] first when CLAMP (writing the clamped value back only
+ * where it changes: the projection of log_alpha after the previous optimizer step, done here instead of in
+ * a separate pass), then the gate, the gated weight and the count term. */
+#define FORWARD_BODY(THREE_HALVES, CLAMP)                                                                        \
+    for (int64_t i = b; i < e; i++) {                                                                            \
+        float l = la[i];                                                                                         \
+        if (CLAMP) {                                                                                             \
+            float lc = fminf(fmaxf(l, -bound), bound);                                                           \
+            if (lc != l) la[i] = lc;                                                                             \
+            l = lc;                                                                                              \
+        }                                                                                                        \
+        float en, zz = gate_at(k0, k1, i, l, inv_beta, THREE_HALVES, &en);                                       \
+        z[i] = zz;                                                                                               \
+        out[i] = w[i] * zz;                                                                                      \
+        acc += 1.0f / (1.0f + en * c);                                                                           \
+    }
+
 /* out = w z for a fresh sample z, stored in z for the backward (cheaper than recomputing it there); returns
- * sum(sigmoid(la + shift)) over the range in *count. */
-void sw_hc_forward(const float *w, const float *la, float *out, float *z, int64_t lo, int64_t hi, uint32_t k0,
-                   uint32_t k1, float inv_beta, float shift, int three_halves, double *count) {
+ * sum(sigmoid(la + shift)) over the range in *count. bound > 0: clamp la in place first (see above). */
+void sw_hc_forward(const float *w, float *la, float *out, float *z, int64_t lo, int64_t hi, uint32_t k0,
+                   uint32_t k1, float inv_beta, float shift, int three_halves, float bound, double *count) {
     double total = 0.0;
     const float c = expf(-shift);
 #pragma omp parallel for schedule(static) reduction(+ : total) if (hi - lo > PARALLEL_MIN)
     for (int64_t b = lo; b < hi; b += BLOCK) {
         int64_t e = b + BLOCK < hi ? b + BLOCK : hi;
         float acc = 0.0f;
-        if (three_halves) { /* two copies of the loop so that the branch is resolved outside it */
+        /* four copies of the loop, so that both branches are resolved outside it */
+        if (three_halves && bound > 0.0f) {
 #pragma omp simd reduction(+ : acc)
-            for (int64_t i = b; i < e; i++) {
-                float en, zz = gate_at(k0, k1, i, la[i], inv_beta, 1, &en);
-                z[i] = zz;
-                out[i] = w[i] * zz;
-                acc += 1.0f / (1.0f + en * c);
-            }
+            FORWARD_BODY(1, 1)
+        } else if (three_halves) {
+#pragma omp simd reduction(+ : acc)
+            FORWARD_BODY(1, 0)
+        } else if (bound > 0.0f) {
+#pragma omp simd reduction(+ : acc)
+            FORWARD_BODY(0, 1)
         } else {
 #pragma omp simd reduction(+ : acc)
-            for (int64_t i = b; i < e; i++) {
-                float en, zz = gate_at(k0, k1, i, la[i], inv_beta, 0, &en);
-                z[i] = zz;
-                out[i] = w[i] * zz;
-                acc += 1.0f / (1.0f + en * c);
-            }
+            FORWARD_BODY(0, 0)
         }
         total += acc;
     }

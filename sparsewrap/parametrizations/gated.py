@@ -162,15 +162,20 @@ class _GatedMul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, log_alpha: Tensor, beta: float,  # type: ignore[override]
-                scratch: _Scratch | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+                scratch: _Scratch | None = None, bound: float = 0.0) -> tuple[Tensor, Tensor]:  # fmt: skip
+        # bound > 0: first project log_alpha onto [-bound, bound] in place (GatedWeight's lazy clamp)
         ctx.beta = beta
         ctx.set_materialize_grads(False)
         lib = _native_for(w, log_alpha)
         ctx.keys = None
         if lib is not None:
-            out, z, count, ctx.keys = _native_forward(lib, w, log_alpha, beta, scratch)
+            out, z, count, ctx.keys = _native_forward(lib, w, log_alpha, beta, scratch, bound)
+            if bound > 0:
+                torch.autograd.graph.increment_version(log_alpha)  # the kernel wrote it through a pointer
             ctx.save_for_backward(w, z, log_alpha)
             return out, count
+        if bound > 0:
+            log_alpha.clamp_(-bound, bound)  # grad mode is off inside forward
         z = uniform_noise(log_alpha).logit_()  # logistic noise log u - log(1 - u)
         z.add_(log_alpha).div_(beta).sigmoid_()
         torch.add(torch.tensor(GAMMA, dtype=z.dtype), z, alpha=_STRETCH, out=z).clamp_(0.0, 1.0)
@@ -184,7 +189,7 @@ class _GatedMul(torch.autograd.Function):
         if ctx.keys is not None:
             w, z, log_alpha = ctx.saved_tensors
             grads = _native_backward(grad, grad_count, w, z, log_alpha, ctx.beta, ctx.needs_input_grad)
-            return (*grads, None, None)
+            return (*grads, None, None, None)
         w, z, p = ctx.saved_tensors
         grad_la, scratch = None, None
         if ctx.needs_input_grad[1] and grad is not None:
@@ -202,7 +207,7 @@ class _GatedMul(torch.autograd.Function):
             else:
                 grad_la.add_(torch.ops.aten.sigmoid_backward.grad_input(g, p, grad_input=scratch))
         grad_w = grad * z if ctx.needs_input_grad[0] and grad is not None else None
-        return grad_w, grad_la, None, None
+        return grad_w, grad_la, None, None, None
 
 
 # -- native kernels (sparsewrap/native/hardconcrete.c): the same math in one pass per direction -----------------
@@ -286,15 +291,15 @@ class _Scratch:
         return _Scratch()
 
 
-def _native_forward(lib, w: Tensor, log_alpha: Tensor, beta: float,
-                    scratch: _Scratch | None) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:  # fmt: skip
+def _native_forward(lib, w: Tensor, log_alpha: Tensor, beta: float, scratch: _Scratch | None,
+                    bound: float = 0.0) -> tuple[Tensor, Tensor, Tensor, tuple[int, int]]:  # fmt: skip
     if scratch is not None:
         out, z = scratch.out.take(w), scratch.sample.take(log_alpha)
     else:
         out, z = torch.empty_like(w), torch.empty_like(log_alpha)
     keys = native_keys()
     ptrs = (native.ptr(w), native.ptr(log_alpha), native.ptr(out), native.ptr(z))
-    args = (*keys, 1.0 / beta, _shift(beta), _three_halves(beta))
+    args = (*keys, 1.0 / beta, _shift(beta), _three_halves(beta), float(bound))
 
     total = ctypes.c_double(0.0)
     lib.sw_hc_forward(*ptrs, 0, log_alpha.numel(), *args, ctypes.byref(total))
@@ -355,30 +360,59 @@ class _Kept:
         return _Kept()
 
 
+def _clamp_before_saving(module: GatedWeight, prefix: str, keep_vars: bool) -> None:
+    module.ensure_clamped()
+
+
 class GatedWeight(SparseParametrization):
     """One hard-concrete gate per weight: ``w * z`` (a sample in train mode, the median gate in eval mode).
 
     A training forward also computes the expected number of open gates; :meth:`expected_count` returns it
     (differentiable) until ``log_alpha`` changes, so the penalty costs no second pass over the gates.
 
+    With ``bound``, ``log_alpha`` is kept in ``[-bound, bound]`` (the projection after each optimizer step), lazily:
+    whenever it is *used* after a change (its version counter tells), it is clamped in place first: by the
+    native forward kernel in the same pass (no separate pass over the gates), otherwise by
+    :meth:`ensure_clamped`, which eval, :meth:`expected_count` and ``state_dict`` call. The values every
+    forward, gradient and optimizer step see are those of clamping right after the step.
+
     Args:
         like: the weight (gives shape, dtype and device of ``log_alpha``).
         droprate_init: initial drop rate ``d`` (``log_alpha`` starts at ``log((1 - d) / d)``).
         beta: temperature.
+        bound: the clamp of ``log_alpha``, or ``None``.
     """
 
-    def __init__(self, like: Tensor, droprate_init: float = 0.5, beta: float = BETA) -> None:
+    def __init__(self, like: Tensor, droprate_init: float = 0.5, beta: float = BETA,
+                 bound: float | None = None) -> None:  # fmt: skip
         super().__init__()
         self.beta = beta
+        self.bound = bound
         self.log_alpha = nn.Parameter(init_log_alpha(tuple(like.shape), droprate_init, like))
         self._count = _Kept()
         self._scratch = _Scratch()
+        self._clamped_at: tuple[int, int] | None = None  # (data_ptr, version) of log_alpha when last projected
+        self.register_state_dict_pre_hook(_clamp_before_saving)
+
+    def _la_key(self) -> tuple[int, int]:
+        return (self.log_alpha.data_ptr(), self.log_alpha._version)
+
+    def ensure_clamped(self) -> None:
+        """Clamp ``log_alpha`` to ``[-bound, bound]`` in place if it changed since it was last clamped."""
+        if self.bound is not None and self._la_key() != self._clamped_at:
+            with torch.no_grad():
+                self.log_alpha.clamp_(-self.bound, self.bound)
+            self._clamped_at = self._la_key()
 
     def forward(self, original: Tensor) -> Tensor:
         if not self.training:
+            self.ensure_clamped()
             return original * eval_gates(self.log_alpha, self.beta)
         scratch = self._scratch if torch.is_grad_enabled() else None  # no backward: nothing to keep
-        out, count = _GatedMul.apply(original, self.log_alpha, self.beta, scratch)
+        dirty = self.bound is not None and self._la_key() != self._clamped_at
+        out, count = _GatedMul.apply(original, self.log_alpha, self.beta, scratch, self.bound if dirty else 0.0)
+        if dirty:
+            self._clamped_at = self._la_key()
         if count.requires_grad:
             self._count.value, self._count.version = count, self.log_alpha._version
         return out
@@ -389,7 +423,13 @@ class GatedWeight(SparseParametrization):
         if kept.value is not None and kept.version == self.log_alpha._version and torch.is_grad_enabled():
             value, kept.value = kept.value, None  # used once: a second call recomputes
             return value
+        self.ensure_clamped()
         return expected_count(self.log_alpha, self.beta)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_clamped_at"] = None  # a copy has other tensors: it clamps again at first use
+        return state
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.log_alpha.shape)}, beta={self.beta:.4g}"
