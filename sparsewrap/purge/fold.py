@@ -178,14 +178,9 @@ def _why_not(node: fx.Node, ctx: _Graph) -> str:
         return "its input is not the output of a layer"
     layer_name = str(src.target)
     layer = modules[layer_name]
-    if type(layer) is nn.Linear:
-        if type(bn) is not nn.BatchNorm1d or layer.out_features != bn.num_features:
-            return f"{layer_name} (Linear, {layer.out_features} features) does not match {type(bn).__name__}"
-    elif type(layer) in CONVS:
-        if CONVS[type(layer)] is not type(bn) or layer.out_channels != bn.num_features:
-            return f"{layer_name} ({type(layer).__name__}, {layer.out_channels} channels) does not match it"
-    else:
-        return f"its input comes from {layer_name} ({type(layer).__name__}), not exactly nn.Conv1d/2d/3d or Linear"
+    mismatch = _mismatch(layer_name, layer, bn)
+    if mismatch:
+        return mismatch
     if len(src.users) != 1:
         return f"the output of {layer_name} is also used elsewhere"
     for qual, module in ((layer_name, layer), (name, bn)):
@@ -257,20 +252,25 @@ def apply_folds(model: nn.Module, pairs: Sequence[Sequence[str]]) -> list[tuple]
         _check_pair(pair, layer, bn)
         undo.append((layer, layer._parameters["weight"], layer._parameters.get("bias"), pair[1], bn))
         _fold(layer, bn)
-        parent, _, leaf = pair[1].rpartition(".")
-        setattr(model.get_submodule(parent), leaf, nn.Identity())
+        model.set_submodule(pair[1], nn.Identity())
     return undo
 
 
-def _check_pair(pair: Sequence[str], layer: nn.Module, bn: nn.Module) -> None:
+def _mismatch(layer_name: str, layer: nn.Module, bn: nn.Module) -> str:
+    """Why ``layer -> bn`` is not an exact conv/linear and its matching BatchNorm ('' if it is)."""
     if type(layer) is nn.Linear:
-        ok, size = type(bn) is nn.BatchNorm1d, layer.out_features
+        want, size, unit = nn.BatchNorm1d, layer.out_features, "features"
     elif type(layer) in CONVS:
-        ok, size = CONVS[type(layer)] is type(bn), layer.out_channels
+        want, size, unit = CONVS[type(layer)], layer.out_channels, "channels"
     else:
-        ok, size = False, -1
-    ok = ok and bn.num_features == size and bn.running_mean is not None and bn.running_var is not None
-    if not ok:
+        return f"its input comes from {layer_name} ({type(layer).__name__}), not exactly nn.Conv1d/2d/3d or Linear"
+    if type(bn) is not want or bn.num_features != size:
+        return f"{layer_name} ({type(layer).__name__}, {size} {unit}) does not match {type(bn).__name__}"
+    return ""
+
+
+def _check_pair(pair: Sequence[str], layer: nn.Module, bn: nn.Module) -> None:
+    if _mismatch(pair[0], layer, bn) or bn.running_mean is None or bn.running_var is None:
         raise ShrinkError(
             f"cannot fold {pair[1]} ({type(bn).__name__}) into {pair[0]} ({type(layer).__name__}): folding needs an "
             "exact nn.Conv1d/2d/3d or nn.Linear followed by the matching nn.BatchNorm with running statistics"
@@ -296,5 +296,4 @@ def _restore(model: nn.Module, undo: list[tuple]) -> None:
     for layer, weight, bias, bn_name, bn in reversed(undo):
         layer._parameters["weight"] = weight
         layer._parameters["bias"] = bias
-        parent, _, leaf = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, bn)
+        model.set_submodule(bn_name, bn)
