@@ -13,14 +13,12 @@ The core returns figures (:class:`DemoResult`); the CLI prints the table.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .controller import sparsify
@@ -30,6 +28,7 @@ from .figure import training_figure
 from .history import Callback, History
 from .loop import evaluate, fit
 from .macs import total_macs
+from .purge.compare import latency
 from .recipe import ModelRecipe
 from .report import Report
 from .rng import seed_all
@@ -98,17 +97,8 @@ class DemoResult:
 
 
 def latency_ms(model: nn.Module, batch: int, repeats: int = 15) -> float:
-    """Median wall time (ms) of one eval-mode forward of a ``batch`` of MNIST-sized inputs."""
-    model.eval()
-    x = torch.randn(batch, *INPUT_SHAPE)
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 3):
-            start = time.perf_counter()
-            model(x)
-            if i >= 3:  # warm-up runs excluded
-                times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    """Median wall time (ms) of one eval-mode forward of a ``batch`` of MNIST-sized inputs (3 warm-up runs)."""
+    return 1000 * latency(model, INPUT_SHAPE, batch, repeats, warmup=3)
 
 
 def measure(model: nn.Module, test_loader: Any, batch: int) -> ModelFigures:

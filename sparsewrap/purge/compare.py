@@ -45,10 +45,10 @@ class Comparison:
 
 
 def paired_latency(models: Sequence[nn.Module], input_shape: Sequence[int], batch: int, repeats: int = 5,
-                   clock: Callable[[], float] = time.perf_counter,
-                   channels_last: bool = False) -> list[float]:  # fmt: skip
+                   clock: Callable[[], float] = time.perf_counter, channels_last: bool = False,
+                   warmup: int = 1) -> list[float]:  # fmt: skip
     """Median seconds of one eval forward at ``(batch, *input_shape)`` for each model, their runs interleaved
-    (A B, B A, ...) after one warm-up each, so that machine drift hits every model alike.
+    (A B, B A, ...) after ``warmup`` untimed runs each, so that machine drift hits every model alike.
 
     ``clock=time.process_time`` measures CPU seconds instead of wall time: with one thread it is what the
     forward costs, unaffected by other processes sharing the cores. ``channels_last`` runs 4-D inputs in NHWC
@@ -66,7 +66,9 @@ def paired_latency(models: Sequence[nn.Module], input_shape: Sequence[int], batc
     try:
         with torch.inference_mode():
             for m in models:
-                m.eval()(x)
+                m.eval()
+                for _ in range(warmup):
+                    m(x)
             for i in range(repeats):
                 order = range(len(models)) if i % 2 == 0 else reversed(range(len(models)))
                 for j in order:
@@ -80,9 +82,10 @@ def paired_latency(models: Sequence[nn.Module], input_shape: Sequence[int], batc
 
 
 def latency(model: nn.Module, input_shape: Sequence[int], batch: int, repeats: int = 5,
-            clock: Callable[[], float] = time.perf_counter, channels_last: bool = False) -> float:  # fmt: skip
+            clock: Callable[[], float] = time.perf_counter, channels_last: bool = False,
+            warmup: int = 1) -> float:  # fmt: skip
     """Median seconds of one eval forward of ``model`` (see :func:`paired_latency`)."""
-    return paired_latency([model], input_shape, batch, repeats, clock, channels_last)[0]
+    return paired_latency([model], input_shape, batch, repeats, clock, channels_last, warmup)[0]
 
 
 def file_size(write: Callable[[Path], object], suffix: str) -> int:
