@@ -100,6 +100,7 @@ def export_cmd(
     from ..export import export
     from ..purge import fold_report, purge_report
     from ..purge.compare import compare, file_size
+    from ..purge.io import example_batch
     from ..recipe import recipe_for
 
     if fmt not in FORMATS:
@@ -117,12 +118,8 @@ def export_cmd(
     sparsity = f"sparsity of targeted weights {report.exported:.4f}" + (
         "" if report.requested is None else f" (requested {report.requested:.4f})"
     )
-    import torch
-
-    p = next(sp.model.parameters())
-    gen = torch.Generator().manual_seed(0)
     needs_example = shape is not None and (purge or fold_bn)
-    example = torch.randn(2, *shape, generator=gen).to(p.device, p.dtype) if needs_example else None
+    example = example_batch(shape, sp.model) if needs_example else None
     if not purge:
         plain = export(sp, example_inputs=example, fold_bn=fold_bn)
         _write(plain, out, fmt, shape, purged=fold_bn)  # the folds must be recorded to load it again

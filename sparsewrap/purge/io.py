@@ -61,7 +61,13 @@ def _example_inputs(plain: nn.Module, source: nn.Module, example_inputs: Any, wh
             f"{why} needs example_inputs=<a tensor or tuple of tensors> to trace shapes and verify outputs; "
             f"{type(source).__name__} records no input shape"
         )
-    p = next(plain.parameters())
+    return example_batch(shape, plain)
+
+
+def example_batch(shape: Sequence[int], like: nn.Module) -> Tensor:
+    """A seeded random batch of 2 inputs of ``shape`` on ``like``'s device and dtype (the default example input
+    of purge, BatchNorm folding and the CLI's measurements)."""
+    p = next(like.parameters())
     gen = torch.Generator().manual_seed(0)
     return torch.randn(2, *shape, generator=gen).to(device=p.device, dtype=p.dtype)
 
