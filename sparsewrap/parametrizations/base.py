@@ -28,6 +28,15 @@ class SparseParametrization(nn.Module):
             self.train(was_training)
 
 
+def version_key(t: Tensor) -> tuple[int, int]:
+    """``(data_ptr, version counter)``: changes whenever ``t`` is replaced or written in place (not via ``.data``).
+
+    Parametrizations use it to redo a projection (re-zero pruned weights, clamp ``log_alpha``) lazily, only after
+    the tensor has changed since they last did it.
+    """
+    return (t.data_ptr(), t._version)
+
+
 def is_ours(module: nn.Module, name: str) -> bool:
     """Whether ``module.name`` is parametrized by a sparsewrap parametrization."""
     return parametrize.is_parametrized(module, name) and any(

@@ -11,11 +11,12 @@ Hard concrete with stretch limits ``gamma = -0.1``, ``zeta = 1.1`` and temperatu
 The eval gate divides by ``beta`` as in Gallego-Posada et al. 2022 (the gate is open when
 ``log_alpha > beta * log(1/11) = -1.5986``); fractional eval gates are kept and folded into the weights.
 
-Per-weight gates use a fused autograd function: the noise buffer becomes the gate sample in place (NumPy's
-PCG64 on the CPU, seeded from torch's generator), the expected L0 count is a second output whose gradient joins
-the gate gradient in one buffer, and the backward needs only the weight, the sample and ``log_alpha``
-(``dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta)`` inside the clamp, computed with fused
-in-place kernels), so a train step keeps no full-size temporary beyond the sample and the gated weight.
+Per-weight gates use one autograd function (``_GatedMul``) whose expected L0 count is a second output, so its
+gradient joins the gate gradient in one buffer; the backward needs only the weight, the sample and
+``log_alpha`` (``dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta)`` inside the clamp). Float32 CPU
+tensors of ``NATIVE_MIN_NUMEL`` weights or more run on the C kernels of :mod:`sparsewrap.native` (one pass per
+direction, counter-based noise, reused output buffers); the rest run eager in-place kernels (noise from NumPy's
+PCG64 on the CPU, seeded from torch's generator). Both are tested against the reference math below.
 
 Channel gates (:class:`ChannelGate`) are shared by every tensor of a channel group: the producers' weights
 (dim 0), their biases and the BatchNorm affine terms after them (the role of the paper's L0BatchNorm), so a
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import native
-from .base import SparseParametrization
+from .base import SparseParametrization, version_key
 
 GAMMA, ZETA, EPS = -0.1, 1.1, 1e-6
 BETA = 2.0 / 3.0
@@ -394,25 +395,22 @@ class GatedWeight(SparseParametrization):
         self._clamped_at: tuple[int, int] | None = None  # (data_ptr, version) of log_alpha when last projected
         self.register_state_dict_pre_hook(_clamp_before_saving)
 
-    def _la_key(self) -> tuple[int, int]:
-        return (self.log_alpha.data_ptr(), self.log_alpha._version)
-
     def ensure_clamped(self) -> None:
         """Clamp ``log_alpha`` to ``[-bound, bound]`` in place if it changed since it was last clamped."""
-        if self.bound is not None and self._la_key() != self._clamped_at:
+        if self.bound is not None and version_key(self.log_alpha) != self._clamped_at:
             with torch.no_grad():
                 self.log_alpha.clamp_(-self.bound, self.bound)
-            self._clamped_at = self._la_key()
+            self._clamped_at = version_key(self.log_alpha)
 
     def forward(self, original: Tensor) -> Tensor:
         if not self.training:
             self.ensure_clamped()
             return original * eval_gates(self.log_alpha, self.beta)
         scratch = self._scratch if torch.is_grad_enabled() else None  # no backward: nothing to keep
-        dirty = self.bound is not None and self._la_key() != self._clamped_at
+        dirty = self.bound is not None and version_key(self.log_alpha) != self._clamped_at
         out, count = _GatedMul.apply(original, self.log_alpha, self.beta, scratch, self.bound if dirty else 0.0)
         if dirty:
-            self._clamped_at = self._la_key()
+            self._clamped_at = version_key(self.log_alpha)
         if count.requires_grad:
             self._count.value, self._count.version = count, self.log_alpha._version
         return out

@@ -17,9 +17,9 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from .base import SparseParametrization
+from .base import SparseParametrization, version_key
 
-Key = tuple[int, int]  # (data_ptr, version counter): changes whenever a tensor is replaced or written in place
+Key = tuple[int, int]  # a version_key
 
 # optimizers whose update of a weight is zero when the weight, its gradient and its per-weight state are zero
 # there (element-wise rules; weight decay multiplies the weight). Exact types only: a subclass may override step.
@@ -32,10 +32,6 @@ ZERO_PRESERVING: tuple[type[Optimizer], ...] = tuple(
 _TRACKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(original) -> (original, its Masked)
 _STATE_MASKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> {id(param): mask key}
 _hooks_installed = False
-
-
-def _key(t: Tensor) -> Key:
-    return (t.data_ptr(), t._version)
 
 
 def _tracked(p: Tensor) -> Masked | None:
@@ -66,7 +62,7 @@ def _after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
         for p in group["params"]:
             owner = _tracked(p)
             if owner is not None and owner._stays_clean:
-                owner._clean = (_key(p), _key(owner.mask))
+                owner._clean = (version_key(p), version_key(owner.mask))
                 owner._stays_clean = False
 
 
@@ -151,7 +147,7 @@ class Masked(SparseParametrization):
             return original * self.mask
         if self._original is None or self._original() is not original:
             self._track(original)
-        if (_key(original), _key(self.mask)) != self._clean:
+        if (version_key(original), version_key(self.mask)) != self._clean:
             self.project(original)
         return _MaskGrad.apply(original, self.mask, self)
 
@@ -159,7 +155,7 @@ class Masked(SparseParametrization):
         """Zero ``original`` in place wherever the mask is zero (hard masks)."""
         with torch.no_grad():
             original.mul_(self.mask)
-        self._clean = (_key(original), _key(self.mask))
+        self._clean = (version_key(original), version_key(self.mask))
 
     def bake(self, original: Tensor) -> Tensor:
         with torch.no_grad():
@@ -178,21 +174,21 @@ class Masked(SparseParametrization):
             def after_accumulate(p: Tensor) -> None:
                 owner = me()
                 if owner is not None and owner._original is not None and owner._original() is p:
-                    owner._grad_clean = _key(p.grad) if owner._grad_pending and p.grad is not None else None
+                    owner._grad_clean = version_key(p.grad) if owner._grad_pending and p.grad is not None else None
 
             original.register_post_accumulate_grad_hook(after_accumulate)
 
     def _before_accumulate(self) -> None:
         """Called in backward, before autograd adds the masked gradient to ``original.grad``."""
         p = self._original() if self._original is not None else None
-        self._grad_pending = p is not None and (p.grad is None or _key(p.grad) == self._grad_clean)
+        self._grad_pending = p is not None and (p.grad is None or version_key(p.grad) == self._grad_clean)
 
     def _ready_for_step(self, opt: Optimizer, p: Tensor) -> bool:
         """Whether a zero-preserving step leaves ``p`` clean; zeroes the optimizer state at pruned entries
         once per mask change."""
         done = _STATE_MASKED.setdefault(opt, {})
-        clean = (_key(p), _key(self.mask)) == self._clean
-        if not clean or (p.grad is not None and _key(p.grad) != self._grad_clean):
+        clean = (version_key(p), version_key(self.mask)) == self._clean
+        if not clean or (p.grad is not None and version_key(p.grad) != self._grad_clean):
             # this step may write non-zeros into the state at pruned entries (an unmasked gradient, or weight
             # decay of a non-zero pruned entry): zero the state again before the next clean step
             done.pop(id(p), None)
@@ -200,14 +196,14 @@ class Masked(SparseParametrization):
         state = opt.state.get(p, {})
         tensors = [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
         # redone when the mask changed or the state tensors were replaced (optimizer.load_state_dict)
-        record = (_key(self.mask), tuple(v.data_ptr() for v in tensors))
+        record = (version_key(self.mask), tuple(v.data_ptr() for v in tensors))
         if done.get(id(p)) != record:
             if any(v.shape != p.shape for v in tensors):
                 return False  # per-weight state of a layout we do not know
             with torch.no_grad():
                 for v in tensors:
                     v.mul_(self.mask)
-            done[id(p)] = (_key(self.mask), tuple(v.data_ptr() for v in tensors))
+            done[id(p)] = (version_key(self.mask), tuple(v.data_ptr() for v in tensors))
         return True
 
     def __getstate__(self) -> dict[str, Any]:
