@@ -101,6 +101,11 @@ def test_pt2_without_any_input_shape_is_a_usage_error(ckpt: Path, tmp_path: Path
     [
         (["--format", "nope"], "'nope' is not a format; valid: safetensors, pt2"),
         (["--format", "pt2", "--input-shape", "3,x,-1"], "'3,x,-1' is not a shape"),
+        (["--channels-last"], "--channels-last only applies to a purged export; add --purge or drop it"),
+        (
+            ["--round-to", "8", "--channels-last"],
+            "--round-to and --channels-last only apply to a purged export; add --purge or drop them",
+        ),
     ],
 )
 def test_bad_export_options_are_usage_errors(ckpt: Path, capsys, args: list[str], message: str) -> None:

@@ -105,6 +105,13 @@ def export_cmd(
 
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not a format; valid: {', '.join(FORMATS)}", param_hint="--format")
+    purge_only = [name for name, given in (("--round-to", round_to != 1), ("--channels-last", channels_last)) if given]
+    if purge_only and not purge:
+        raise typer.BadParameter(
+            f"{' and '.join(purge_only)} only {'applies' if len(purge_only) == 1 else 'apply'} to a purged export; "
+            f"add --purge or drop {'it' if len(purge_only) == 1 else 'them'}",
+            param_hint=purge_only[0],
+        )
     shape = parse_shape(input_shape)
     sp = load(checkpoint)
     if shape is None:
