@@ -1,5 +1,7 @@
 """sparsewrap: make any PyTorch model sparse with published methods, then export a plain compact model.
 
+Quick start::
+
     import sparsewrap as sw
     sp = sw.sparsify(model, method="magnitude", target=0.7)
     ...  # train with sp.param_groups(), sp.penalty(), sp.step()

@@ -44,9 +44,7 @@ class Schedule:
                 "give the step numbers, e.g. start=0, end=1000, every=100"
             )
         if self.every <= 0 or (self.end - self.start) % self.every:
-            raise ConfigError(
-                f"every={self.every} must be positive and divide end - start = {self.end - self.start}"
-            )
+            raise ConfigError(f"every={self.every} must be positive and divide end - start = {self.end - self.start}")
 
     @property
     def events(self) -> int:

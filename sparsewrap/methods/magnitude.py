@@ -237,4 +237,3 @@ class Magnitude(Method):
 
     def load_state_dict(self, state: dict) -> None:
         self.current = float(state.get("current", self.current))
-
