@@ -10,8 +10,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sparsewrap.parametrizations import Masked, attach
+from sparsewrap import native
+from sparsewrap.parametrizations import Masked, attach, masked
 from sparsewrap.parametrizations.masked import ZERO_PRESERVING
+
+
+@pytest.fixture(params=["bits", "product"], autouse=True)
+def grad_path(request, monkeypatch) -> str:
+    """Every test runs twice: pruned entries zeroed by the native kernel with the mask packed in bits (for
+    every full-size mask, however small), and by the product with the float mask."""
+    if request.param == "bits":
+        lib = native.kernels()
+        if lib is None or not lib.sw_mask_vectorized():
+            pytest.skip("no vectorized native mask kernel here")
+        monkeypatch.setattr(masked, "NATIVE_MIN_NUMEL", 1)
+    else:
+        monkeypatch.setattr(masked, "NATIVE_MIN_NUMEL", 1 << 62)
+    return request.param
 
 
 class Product(nn.Module):
@@ -61,7 +76,7 @@ OPTIMIZERS = [
 
 
 @pytest.mark.parametrize("opt_cls,kwargs", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
-def test_hard_mask_training_equals_the_plain_product(opt_cls, kwargs) -> None:
+def test_hard_mask_training_equals_the_plain_product(opt_cls, kwargs, grad_path) -> None:
     """Every step's effective weights and gradients equal those of ``w * mask``, through gradient clipping,
     gradient accumulation, gradient noise and a mask change in the middle of training (new zeros with live
     optimizer state)."""
@@ -97,6 +112,9 @@ def test_hard_mask_training_equals_the_plain_product(opt_cls, kwargs) -> None:
     for m, i in zip(fast_masks, (0, 2, 4)):  # the original itself is zero where the mask is
         original = fast[i].parametrizations.weight.original
         assert torch.all(original[(m.mask == 0).expand_as(original)] == 0)
+    # the path under test was the one taken: bits for the full-size masks of the Linears, never for the
+    # per-channel mask of the conv
+    assert [m._bits is not None for m in fast_masks] == [grad_path == "bits", False, grad_path == "bits"]
 
 
 def _count_projections(monkeypatch) -> list[int]:
@@ -199,3 +217,64 @@ def test_a_loaded_optimizer_state_is_zeroed_at_pruned_entries_before_it_is_used(
         original = net[i].parametrizations.weight.original
         assert torch.all(original[(m.mask == 0).expand_as(original)] == 0)
         assert torch.all(net[i].weight[(m.mask == 0).expand_as(original)] == 0)
+
+
+def test_pruned_gradient_entries_are_zero_even_where_the_incoming_gradient_is_not_finite(grad_path) -> None:
+    layer = nn.Linear(70, 3)  # 210 weights: three full 64-bit words and a tail
+    p = attach(layer, "weight", Masked(layer.weight.shape, layer.weight))
+    p.mask.view(-1)[::2] = 0
+    w = layer.weight
+    g = torch.randn(w.shape)
+    g.view(-1)[:8] = float("nan")  # 4 pruned, 4 kept
+    w.backward(g)
+    grad = layer.parametrizations.weight.original.grad
+    kept = p.mask.bool()
+    torch.testing.assert_close(grad[kept], g[kept], equal_nan=True)
+    if grad_path == "bits":
+        assert torch.all(grad[~kept] == 0)  # exactly zero, NaN included
+    else:
+        assert torch.all((grad[~kept] == 0) | grad[~kept].isnan())  # the product: NaN * 0 is NaN
+
+
+def test_a_weight_frozen_at_the_first_forward_and_trained_later_gets_masked_gradients() -> None:
+    """Frozen when first seen (no hook can go on it): the gradient is masked once it is unfrozen."""
+    layer = nn.Linear(40, 30)
+    layer.weight.requires_grad_(False)
+    p = attach(layer, "weight", Masked(layer.weight.shape, layer.weight))
+    p.mask.view(-1)[::3] = 0
+    layer(torch.randn(2, 40))  # tracked while frozen
+    layer.weight  # noqa: B018
+    original = layer.parametrizations.weight.original
+    original.requires_grad_(True)
+    opt = torch.optim.SGD([original], lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(4, 40)).square().sum().backward()
+        assert torch.all(original.grad[p.mask == 0] == 0) and original.grad.abs().sum() > 0
+        opt.step()
+    assert torch.all(layer.weight[p.mask == 0] == 0)
+
+
+def test_a_loss_on_the_original_itself_leaves_pruned_weights_frozen_at_zero() -> None:
+    layer = nn.Linear(40, 30)
+    p = attach(layer, "weight", Masked(layer.weight.shape, layer.weight))
+    p.mask.view(-1)[::2] = 0
+    original = layer.parametrizations.weight.original
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    loss = layer(torch.randn(4, 40)).sum() + original.square().sum() + (original - 1).abs().sum()
+    loss.backward()
+    assert torch.all(original.grad[p.mask == 0] == 0)
+    opt.step()
+    assert torch.all(original[p.mask == 0] == 0)
+
+
+def test_a_non_leaf_original_from_functional_call_gets_its_gradient_masked_on_the_way_back() -> None:
+    layer = nn.Linear(40, 30)
+    p = attach(layer, "weight", Masked(layer.weight.shape, layer.weight))
+    p.mask.view(-1)[::2] = 0
+    layer.parametrizations.weight.original.detach().mul_(p.mask)  # clean, as the forward keeps it
+    leaf = (torch.randn(30, 40) * p.mask).requires_grad_(True)
+    w = leaf * 1.0  # a non-leaf, zero where the mask is: no accumulation hook can go on it
+    out = torch.func.functional_call(layer, {"parametrizations.weight.original": w}, (torch.randn(4, 40),))
+    (g,) = torch.autograd.grad(out.square().sum(), w)
+    assert torch.all(g[p.mask == 0] == 0) and g[p.mask == 1].abs().sum() > 0

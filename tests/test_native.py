@@ -137,7 +137,7 @@ def test_the_library_is_cached_and_rebuilt_in_a_new_cache(tmp_path, monkeypatch)
     lib = native.kernels()
     assert lib is not None
     built = list((tmp_path / "native").iterdir())
-    assert len(built) == 1 and built[0].name.startswith("hardconcrete-")  # no temporary file left behind
+    assert len(built) == 1 and built[0].name.startswith("kernels-")  # no temporary file left behind
     mtime = built[0].stat().st_mtime_ns
     monkeypatch.setattr(native, "_state", {})
     native.kernels()
@@ -229,3 +229,64 @@ def test_eval_and_export_see_the_clamped_log_alpha() -> None:
         gate.log_alpha.add_(1.0)
     sw.export(sp)
     assert gate.log_alpha.detach().max().item() == pytest.approx(0.3)
+
+
+# -- the hard-mask kernels (masks.c) ---------------------------------------------------------------------------
+
+
+def _reference_bits(mask: torch.Tensor) -> list[int]:
+    """Pack in Python, independently of the kernel: bit i % 64 of word i // 64 is (mask[i] != 0)."""
+    flat = mask.flatten().tolist()
+    words = [0] * ((len(flat) + 63) // 64)
+    for i, v in enumerate(flat):
+        if v != 0:
+            words[i // 64] |= 1 << (i % 64)
+    return [w - (1 << 64) if w >= 1 << 63 else w for w in words]  # as the int64 words torch holds
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, 300_007])  # tails, one word, and a threaded size
+def test_the_mask_kernels_pack_bits_and_zero_exactly_the_pruned_entries(n) -> None:
+    lib = native.kernels()
+    if not lib.sw_mask_vectorized():
+        pytest.skip("no vector path in this build")
+    gen = torch.Generator().manual_seed(n)
+    mask = (torch.rand(n, generator=gen) > 0.7).float()
+    if n >= 256:
+        mask[:64] = 1  # a word with every weight kept (skipped by the kernel)
+        mask[128:192] = 0  # a word with every weight pruned
+    bits = torch.empty((n + 63) // 64, dtype=torch.int64)
+    lib.sw_mask_pack(mask.data_ptr(), bits.data_ptr(), n)
+    assert bits.tolist() == _reference_bits(mask)
+    x = torch.randn(n, generator=gen)
+    x[::5] = float("inf")
+    expected = torch.where(mask.bool(), x, torch.zeros(()))
+    lib.sw_mask_zero(x.data_ptr(), bits.data_ptr(), n)
+    assert torch.equal(x, expected)
+
+
+@pytest.mark.parametrize("flags", [["-mavx2", "-mno-avx512f"], ["-mno-avx2", "-mno-avx512f"]], ids=["avx2", "scalar"])
+def test_the_mask_kernels_other_code_paths_agree(tmp_path, flags) -> None:
+    """The AVX2 and scalar branches of masks.c (this machine's build may use AVX-512), built here alone."""
+    import ctypes
+    import subprocess
+
+    cc = native._compiler()
+    so = tmp_path / "masks.so"
+    source = native.SOURCES[-1]
+    assert source.name == "masks.c"
+    out = subprocess.run([cc, "-O2", "-fPIC", "-shared", *flags, "-o", str(so), str(source)], capture_output=True)
+    if out.returncode != 0:
+        pytest.skip(f"the compiler cannot build {flags}: {out.stderr.decode()[-200:]}")
+    lib = ctypes.CDLL(str(so))
+    assert lib.sw_mask_vectorized() == (1 if "-mavx2" in flags else 0)
+    n = 4099
+    gen = torch.Generator().manual_seed(3)
+    mask = (torch.rand(n, generator=gen) > 0.5).float()
+    mask[:64], mask[64:128] = 1, 0
+    bits = torch.empty((n + 63) // 64, dtype=torch.int64)
+    lib.sw_mask_pack(ctypes.c_void_p(mask.data_ptr()), ctypes.c_void_p(bits.data_ptr()), ctypes.c_int64(n))
+    assert bits.tolist() == _reference_bits(mask)
+    x = torch.randn(n, generator=gen)
+    expected = torch.where(mask.bool(), x, torch.zeros(()))
+    lib.sw_mask_zero(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(bits.data_ptr()), ctypes.c_int64(n))
+    assert torch.equal(x, expected)

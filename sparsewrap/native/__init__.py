@@ -3,7 +3,9 @@
 The hard-concrete gate of :mod:`sparsewrap.parametrizations.gated` costs about fifteen passes over a weight
 tensor in eager PyTorch (noise, logit, sigmoid, clamp, products, and as many in backward); the kernels in
 ``hardconcrete.c`` do the forward and the backward in one pass each, vectorized (``-O3 -ffast-math``, glibc's
-vector ``expf``). Plain C with no Python or torch headers: it builds in about a second. When torch runs on
+vector ``expf``). ``masks.c`` zeroes the pruned entries of a hard mask from the mask packed one bit per
+weight (:mod:`sparsewrap.parametrizations.masked`). Plain C with no Python or torch headers: it builds in
+about a second. When torch runs on
 GNU OpenMP (its pip wheels do), the library is built with ``-fopenmp`` and links to the ``libgomp`` torch has
 already loaded, so its loops run on torch's own thread pool with ``torch.get_num_threads()`` threads (separate
 Python threads would fight torch's spinning OpenMP workers for the cores). The shared library is cached under
@@ -11,7 +13,8 @@ Python threads would fight torch's spinning OpenMP workers for the cores). The s
 CPU, and written atomically.
 
 Without a C compiler, or with ``SPARSEWRAP_NATIVE=0``, :func:`kernels` returns ``None`` and callers use their
-eager path (same math and distribution, another noise stream, slower); the reason is logged once at INFO level.
+eager path (same math and distribution, another noise stream, slower; for masks, a product with the float
+mask); the reason is logged once at INFO level.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("hardconcrete.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("hardconcrete.c", "masks.c")]
 # -mprefer-vector-width=512: the gate math is compute-bound, and 16-wide AVX-512 (where the CPU has it) is ~1.25x
 FLAGS = [
     "-O3",
@@ -66,7 +69,11 @@ SIGNATURES = {
         ctypes.POINTER(ctypes.c_double),
     ],
     "sw_hc_backward": [_f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i64, _i64, _f32, _f32, _f32],
+    "sw_mask_zero": [ctypes.c_void_p, ctypes.c_void_p, _i64],
+    "sw_mask_pack": [ctypes.c_void_p, ctypes.c_void_p, _i64],
+    "sw_mask_vectorized": [],
 }
+RESTYPES = {"sw_mask_vectorized": _i32}
 
 
 def cache_dir() -> Path:
@@ -101,15 +108,17 @@ def _torch_runs_gomp() -> bool:
 def _build(cc: str) -> Path:
     flags = FLAGS + (["-fopenmp"] if _torch_runs_gomp() else [])
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_id()]).encode()).hexdigest()
-    target = cache_dir() / f"hardconcrete-{key[:16]}.so"
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_id()]).encode()).hexdigest()
+    target = cache_dir() / f"kernels-{key[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        out = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        command = [cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
             raise OSError(f"{cc} failed: {out.stderr.strip()[-500:]}")
         os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
@@ -134,7 +143,7 @@ def kernels() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(_build(cc)))
                 for name, args in SIGNATURES.items():
                     getattr(lib, name).argtypes = args
-                    getattr(lib, name).restype = None
+                    getattr(lib, name).restype = RESTYPES.get(name)
             except (OSError, subprocess.SubprocessError, AttributeError) as exc:
                 log.info("sparsewrap native kernels unavailable (%s): using the eager hard-concrete gates", exc)
                 lib = None

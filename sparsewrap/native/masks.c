@@ -1,0 +1,79 @@
+/* Hard-mask kernels for float32 tensors on the CPU, with the mask packed one bit per weight.
+ *
+ * The masked parametrization (sparsewrap/parametrizations/masked.py) multiplies every weight gradient by its
+ * 0/1 mask in backward. With a float mask that pass reads 8 bytes and writes 4 per weight; with the mask
+ * packed in bits it reads 1/8 byte of mask, and a masked vector store writes zeros into the pruned lanes
+ * only (no multiply, and the kept lanes are neither read nor written by the core). Bits are little-endian:
+ * weight i is bit i % 64 of word i / 64. Built into the same library as hardconcrete.c, with its flags.
+ */
+#include <stdint.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define MASK_PARALLEL_MIN 262144 /* weights below which one thread does it all */
+
+/* 1 when sw_mask_zero has a vector path on this build (callers keep torch's mul_ otherwise: the scalar loop
+ * below is correct but slower than it) */
+int sw_mask_vectorized(void) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if !defined(__AVX512F__) && defined(__AVX2__)
+/* lane masks for one byte of bits: all ones in lane j where bit j is CLEAR (the lanes to zero) */
+static int32_t zero_lanes[256][8];
+static int zero_lanes_ready = 0;
+static void init_zero_lanes(void) {
+    for (int b = 0; b < 256; b++)
+        for (int j = 0; j < 8; j++) zero_lanes[b][j] = ((b >> j) & 1) ? 0 : -1;
+    zero_lanes_ready = 1;
+}
+#endif
+
+/* x[i] = 0 wherever bit i of keep is clear; x[i] untouched where it is set */
+void sw_mask_zero(float *x, const uint64_t *keep, int64_t n) {
+    const int64_t words = n / 64;
+#if !defined(__AVX512F__) && defined(__AVX2__)
+    if (!zero_lanes_ready) init_zero_lanes(); /* idempotent: racing first calls write the same values */
+#endif
+#pragma omp parallel for schedule(static) if (n > MASK_PARALLEL_MIN)
+    for (int64_t k = 0; k < words; k++) {
+        const uint64_t b = keep[k];
+        if (b == ~(uint64_t)0) continue; /* all 64 kept */
+        float *p = x + 64 * k;
+#if defined(__AVX512F__)
+        const __m512 zero = _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(p, (__mmask16)~b, zero);
+        _mm512_mask_storeu_ps(p + 16, (__mmask16)~(b >> 16), zero);
+        _mm512_mask_storeu_ps(p + 32, (__mmask16)~(b >> 32), zero);
+        _mm512_mask_storeu_ps(p + 48, (__mmask16)~(b >> 48), zero);
+#elif defined(__AVX2__)
+        const __m256 zero = _mm256_setzero_ps();
+        for (int q = 0; q < 8; q++) {
+            const __m256i lanes = _mm256_loadu_si256((const __m256i *)zero_lanes[(b >> (8 * q)) & 0xff]);
+            _mm256_maskstore_ps(p + 8 * q, lanes, zero);
+        }
+#else
+        for (int j = 0; j < 64; j++)
+            if (!((b >> j) & 1)) p[j] = 0.0f;
+#endif
+    }
+    for (int64_t i = words * 64; i < n; i++)
+        if (!((keep[i / 64] >> (i % 64)) & 1)) x[i] = 0.0f;
+}
+
+/* keep[i / 64] bit i % 64 = (mask[i] != 0); keep has (n + 63) / 64 words, the tail bits of the last are 0 */
+void sw_mask_pack(const float *mask, uint64_t *keep, int64_t n) {
+    const int64_t words = (n + 63) / 64;
+#pragma omp parallel for schedule(static) if (n > MASK_PARALLEL_MIN)
+    for (int64_t k = 0; k < words; k++) {
+        const int64_t lo = 64 * k, hi = lo + 64 < n ? lo + 64 : n;
+        uint64_t b = 0;
+        for (int64_t i = lo; i < hi; i++) b |= (uint64_t)(mask[i] != 0.0f) << (i - lo);
+        keep[k] = b;
+    }
+}
