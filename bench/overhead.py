@@ -9,6 +9,12 @@ hits both alike. A step is forward + cross-entropy + backward + SGD(momentum) st
     python bench/overhead.py --models resnet18 --rows magnitude --steps 30
     python bench/overhead.py --device cuda
     python bench/overhead.py --threads 1 --clock cpu   # process CPU time: stable on a busy machine
+    python bench/overhead.py --repeats 5               # 5 rounds, each with freshly built models
+
+Each row is measured in ``--repeats`` rounds (new models, new allocations each time); the ratio pools the step
+times of all rounds, and ``spread`` gives the lowest and highest ratio of a single round. The ``control`` row
+times a second, identical dense model in place of the sparse one: its distance from 1.00 is what the machine's
+noise alone does to a ratio.
 
 Goal for the mask parametrization (``magnitude``): at most 1.05x dense.
 """
@@ -42,7 +48,8 @@ MODELS: list[tuple[str, str, int, int]] = [
     ("vit_tiny", "vit_tiny_patch16_224", 224, 16),
 ]
 # (row id, sparsify keyword arguments incl. method); add a row per method
-METHOD_ROWS: list[tuple[str, dict[str, Any]]] = [
+METHOD_ROWS: list[tuple[str, dict[str, Any] | None]] = [
+    ("control", None),  # an identical dense model: the noise floor of the measurement
     ("magnitude", dict(method="magnitude", target=0.9)),
     ("magnitude-channel", dict(method="magnitude", target=0.5, granularity="channel")),
     ("l0", dict(method="l0", target=0.9)),  # goal 1.3x
@@ -59,9 +66,11 @@ class Result:
     input: list[int]
     dense_ms: float
     sparse_ms: float
-    ratio: float  # median sparse / median dense
-    paired_ratio: float  # median over repeats of sparse / dense measured back to back
-    steps: int
+    ratio: float  # median sparse / median dense, over the steps of every round
+    paired_ratio: float  # median over steps of sparse / dense measured back to back
+    steps: int  # timed steps per model and round
+    repeats: int = 1
+    round_ratios: list[float] | None = None  # the ratio of each round alone
 
 
 def _sync(device: torch.device) -> None:
@@ -93,15 +102,18 @@ class Stepper:
         return self.clock() - start
 
 
-def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any], steps: int, warmup: int,
+def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, steps: int, warmup: int,
             device: torch.device, clock: str) -> tuple[list[float], list[float]]:  # fmt: skip
-    """Interleaved step times (seconds) of the dense and the sparsified model."""
+    """Interleaved step times (seconds) of the dense and the sparsified model (``kwargs`` None: a second dense
+    model, the control)."""
     torch.manual_seed(0)
     dense_model = timm.create_model(arch, pretrained=False, num_classes=10)
     sparse_model = timm.create_model(arch, pretrained=False, num_classes=10)
     sparse_model.load_state_dict(dense_model.state_dict())
-    options = dict(kwargs)
-    sp = sw.sparsify(sparse_model, options.pop("method"), **options)
+    sp = None
+    if kwargs is not None:
+        options = dict(kwargs)
+        sp = sw.sparsify(sparse_model, options.pop("method"), **options)
     dense, sparse = Stepper(dense_model, None, device, clock), Stepper(sparse_model, sp, device, clock)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -115,12 +127,19 @@ def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any], steps: int
     return times
 
 
-def run_one(name: str, arch: str, size: int, batch: int, row: str, kwargs: dict[str, Any], steps: int, warmup: int,
-            device: torch.device, clock: str) -> Result:  # fmt: skip
-    dense, sparse = measure(arch, size, batch, kwargs, steps, warmup, device, clock)
+def run_one(name: str, arch: str, size: int, batch: int, row: str, kwargs: dict[str, Any] | None, steps: int,
+            warmup: int, device: torch.device, clock: str, repeats: int = 1) -> Result:  # fmt: skip
+    dense: list[float] = []
+    sparse: list[float] = []
+    rounds = []
+    for _ in range(repeats):
+        d_times, s_times = measure(arch, size, batch, kwargs, steps, warmup, device, clock)
+        rounds.append(statistics.median(s_times) / statistics.median(d_times))
+        dense += d_times
+        sparse += s_times
     d, s = statistics.median(dense), statistics.median(sparse)
     paired = statistics.median(b / a for a, b in zip(dense, sparse))
-    return Result(name, row, [batch, 3, size, size], d * 1e3, s * 1e3, s / d, paired, steps)
+    return Result(name, row, [batch, 3, size, size], d * 1e3, s * 1e3, s / d, paired, steps, repeats, rounds)
 
 
 def _cpu_name() -> str:
@@ -141,11 +160,16 @@ def _commit() -> str:
 
 
 def render(results: list[Result]) -> str:
-    lines = [f"{'model':<10} {'row':<20} {'input':<16} {'dense ms':>9} {'sparse ms':>10} {'ratio':>7} {'paired':>7}"]
+    lines = [
+        f"{'model':<10} {'row':<20} {'input':<16} {'dense ms':>9} {'sparse ms':>10} {'ratio':>7} {'paired':>7} "
+        f"{'spread':>13}"
+    ]
     for r in results:
         flag = "  > goal" if r.row in MASKED_ROWS and r.ratio > GOAL else ""
+        rounds = r.round_ratios or [r.ratio]
+        spread = f"{min(rounds):.3f}-{max(rounds):.3f}" if len(rounds) > 1 else ""
         lines.append(f"{r.model:<10} {r.row:<20} {'x'.join(map(str, r.input)):<16} {r.dense_ms:9.1f} "
-                     f"{r.sparse_ms:10.1f} {r.ratio:7.3f} {r.paired_ratio:7.3f}{flag}")  # fmt: skip
+                     f"{r.sparse_ms:10.1f} {r.ratio:7.3f} {r.paired_ratio:7.3f} {spread:>13}{flag}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -155,6 +179,7 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", default=[r[0] for r in METHOD_ROWS], help="subset of: %(default)s")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per model (each)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1, help="rounds per row, each with freshly built models")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument(
@@ -176,7 +201,9 @@ def main() -> None:
     for name, arch, size, batch in [m for m in MODELS if m[0] in args.models]:
         for row in [r for r in rows if r in args.rows]:
             results.append(
-                run_one(name, arch, size, batch, row, rows[row], args.steps, args.warmup, device, args.clock)
+                run_one(
+                    name, arch, size, batch, row, rows[row], args.steps, args.warmup, device, args.clock, args.repeats
+                )  # fmt: skip
             )
             print(render(results[-1:]).splitlines()[-1], flush=True)
     print()
