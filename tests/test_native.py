@@ -264,6 +264,21 @@ def test_the_mask_kernels_pack_bits_and_zero_exactly_the_pruned_entries(n) -> No
     assert torch.equal(x, expected)
 
 
+@pytest.mark.parametrize("rows,row", [(130, 7), (64, 1000), (3, 20_000)])
+def test_the_row_kernel_zeroes_exactly_the_pruned_channels(rows, row) -> None:
+    lib = native.kernels()
+    gen = torch.Generator().manual_seed(rows)
+    mask = (torch.rand(rows, generator=gen) > 0.5).float()
+    mask[0], mask[-1] = 0, 1
+    bits = torch.empty((rows + 63) // 64, dtype=torch.int64)
+    lib.sw_mask_pack(mask.data_ptr(), bits.data_ptr(), rows)
+    x = torch.randn(rows, row, generator=gen)
+    x[:, ::3] = float("nan")
+    expected = torch.where(mask.bool()[:, None], x, torch.zeros(()))
+    lib.sw_mask_zero_rows(x.data_ptr(), bits.data_ptr(), rows, row)
+    assert torch.equal(x.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
 @pytest.mark.parametrize("flags", [["-mavx2", "-mno-avx512f"], ["-mno-avx2", "-mno-avx512f"]], ids=["avx2", "scalar"])
 def test_the_mask_kernels_other_code_paths_agree(tmp_path, flags) -> None:
     """The AVX2 and scalar branches of masks.c (this machine's build may use AVX-512), built here alone."""

@@ -71,6 +71,7 @@ SIGNATURES = {
     "sw_hc_backward": [_f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i64, _i64, _f32, _f32, _f32],
     "sw_mask_zero": [ctypes.c_void_p, ctypes.c_void_p, _i64],
     "sw_mask_pack": [ctypes.c_void_p, ctypes.c_void_p, _i64],
+    "sw_mask_zero_rows": [ctypes.c_void_p, ctypes.c_void_p, _i64, _i64],
     "sw_mask_vectorized": [],
 }
 RESTYPES = {"sw_mask_vectorized": _i32}

@@ -3,10 +3,12 @@
  * The masked parametrization (sparsewrap/parametrizations/masked.py) multiplies every weight gradient by its
  * 0/1 mask in backward. With a float mask that pass reads 8 bytes and writes 4 per weight; with the mask
  * packed in bits it reads 1/8 byte of mask, and a masked vector store writes zeros into the pruned lanes
- * only (no multiply, and the kept lanes are neither read nor written by the core). Bits are little-endian:
- * weight i is bit i % 64 of word i / 64. Built into the same library as hardconcrete.c, with its flags.
+ * only (no multiply, and the kept lanes are neither read nor written by the core). A per-channel mask zeroes
+ * whole rows with memset and reads no gradient at all. Bits are little-endian: entry i is bit i % 64 of word
+ * i / 64. Built into the same library as hardconcrete.c, with its flags.
  */
 #include <stdint.h>
+#include <string.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -64,6 +66,14 @@ void sw_mask_zero(float *x, const uint64_t *keep, int64_t n) {
     }
     for (int64_t i = words * 64; i < n; i++)
         if (!((keep[i / 64] >> (i % 64)) & 1)) x[i] = 0.0f;
+}
+
+/* Per-row masks (one bit per output channel, the row = that channel's len contiguous weights): memset the
+ * pruned rows, read nothing else. */
+void sw_mask_zero_rows(float *x, const uint64_t *keep, int64_t rows, int64_t len) {
+#pragma omp parallel for schedule(static) if (rows * len > MASK_PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++)
+        if (!((keep[r / 64] >> (r % 64)) & 1)) memset(x + r * len, 0, (size_t)len * sizeof(float));
 }
 
 /* keep[i / 64] bit i % 64 = (mask[i] != 0); keep has (n + 63) / 64 words, the tail bits of the last are 0 */

@@ -98,9 +98,13 @@ class _MaskGrad(torch.autograd.Function):
         return grad * mask, None
 
 
-def _zero_bits(t: Tensor, bits: Tensor) -> None:
-    """Zero the contiguous float32 CPU tensor ``t`` in place where the packed mask ``bits`` is 0."""
-    native.kernels().sw_mask_zero(t.data_ptr(), bits.data_ptr(), t.numel())
+def _zero_bits(t: Tensor, bits: Tensor, row: int) -> None:
+    """Zero the contiguous float32 CPU tensor ``t`` in place where the packed mask ``bits`` is 0, each bit
+    covering ``row`` consecutive entries."""
+    if row == 1:
+        native.kernels().sw_mask_zero(t.data_ptr(), bits.data_ptr(), t.numel())
+    else:
+        native.kernels().sw_mask_zero_rows(t.data_ptr(), bits.data_ptr(), t.numel() // row, row)
     torch.autograd.graph.increment_version(t)  # a write autograd did not see; its saved-tensor checks must
 
 
@@ -132,9 +136,10 @@ class Masked(SparseParametrization):
     ``hard=False``. An original that is not a leaf requiring a gradient takes an autograd function that
     masks the gradient on its way back instead.
 
-    On the CPU, a full-size float32 mask is also kept packed one bit per weight, and the pruned entries are
-    zeroed by a native vector kernel (:mod:`sparsewrap.native`) rather than multiplied by the float mask: the
-    pass reads an eighth of a byte of mask per weight instead of four. A pruned gradient entry is then exactly
+    On the CPU, a float32 mask (full-size or per output channel) is also kept packed one bit per entry, and
+    the pruned entries are zeroed by native kernels (:mod:`sparsewrap.native`) rather than multiplied by the
+    float mask: a full-size mask costs an eighth of a byte of mask per weight instead of four, and a channel
+    mask writes zeros into the pruned channels only, reading nothing. A pruned gradient entry is then exactly
     0 even where the incoming gradient is NaN or infinite (the product would give NaN there).
 
     Writes through ``.data`` bypass the version counter: call :meth:`project` after them. A pruned weight's
@@ -156,8 +161,8 @@ class Masked(SparseParametrization):
         self._stays_clean = False
         self._original: weakref.ref | None = None
         self._hooked = False  # the accumulation hook is on the tracked original
-        self._bits: Tensor | None = None  # see _packed
-        self._bits_key: Key | None = None
+        self._bits: tuple[Tensor, int] | None = None  # see _packed
+        self._bits_key: tuple | None = None
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, original: Tensor) -> Tensor:
@@ -181,24 +186,31 @@ class Masked(SparseParametrization):
 
     def _zero_pruned(self, t: Tensor) -> None:
         """``t *= mask`` in place, for a hard mask (pruned entries become exact zeros)."""
-        bits = self._packed(t)
-        if bits is not None and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous():
-            _zero_bits(t, bits)
+        packed = self._packed(t)
+        if packed is not None and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous():
+            _zero_bits(t, *packed)
         else:
             t.mul_(self.mask)
 
-    def _packed(self, like: Tensor) -> Tensor | None:
-        """The mask packed one bit per weight (int64 words), for the native kernel, when it applies: a hard,
-        full-size, contiguous float32 CPU mask of at least :data:`NATIVE_MIN_NUMEL` entries and a vectorized
-        native build. Repacked only when the mask has changed (its version key)."""
+    def _packed(self, like: Tensor) -> tuple[Tensor, int] | None:
+        """``(bits, row)``: the mask packed one bit per entry (int64 words) for the native kernels, each entry
+        covering ``row`` contiguous weights of ``like`` (1 for a full-size mask; a per-output-channel mask of
+        shape ``(C, 1, ...)`` covers ``like.numel() // C``), or None where the kernels do not apply: a mask
+        that is not float32 on the CPU, a weight of fewer than :data:`NATIVE_MIN_NUMEL` entries, or a build
+        without a vector path. Repacked only when the mask has changed (its version key)."""
         mask = self.mask
-        key = version_key(mask)
+        key = (*version_key(mask), like.shape)
         if self._bits_key == key:
             return self._bits
         self._bits, self._bits_key = None, key
+        if mask.shape == like.shape:
+            row = 1
+        elif like.dim() >= 1 and mask.shape == (like.shape[0],) + (1,) * (like.dim() - 1):
+            row = like.numel() // max(like.shape[0], 1)
+        else:
+            return None
         if (
-            mask.shape == like.shape
-            and mask.numel() >= NATIVE_MIN_NUMEL
+            like.numel() >= NATIVE_MIN_NUMEL
             and mask.dtype == torch.float32
             and mask.device.type == "cpu"
             and mask.is_contiguous()
@@ -207,7 +219,7 @@ class Masked(SparseParametrization):
             if lib is not None and lib.sw_mask_vectorized():
                 bits = torch.empty((mask.numel() + 63) // 64, dtype=torch.int64)
                 lib.sw_mask_pack(mask.data_ptr(), bits.data_ptr(), mask.numel())
-                self._bits = bits
+                self._bits = (bits, row)
         return self._bits
 
     def bake(self, original: Tensor) -> Tensor:
