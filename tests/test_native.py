@@ -305,3 +305,24 @@ def test_the_mask_kernels_other_code_paths_agree(tmp_path, flags) -> None:
     expected = torch.where(mask.bool(), x, torch.zeros(()))
     lib.sw_mask_zero(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(bits.data_ptr()), ctypes.c_int64(n))
     assert torch.equal(x, expected)
+
+
+def test_loading_the_library_leaves_the_process_floating_point_mode_alone(tmp_path) -> None:
+    """A library linked with -ffast-math would set flush-to-zero for the process that loads it (GCC's
+    crtfastmath.o); torch's results on denormal numbers must be the same after loading as before."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from sparsewrap import native\n"
+        "before = (torch.tensor(1e-38) / 100).item()\n"
+        "assert native.kernels() is not None\n"
+        "after = (torch.tensor(1e-38) / 100).item()\n"
+        "print(before, after)\n"
+        "assert before == after != 0.0, (before, after)\n"
+    )
+    env = {**os.environ, "SPARSEWRAP_CACHE": str(tmp_path)}  # a fresh build, with today's flags
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

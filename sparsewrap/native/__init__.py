@@ -42,9 +42,12 @@ FLAGS = [
     "-mprefer-vector-width=512",
     "-fopenmp-simd",
     "-fPIC",
-    "-shared",
     "-std=c11",
 ]
+# Linked in a separate step without -ffast-math: at link time that flag makes GCC add crtfastmath.o, whose
+# constructor sets flush-to-zero and denormals-are-zero for the whole process when the library is loaded,
+# changing the results of every torch operation in the thread that loaded it.
+LINK_FLAGS = ["-shared"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -107,10 +110,12 @@ def _torch_runs_gomp() -> bool:
 
 
 def _build(cc: str) -> Path:
-    flags = FLAGS + (["-fopenmp"] if _torch_runs_gomp() else [])
+    omp = ["-fopenmp"] if _torch_runs_gomp() else []
+    flags, link = FLAGS + omp, LINK_FLAGS + omp
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     texts = [source.read_text() for source in SOURCES]
-    key = hashlib.sha256("\0".join([*texts, " ".join(flags), version, _cpu_id()]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([*texts, " ".join(flags), " ".join(link), version, _cpu_id()]).encode())
+    key = key.hexdigest()
     target = cache_dir() / f"kernels-{key[:16]}.so"
     if target.exists():
         return target
@@ -118,10 +123,14 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        command = [cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"]
-        out = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
-            raise OSError(f"{cc} failed: {out.stderr.strip()[-500:]}")
+        with tempfile.TemporaryDirectory(dir=target.parent) as objdir:
+            objects = [str(Path(objdir) / f"{source.stem}.o") for source in SOURCES]
+            commands = [[cc, *flags, "-c", str(src), "-o", obj] for src, obj in zip(SOURCES, objects)]
+            commands.append([cc, *link, "-o", tmp, *objects, "-lm"])
+            for command in commands:
+                out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+                if out.returncode != 0:
+                    raise OSError(f"{cc} failed: {out.stderr.strip()[-500:]}")
         os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
     finally:
         if os.path.exists(tmp):
