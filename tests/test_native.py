@@ -326,3 +326,35 @@ def test_loading_the_library_leaves_the_process_floating_point_mode_alone(tmp_pa
     env = {**os.environ, "SPARSEWRAP_CACHE": str(tmp_path)}  # a fresh build, with today's flags
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_gate_gradient_buffer_comes_back_only_after_zero_grad_dropped_it() -> None:
+    w, la = torch.randn(SHAPE, requires_grad=True), torch.randn(SHAPE, requires_grad=True)
+    scratch = gated._Scratch()
+
+    def step() -> None:
+        out, count = _GatedMul.apply(w, la, BETA, scratch)
+        (out.square().sum() + count).backward()
+
+    step()
+    first = scratch.grad.buf
+    assert la.grad.untyped_storage().data_ptr() == first.data_ptr()  # autograd kept our buffer as la.grad
+    kept = la.grad  # a user holding on to the gradient, then zero_grad(set_to_none=True)
+    snapshot = kept.clone()
+    la.grad = None
+    step()
+    assert scratch.grad.buf is not first and torch.equal(kept, snapshot)  # not reused under the user's feet
+    del kept
+    la.grad = None
+    second = scratch.grad.buf
+    step()
+    assert scratch.grad.buf is second  # nothing else held it: reused
+    expected = la.grad.clone()
+    la.grad = None
+    torch.manual_seed(0)
+    step()
+    reused = la.grad.clone()
+    la.grad, scratch = None, gated._Scratch()  # fresh buffers give the same gradient for the same noise
+    torch.manual_seed(0)
+    step()
+    assert torch.equal(la.grad, reused) and not torch.equal(expected, reused)

@@ -171,6 +171,7 @@ class _GatedMul(torch.autograd.Function):
         ctx.keys = None
         if lib is not None:
             out, z, count, ctx.keys = _native_forward(lib, w, log_alpha, beta, scratch, bound)
+            ctx.scratch = scratch
             if bound > 0:
                 torch.autograd.graph.increment_version(log_alpha)  # the kernel wrote it through a pointer
             ctx.save_for_backward(w, z, log_alpha)
@@ -189,7 +190,7 @@ class _GatedMul(torch.autograd.Function):
     def backward(ctx, grad: Tensor | None, grad_count: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
         if ctx.keys is not None:
             w, z, log_alpha = ctx.saved_tensors
-            grads = _native_backward(grad, grad_count, w, z, log_alpha, ctx.beta, ctx.needs_input_grad)
+            grads = _native_backward(grad, grad_count, w, z, log_alpha, ctx.beta, ctx.needs_input_grad, ctx.scratch)
             return (*grads, None, None, None)
         w, z, p = ctx.saved_tensors
         grad_la, scratch = None, None
@@ -281,12 +282,12 @@ class _Buffer:
 
 
 class _Scratch:
-    """The reusable buffers of one gated tensor: the sample and the gated weight."""
+    """The reusable buffers of one gated tensor: the sample, the gated weight and the gate gradient."""
 
-    __slots__ = ("sample", "out")
+    __slots__ = ("sample", "out", "grad")
 
     def __init__(self) -> None:
-        self.sample, self.out = _Buffer(), _Buffer()
+        self.sample, self.out, self.grad = _Buffer(), _Buffer(), _Buffer()
 
     def __deepcopy__(self, memo: dict) -> _Scratch:
         return _Scratch()
@@ -308,7 +309,8 @@ def _native_forward(lib, w: Tensor, log_alpha: Tensor, beta: float, scratch: _Sc
 
 
 def _native_backward(grad: Tensor | None, grad_count: Tensor | None, w: Tensor, z: Tensor, log_alpha: Tensor,
-                     beta: float, needs: tuple[bool, ...]) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
+                     beta: float, needs: tuple[bool, ...],
+                     scratch: _Scratch | None = None) -> tuple[Tensor | None, Tensor | None]:  # fmt: skip
     g = grad.contiguous() if grad is not None else None
     grad_w = None
     if g is not None and needs[0]:
@@ -316,7 +318,9 @@ def _native_backward(grad: Tensor | None, grad_count: Tensor | None, w: Tensor, 
         grad_w = g if (g is grad and grad._base is None) else torch.empty_like(g)
     if not needs[1]:
         return (torch.mul(g, z, out=grad_w) if grad_w is not None else None), None
-    grad_la = torch.empty_like(log_alpha)
+    # the gate gradient goes to log_alpha.grad (stolen by autograd when that is None): its buffer comes back
+    # for reuse once the optimizer's zero_grad(set_to_none=True) has dropped it
+    grad_la = scratch.grad.take(log_alpha) if scratch is not None else torch.empty_like(log_alpha)
     gcount = float(grad_count) if grad_count is not None else 0.0
     ptrs = tuple(native.ptr(t) for t in (g, w, z, log_alpha, grad_w, grad_la))
     args = (1.0 / beta, _shift(beta), gcount)
