@@ -5,12 +5,12 @@ tensor in eager PyTorch (noise, logit, sigmoid, clamp, products, and as many in 
 ``hardconcrete.c`` do the forward and the backward in one pass each, vectorized (``-O3 -ffast-math``, glibc's
 vector ``expf``). ``masks.c`` zeroes the pruned entries of a hard mask from the mask packed one bit per
 weight (:mod:`sparsewrap.parametrizations.masked`). Plain C with no Python or torch headers: it builds in
-about a second. When torch runs on
-GNU OpenMP (its pip wheels do), the library is built with ``-fopenmp`` and links to the ``libgomp`` torch has
-already loaded, so its loops run on torch's own thread pool with ``torch.get_num_threads()`` threads (separate
-Python threads would fight torch's spinning OpenMP workers for the cores). The shared library is cached under
-``$SPARSEWRAP_CACHE`` (default ``~/.cache/sparsewrap``), keyed by the source, the flags, the compiler and the
-CPU, and written atomically.
+about a second. When torch runs on GNU OpenMP (its pip wheels do), the library is built with ``-fopenmp`` and
+links to the ``libgomp`` torch has already loaded, so its loops run on torch's own thread pool with
+``torch.get_num_threads()`` threads (separate Python threads would fight torch's spinning OpenMP workers for
+the cores). The shared library is cached under ``$SPARSEWRAP_CACHE`` (default ``~/.cache/sparsewrap``), keyed
+by the sources, the flags, the compiler and the CPU, and written atomically. Every pointer argument is passed
+as a plain address (:func:`ptr`).
 
 Without a C compiler, or with ``SPARSEWRAP_NATIVE=0``, :func:`kernels` returns ``None`` and callers use their
 eager path (same math and distribution, another noise stream, slower; for masks, a product with the float
@@ -51,30 +51,15 @@ LINK_FLAGS = ["-shared"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
-_f32p, _i64, _u32, _f32 = ctypes.POINTER(ctypes.c_float), ctypes.c_int64, ctypes.c_uint32, ctypes.c_float
-_i32 = ctypes.c_int
+_p, _i64, _u32, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
-    "sw_hc_uniform": [_f32p, _i64, _i64, _u32, _u32],
-    "sw_hc_sample": [_f32p, _f32p, _i64, _i64, _u32, _u32, _f32, _i32],
-    "sw_hc_forward": [
-        _f32p,
-        _f32p,
-        _f32p,
-        _f32p,
-        _i64,
-        _i64,
-        _u32,
-        _u32,
-        _f32,
-        _f32,
-        _i32,
-        _f32,
-        ctypes.POINTER(ctypes.c_double),
-    ],
-    "sw_hc_backward": [_f32p, _f32p, _f32p, _f32p, _f32p, _f32p, _i64, _i64, _f32, _f32, _f32],
-    "sw_mask_zero": [ctypes.c_void_p, ctypes.c_void_p, _i64],
-    "sw_mask_pack": [ctypes.c_void_p, ctypes.c_void_p, _i64],
-    "sw_mask_zero_rows": [ctypes.c_void_p, ctypes.c_void_p, _i64, _i64],
+    "sw_hc_uniform": [_p, _i64, _i64, _u32, _u32],
+    "sw_hc_sample": [_p, _p, _i64, _i64, _u32, _u32, _f32, _i32],
+    "sw_hc_forward": [_p, _p, _p, _p, _i64, _i64, _u32, _u32, _f32, _f32, _i32, _f32, ctypes.POINTER(ctypes.c_double)],
+    "sw_hc_backward": [_p, _p, _p, _p, _p, _p, _i64, _i64, _f32, _f32, _f32],
+    "sw_mask_zero": [_p, _p, _i64],
+    "sw_mask_pack": [_p, _p, _i64],
+    "sw_mask_zero_rows": [_p, _p, _i64, _i64],
     "sw_mask_vectorized": [],
 }
 RESTYPES = {"sw_mask_vectorized": _i32}
@@ -140,6 +125,8 @@ def _build(cc: str) -> Path:
 
 def kernels() -> ctypes.CDLL | None:
     """The compiled library (built on first call), or ``None`` when native kernels are unavailable."""
+    if "lib" in _state:  # the common case, on every gated forward and masked gradient: no lock needed
+        return _state["lib"]  # type: ignore[return-value]
     with _lock:
         if "lib" in _state:
             return _state["lib"]  # type: ignore[return-value]
@@ -161,6 +148,6 @@ def kernels() -> ctypes.CDLL | None:
         return lib
 
 
-def ptr(t: torch.Tensor | None) -> ctypes._Pointer | None:
-    """A ``float*`` to a contiguous float32 CPU tensor's data (``None`` for ``None``)."""
-    return None if t is None else ctypes.cast(t.data_ptr(), _f32p)
+def ptr(t: torch.Tensor | None) -> int | None:
+    """The address of a contiguous CPU tensor's data, for a pointer argument (``None``, a NULL, for ``None``)."""
+    return None if t is None else t.data_ptr()

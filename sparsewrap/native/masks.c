@@ -25,23 +25,9 @@ int sw_mask_vectorized(void) {
 #endif
 }
 
-#if !defined(__AVX512F__) && defined(__AVX2__)
-/* lane masks for one byte of bits: all ones in lane j where bit j is CLEAR (the lanes to zero) */
-static int32_t zero_lanes[256][8];
-static int zero_lanes_ready = 0;
-static void init_zero_lanes(void) {
-    for (int b = 0; b < 256; b++)
-        for (int j = 0; j < 8; j++) zero_lanes[b][j] = ((b >> j) & 1) ? 0 : -1;
-    zero_lanes_ready = 1;
-}
-#endif
-
 /* x[i] = 0 wherever bit i of keep is clear; x[i] untouched where it is set */
 void sw_mask_zero(float *x, const uint64_t *keep, int64_t n) {
     const int64_t words = n / 64;
-#if !defined(__AVX512F__) && defined(__AVX2__)
-    if (!zero_lanes_ready) init_zero_lanes(); /* idempotent: racing first calls write the same values */
-#endif
 #pragma omp parallel for schedule(static) if (n > MASK_PARALLEL_MIN)
     for (int64_t k = 0; k < words; k++) {
         const uint64_t b = keep[k];
@@ -54,10 +40,13 @@ void sw_mask_zero(float *x, const uint64_t *keep, int64_t n) {
         _mm512_mask_storeu_ps(p + 32, (__mmask16)~(b >> 32), zero);
         _mm512_mask_storeu_ps(p + 48, (__mmask16)~(b >> 48), zero);
 #elif defined(__AVX2__)
+        /* lane j of byte q is to be zeroed when bit j of that byte is clear: compare (byte & 1 << j) with 0 */
         const __m256 zero = _mm256_setzero_ps();
+        const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
         for (int q = 0; q < 8; q++) {
-            const __m256i lanes = _mm256_loadu_si256((const __m256i *)zero_lanes[(b >> (8 * q)) & 0xff]);
-            _mm256_maskstore_ps(p + 8 * q, lanes, zero);
+            const __m256i byte = _mm256_set1_epi32((int)((b >> (8 * q)) & 0xff));
+            const __m256i cleared = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), _mm256_setzero_si256());
+            _mm256_maskstore_ps(p + 8 * q, cleared, zero);
         }
 #else
         for (int j = 0; j < 64; j++)

@@ -102,9 +102,9 @@ def _zero_bits(t: Tensor, bits: Tensor, row: int) -> None:
     """Zero the contiguous float32 CPU tensor ``t`` in place where the packed mask ``bits`` is 0, each bit
     covering ``row`` consecutive entries."""
     if row == 1:
-        native.kernels().sw_mask_zero(t.data_ptr(), bits.data_ptr(), t.numel())
+        native.kernels().sw_mask_zero(native.ptr(t), native.ptr(bits), t.numel())
     else:
-        native.kernels().sw_mask_zero_rows(t.data_ptr(), bits.data_ptr(), t.numel() // row, row)
+        native.kernels().sw_mask_zero_rows(native.ptr(t), native.ptr(bits), t.numel() // row, row)
     torch.autograd.graph.increment_version(t)  # a write autograd did not see; its saved-tensor checks must
 
 
@@ -218,7 +218,7 @@ class Masked(SparseParametrization):
             lib = native.kernels()
             if lib is not None and lib.sw_mask_vectorized():
                 bits = torch.empty((mask.numel() + 63) // 64, dtype=torch.int64)
-                lib.sw_mask_pack(mask.data_ptr(), bits.data_ptr(), mask.numel())
+                lib.sw_mask_pack(native.ptr(mask), native.ptr(bits), mask.numel())
                 self._bits = (bits, row)
         return self._bits
 
