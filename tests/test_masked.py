@@ -243,7 +243,6 @@ def test_a_weight_frozen_at_the_first_forward_and_trained_later_gets_masked_grad
     p = attach(layer, "weight", Masked(layer.weight.shape, layer.weight))
     p.mask.view(-1)[::3] = 0
     layer(torch.randn(2, 40))  # tracked while frozen
-    layer.weight  # noqa: B018
     original = layer.parametrizations.weight.original
     original.requires_grad_(True)
     opt = torch.optim.SGD([original], lr=0.1, momentum=0.9)

@@ -278,8 +278,8 @@ class L0(Method):
         bound = self.config.log_alpha_max
         with torch.no_grad():
             if self.plan is None:
-                for layer in self.layers:
-                    if not lazy:
+                if not lazy:
+                    for layer in self.layers:
                         layer.weight_gate.ensure_clamped()
                 return
             for p in self.gate_parameters():

@@ -246,11 +246,12 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # absent: bu
 class _Buffer:
     """A buffer handed out again only when no tensor but this one refers to its memory.
 
-    Each forward of a per-weight gate writes two full-size tensors (the sample, kept for backward, and the
-    gated weight); fresh ones every step cost as much in page faults as the kernel that fills them. The buffer
-    is lent out as a view; it is reused when its storage has no other user (the graph that saved it has run its
-    backward or was dropped, and no one kept the gated weight), and a new one is taken while anything still
-    refers to it (gradient accumulation over several forwards, ``retain_graph=True``, ``parametrize.cached``).
+    Each step of a per-weight gate writes three full-size tensors (the sample, kept for backward, the gated
+    weight, and in backward the gate gradient); fresh ones every step cost as much in page faults as the kernel
+    that fills them. The buffer is lent out as a view; it is reused when its storage has no other user (the
+    graph that saved it has run its backward or was dropped, no one kept the gated weight, ``zero_grad``
+    dropped the gradient), and a new one is taken while anything still refers to it (gradient accumulation
+    over several forwards, ``retain_graph=True``, ``parametrize.cached``).
     Reuse also bumps the version counter, so autograd would refuse a stale saved copy rather than use it.
     """
 

@@ -82,7 +82,7 @@ def _install_hooks() -> None:
 class _MaskGrad(torch.autograd.Function):
     """Identity in forward (a view, no copy); multiplies the gradient by the mask in backward.
 
-    The fallback of :class:`Masked` for an original that is not a leaf requiring a gradient (where no
+    The fallback of :class:`Masked` for an original that requires a gradient but is not a leaf (where no
     accumulation hook can be registered); used only when the original is already zero wherever the mask is,
     so that the forward value equals ``original * mask`` and so does the gradient.
     """
@@ -133,8 +133,8 @@ class Masked(SparseParametrization):
     The hook masks every gradient that reaches ``original.grad``, also from a loss term that reads the
     original directly, so pruned weights stay frozen at zero. ``torch.autograd.grad`` with respect to the
     original, which accumulates nothing, returns the unmasked gradient: multiply it by the mask, or use
-    ``hard=False``. An original that is not a leaf requiring a gradient takes an autograd function that
-    masks the gradient on its way back instead.
+    ``hard=False``. An original that requires a gradient but is not a leaf (``torch.func.functional_call``)
+    takes an autograd function that masks the gradient on its way back instead.
 
     On the CPU, a float32 mask (full-size or per output channel) is also kept packed one bit per entry, and
     the pruned entries are zeroed by native kernels (:mod:`sparsewrap.native`) rather than multiplied by the
@@ -174,8 +174,8 @@ class Masked(SparseParametrization):
             self._track(original)  # unfrozen since it was tracked
         if (version_key(original), version_key(self.mask)) != self._clean:
             self.project(original)
-        if self._hooked:
-            return original  # already original * mask; its gradient is masked where it accumulates
+        if self._hooked or not original.requires_grad:
+            return original  # already original * mask; a gradient is masked where it accumulates
         return _MaskGrad.apply(original, self.mask)
 
     def project(self, original: Tensor) -> None:
