@@ -14,6 +14,7 @@ from torch import nn
 import sparsewrap as sw
 from sparsewrap.constraints import DualAscent
 from sparsewrap.errors import ConfigError
+from sparsewrap.methods.l0_layout import gate_probs
 from sparsewrap.parametrizations.gated import (
     BETA,
     EPS,
@@ -30,6 +31,8 @@ from sparsewrap.parametrizations.gated import (
     prob_nonzero,
     sample_gates,
 )
+
+from .zoo import ZOO
 
 
 def sigmoid(x: float) -> float:
@@ -233,6 +236,62 @@ def test_expected_density_per_channel_counts_the_cascade():
     fc1 = sum(p[o] for o in range(4) for _ in range(3))
     fc2 = sum(q[o] * p[i] for o in range(2) for i in range(4))
     assert sp.method.expected_densities().item() == pytest.approx((fc1 + fc2) / 20, abs=1e-6)
+
+
+class Stream(nn.Module):
+    """fc1 reads and writes the same residual stream: its output and input channels share one gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0 = nn.Linear(3, 6)
+        self.fc1 = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.fc0(x)
+        return self.head(h + self.fc1(h))
+
+
+def _reference_densities(method) -> torch.Tensor:
+    """The per-layer sums of GatedLayer.expected, accumulated one layer at a time (the reference)."""
+    probs = gate_probs(method.layers)
+    like = method.gate_parameters()[0]
+    used = [0.0] * len(method.densities)
+    for layer in method.layers:
+        count = layer.expected(probs, like).double() if layer.gated else float(layer.numel)
+        used[layer.constraint] = used[layer.constraint] + layer.cost * count
+    return torch.stack([torch.as_tensor(u, dtype=torch.float64) / t for u, t in zip(used, method.totals)])
+
+
+CASES = [(name, gran, {}) for name in ("mlp", "conv_bn", "resnet_tiny", "concat", "vit_block", "conv1d_seq")
+         for gran in ("weight", "channel")]  # fmt: skip
+CASES += [("conv_bn", "channel", dict(budget="macs", input_shape=[3, 8, 8])),
+          ("resnet_tiny", "channel", dict(target={"stem*": 0.3, "*": 0.6})),
+          ("mlp", "weight", dict(target={"fc1": 0.3, "fc2": 0.8})),
+          ("concat", "channel", dict(target={"a": 0.5, "merge": 0.5})),  # merge reads ungated channels of b
+          ("stream", "channel", {})]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,granularity,extra", CASES)
+def test_vectorised_expected_density_equals_the_per_layer_sums(name, granularity, extra):
+    torch.manual_seed(0)
+    model = Stream() if name == "stream" else ZOO[name][0]()
+    options = dict(target=0.5, granularity=granularity)
+    options.update(extra)
+    sp = sw.sparsify(model, "l0", **options)
+    gates = sp.method.gate_parameters()
+    with torch.no_grad():
+        for g in gates:
+            g.copy_(torch.randn_like(g) * 3)  # spread the probabilities over (0, 1)
+    if name == "stream":
+        assert any(la._same_gate() for la in sp.method.layers)  # the correction term is exercised
+    got = sp.method.expected_densities()
+    grads = torch.autograd.grad(got.double().square().sum(), gates)
+    ref = _reference_densities(sp.method)
+    ref_grads = torch.autograd.grad(ref.square().sum(), gates)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-7)
 
 
 # -- dual ascent on scalars -------------------------------------------------------------------------------------

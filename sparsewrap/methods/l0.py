@@ -47,7 +47,7 @@ from ..parametrizations import wrapped_tensors
 from ..parametrizations.gated import BETA, ChannelGate, ChannelGated, eval_gates, mean_gates, prob_nonzero
 from ..targets import _matcher
 from .base import Method, register_method
-from .l0_layout import GatedLayer, attach_channel_gates, attach_weight_gates, channel_scores, gate_probs
+from .l0_layout import ExpectedCost, GatedLayer, attach_channel_gates, attach_weight_gates, channel_scores
 from .l0_projection import ChannelProjection, top_by_cost, weight_scores
 
 GRANULARITIES = ("weight", "channel")
@@ -173,6 +173,7 @@ class L0(Method):
             self.totals[layer.constraint] += layer.cost * layer.numel
         if any(t <= 0 for t in self.totals):
             raise ConfigError("a constraint covers layers that never run on input_shape (zero MACs); exclude them")
+        self._expected = ExpectedCost(self.layers, len(self.densities))
         self._clamp()  # the initial log_alpha too: the fused expected count relies on |log_alpha| <= 12
         self.p_min = float(prob_nonzero(torch.tensor(-cfg.log_alpha_max, dtype=torch.float64), cfg.temperature))
         self.duals = DualAscent(len(self.densities), cfg.dual_lr, cfg.dual_restarts)
@@ -243,13 +244,8 @@ class L0(Method):
         """``E[density_k]`` per constraint, in budget units (differentiable in the gates)."""
         like = next(iter(self.gate_parameters()), None)
         like = like if like is not None else self.zero(self.model)
-        probs = gate_probs(self.layers)
-        used: list[Tensor | float] = [0.0] * len(self.densities)
-        for layer in self.layers:
-            count = layer.expected(probs, like) if layer.gated else float(layer.numel)
-            used[layer.constraint] = used[layer.constraint] + layer.cost * count
-        return torch.stack([torch.as_tensor(u, dtype=like.dtype, device=like.device) / t
-                            for u, t in zip(used, self.totals)])  # fmt: skip
+        used = self._expected(like.device)
+        return (used / used.new_tensor(self.totals)).to(like.dtype)
 
     def _requested_densities(self, like: Tensor) -> Tensor:
         return torch.tensor([d if d is not None else 0.0 for d in self.densities], dtype=like.dtype, device=like.device)
