@@ -5,6 +5,7 @@ Expected numbers are computed here with ``math`` on scalars, independently of th
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from sparsewrap.parametrizations.gated import (
     ZETA,
     ChannelGate,
     ChannelGated,
+    GateBank,
     _GatedMul,
     eval_gates,
     expected_count,
@@ -30,6 +32,7 @@ from sparsewrap.parametrizations.gated import (
     open_threshold,
     prob_nonzero,
     sample_gates,
+    sample_gates_fused,
 )
 
 from .zoo import ZOO
@@ -189,6 +192,86 @@ def test_channel_gate_members_share_a_sample_and_resample_next_forward():
     b.eval()
     torch.testing.assert_close(a(w)[:, 0], eval_gates(gate.log_alpha.detach()))
     assert list(dict(a.named_parameters())) == ["gate.log_alpha"] and not list(b.parameters())
+
+
+def test_one_node_sample_equals_the_reference_with_its_noise():
+    la = torch.randn(3000, dtype=torch.float64) * 3
+    la1, la2 = la.clone().requires_grad_(), la.clone().requires_grad_()
+    g = torch.randn(3000, dtype=torch.float64)
+    torch.manual_seed(7)
+    ref = sample_gates(la1)
+    torch.manual_seed(7)
+    got = sample_gates_fused(la2)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert ((got == 0) | (got == 1)).any() and ((got > 0) & (got < 1)).any()  # both sides of the clamp
+    (ref * g).sum().backward()
+    (got * g).sum().backward()
+    torch.testing.assert_close(la2.grad, la1.grad, rtol=1e-9, atol=1e-12)
+    assert got.grad_fn is not None and "HardConcrete" in type(got.grad_fn).__name__  # one node
+
+
+def _banked(sizes=(40, 70, 30)):
+    bank = GateBank()
+    gates = [ChannelGate(n, torch.zeros(1), bank=bank) for n in sizes]
+    members = [[ChannelGated(g, owner=True), ChannelGated(g)] for g in gates]
+    return bank, gates, members
+
+
+def test_a_bank_draws_once_per_forward_and_each_gate_sees_its_own_piece():
+    torch.manual_seed(8)
+    bank, gates, members = _banked()
+    las = [g.log_alpha for g in gates]
+    seen = []
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        zs = [[m(torch.ones(g.log_alpha.numel())) for m in pair] for g, pair in zip(gates, members)]
+        assert bank.draws == step + 1  # one draw for all gates, not one per gate
+        for z1, z2 in zs:
+            torch.testing.assert_close(z1, z2)  # the members of a gate share the sample
+        torch.manual_seed(100 + step)  # the draw is the reference sample of the concatenated log_alphas
+        ref = torch.split(sample_gates(torch.cat(las).detach()), [la.numel() for la in las])
+        for (z1, _), r in zip(zs, ref):
+            torch.testing.assert_close(z1.detach(), r, rtol=0, atol=1e-6)
+        seen.append(torch.cat([z1 for z1, _ in zs]).detach())
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    total = sum((z1 * torch.arange(z1.numel())).sum() for z1, _ in zs)
+    grads = torch.autograd.grad(total, las)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_a_bank_redraws_after_a_change_and_never_hands_out_a_spent_piece():
+    torch.manual_seed(9)
+    bank, (a, b, c), ((ma, _), (mb, _), (mc, _)) = _banked()
+    ma(torch.ones(40)).sum().backward()  # b and c are not used in this forward; a's backward runs
+    zb = mb(torch.ones(70))  # b's piece of that draw is spent: a new draw, whose graph is alive
+    assert bank.draws == 2
+    zb.sum().backward()  # would raise "backward through the graph a second time" with the spent piece
+    assert b.log_alpha.grad is not None
+    before = bank.draws
+    zc = mc(torch.ones(30))
+    assert bank.draws == before + 1  # c's piece of draw 2 is spent too
+    with torch.no_grad():
+        a.log_alpha.add_(1.0)  # a changed since draw 3: its piece is stale
+    ma(torch.ones(40))
+    assert bank.draws == before + 2
+    with torch.no_grad():
+        assert not ma(torch.ones(40)).requires_grad  # a draw without gradients: b's piece of it has none
+    draws = bank.draws
+    assert mb(torch.ones(70)).requires_grad and bank.draws == draws + 1  # drawn again, with the gradient
+    del zc
+
+
+def test_a_copied_bank_samples_the_copied_gates():
+    torch.manual_seed(10)
+    model = nn.ModuleList([m for pair in _banked()[2] for m in pair])
+    model[0](torch.ones(40))
+    twin = copy.deepcopy(model)
+    bank = twin[0].out_gate._bank
+    assert bank is not model[0].out_gate._bank and bank.gates[0] is twin[0].out_gate and bank.draws == 0
+    with torch.no_grad():
+        twin[0].out_gate.log_alpha.fill_(-50.0)  # the copy's gate: always closed
+    assert torch.equal(twin[0](torch.ones(40)), torch.zeros(40))
+    assert model[0](torch.ones(40)).sum() > 0  # the original's gates are untouched
 
 
 # -- expected L0 of layers with known log-alphas --------------------------------------------------------------

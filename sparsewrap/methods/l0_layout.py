@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..dependency import ChannelAnalysis, ChannelGroup, analyse_channels
 from ..parametrizations import attach
-from ..parametrizations.gated import ChannelGate, ChannelGated, GatedWeight, InSeg, prob_nonzero
+from ..parametrizations.gated import ChannelGate, ChannelGated, GateBank, GatedWeight, InSeg, prob_nonzero
 from ..targets import Target
 from ..tracing import ModelGraph, symbolic_trace
 
@@ -303,6 +303,7 @@ def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Targ
     by_name = {t.name: t for t in targets}
     plan = ChannelPlan({}, {}, [], {}, [])
     gate_of: dict[int, ChannelGate] = {}
+    bank = GateBank()  # every gate's sample drawn at once
     for index, group in enumerate(analysis.groups):
         mine = [p for p in group.producers if p in by_name]
         if not mine:
@@ -314,7 +315,7 @@ def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Targ
             hint = " (pass input_shape= so that flatten can be analysed)" if "flatten" in why and not shaped else ""
             plan.notes.append(f"channels of {', '.join(mine)} left ungated: {why}{hint}")
             continue
-        gate = ChannelGate(group.size, by_name[mine[0]].original, droprate_init, beta)
+        gate = ChannelGate(group.size, by_name[mine[0]].original, droprate_init, beta, bank)
         gate_of[index] = gate
         plan.gates.append(gate)
         plan.producers[gate] = mine
