@@ -20,8 +20,10 @@ PCG64 on the CPU, seeded from torch's generator). Both are tested against the re
 
 Channel gates (:class:`ChannelGate`) are shared by every tensor of a channel group: the producers' weights
 (dim 0), their biases and the BatchNorm affine terms after them (the role of the paper's L0BatchNorm), so a
-closed channel is exactly zero downstream. All members see the same sample within one forward: the gate draws
-a new sample when a member asks for a second time, i.e. when the next forward starts.
+closed channel is exactly zero downstream. All members see the same sample within one forward: the gate takes
+a new sample when a member asks for a second time, i.e. when the next forward starts. The gates of one model
+share a :class:`GateBank`, which draws the samples of all of them in one go (one autograd node,
+:class:`_HardConcrete`), instead of a dozen small operations per gate.
 """
 
 from __future__ import annotations
@@ -650,9 +652,12 @@ class ChannelGated(SparseParametrization):
     def apply_gates(x: Tensor, z: Tensor | None, keep_in: Tensor | None) -> Tensor:
         """``x`` scaled by gate values ``z`` along dim 0 and by the 0/1 input mask ``keep_in`` along dim 1."""
         if z is not None:
-            z = z.to(x.dtype)
-            per_channel_param = x.shape[0] != z.numel() and x.numel() == z.numel()  # e.g. a (1, C, 1, 1) scale
-            x = x * (z.view(x.shape) if per_channel_param else _along(z, 0, x.dim()))
+            z = z if z.dtype == x.dtype else z.to(x.dtype)
+            if x.shape == z.shape:  # a bias or norm term (the common case): no reshaping
+                x = x * z
+            else:
+                per_channel_param = x.shape[0] != z.numel() and x.numel() == z.numel()  # e.g. a (1, C, 1, 1) scale
+                x = x * (z.view(x.shape) if per_channel_param else _along(z, 0, x.dim()))
         if keep_in is not None and x.dim() >= 2:
             x = x * _along(keep_in.to(x.dtype), 1, x.dim())
         return x
