@@ -10,6 +10,7 @@ hits both alike. A step is forward + cross-entropy + backward + SGD(momentum) st
     python bench/overhead.py --device cuda
     python bench/overhead.py --threads 1 --clock cpu   # process CPU time: stable on a busy machine
     python bench/overhead.py --repeats 5               # 5 rounds, each with freshly built models
+    python bench/overhead.py --fused                   # SGD(fused=True) for both models
 
 Each row is measured in ``--repeats`` rounds (new models, new allocations each time); the ratio pools the step
 times of all rounds, and ``spread`` gives the lowest and highest ratio of a single round. The ``control`` row
@@ -81,11 +82,12 @@ def _sync(device: torch.device) -> None:
 class Stepper:
     """One model, its optimizer and (for the sparse one) its Sparsifier; :meth:`__call__` times one step."""
 
-    def __init__(self, model: nn.Module, sp: sw.Sparsifier | None, device: torch.device, clock: str) -> None:
+    def __init__(self, model: nn.Module, sp: sw.Sparsifier | None, device: torch.device, clock: str,
+                 fused: bool = False) -> None:  # fmt: skip
         self.model, self.sp, self.device = model.to(device).train(), sp, device
         self.clock = time.process_time if clock == "cpu" else time.perf_counter
         params = sp.param_groups(lr=0.01) if sp is not None else [{"params": list(model.parameters()), "lr": 0.01}]
-        self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=fused or None)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
         _sync(self.device)
@@ -103,7 +105,7 @@ class Stepper:
 
 
 def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, steps: int, warmup: int,
-            device: torch.device, clock: str) -> tuple[list[float], list[float]]:  # fmt: skip
+            device: torch.device, clock: str, fused: bool = False) -> tuple[list[float], list[float]]:  # fmt: skip
     """Interleaved step times (seconds) of the dense and the sparsified model (``kwargs`` None: a second dense
     model, the control)."""
     torch.manual_seed(0)
@@ -114,7 +116,8 @@ def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, ste
     if kwargs is not None:
         options = dict(kwargs)
         sp = sw.sparsify(sparse_model, options.pop("method"), **options)
-    dense, sparse = Stepper(dense_model, None, device, clock), Stepper(sparse_model, sp, device, clock)
+    dense = Stepper(dense_model, None, device, clock, fused)
+    sparse = Stepper(sparse_model, sp, device, clock, fused)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     for _ in range(warmup):
@@ -128,12 +131,13 @@ def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, ste
 
 
 def run_one(name: str, arch: str, size: int, batch: int, row: str, kwargs: dict[str, Any] | None, steps: int,
-            warmup: int, device: torch.device, clock: str, repeats: int = 1) -> Result:  # fmt: skip
+            warmup: int, device: torch.device, clock: str, repeats: int = 1,
+            fused: bool = False) -> Result:  # fmt: skip
     dense: list[float] = []
     sparse: list[float] = []
     rounds = []
     for _ in range(repeats):
-        d_times, s_times = measure(arch, size, batch, kwargs, steps, warmup, device, clock)
+        d_times, s_times = measure(arch, size, batch, kwargs, steps, warmup, device, clock, fused)
         rounds.append(statistics.median(s_times) / statistics.median(d_times))
         dense += d_times
         sparse += s_times
@@ -188,6 +192,7 @@ def main() -> None:
         default="wall",
         help="wall: perf_counter; cpu: process CPU time (use with --threads 1 on a shared machine)",
     )
+    ap.add_argument("--fused", action="store_true", help="torch's fused SGD (one pass per tensor) for both models")
     ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     args = ap.parse_args()
     if args.threads:
@@ -200,11 +205,8 @@ def main() -> None:
     results = []
     for name, arch, size, batch in [m for m in MODELS if m[0] in args.models]:
         for row in [r for r in rows if r in args.rows]:
-            results.append(
-                run_one(
-                    name, arch, size, batch, row, rows[row], args.steps, args.warmup, device, args.clock, args.repeats
-                )  # fmt: skip
-            )
+            setting = (args.steps, args.warmup, device, args.clock, args.repeats, args.fused)
+            results.append(run_one(name, arch, size, batch, row, rows[row], *setting))
             print(render(results[-1:]).splitlines()[-1], flush=True)
     print()
     print(render(results))
@@ -212,6 +214,7 @@ def main() -> None:
         "goals": GOALS,
         "device": str(device),
         "clock": args.clock,
+        "fused_sgd": args.fused,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
