@@ -146,17 +146,28 @@ def expected_count(log_alpha: Tensor, beta: float = BETA) -> Tensor:
     return _ExpectedCount.apply(log_alpha, beta)
 
 
+def _hard_concrete_(u: Tensor, log_alpha: Tensor, beta: float) -> Tensor:
+    """The uniforms ``u`` turned into the hard-concrete sample of ``log_alpha``, in place (no autograd)."""
+    u.logit_().add_(log_alpha).div_(beta).sigmoid_()  # logistic noise log u - log(1 - u), then the sigmoid
+    return u.mul_(_STRETCH).add_(GAMMA).clamp_(0.0, 1.0)
+
+
+def _through_gate(g: Tensor, z: Tensor) -> Tensor:
+    """The gradient that reaches ``log_alpha`` through the sample ``z``, for ``g`` already divided by
+    ``(zeta - gamma) beta``: ``g (z - gamma)(zeta - z)`` inside the clamp, 0 where it is active (with
+    ``zeta + gamma = 1``, ``(z - gamma)(zeta - z) = z (1 - z) - gamma zeta``: fused kernels, in place)."""
+    out = torch.ops.aten.sigmoid_backward(g, z)  # g z (1 - z)
+    out.add_(g, alpha=-GAMMA * ZETA)
+    return torch.ops.aten.hardtanh_backward.grad_input(out, z, 0.0, 1.0, grad_input=out)
+
+
 class _HardConcrete(torch.autograd.Function):
     """:func:`sample_gates` (same noise stream, in-place kernels) as one autograd node: the channel gates' sample.
-
-    The backward needs only the sample: ``dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta)`` inside the
-    clamp, ``= (z (1 - z) - gamma zeta) / ((zeta - gamma) beta)`` as ``zeta + gamma = 1``.
-    """
+    The backward needs only the sample (:func:`_through_gate`)."""
 
     @staticmethod
     def forward(ctx, log_alpha: Tensor, beta: float) -> Tensor:  # type: ignore[override]
-        z = uniform_noise(log_alpha).logit_().add_(log_alpha).div_(beta).sigmoid_()
-        z.mul_(_STRETCH).add_(GAMMA).clamp_(0.0, 1.0)
+        z = _hard_concrete_(uniform_noise(log_alpha), log_alpha, beta)
         ctx.save_for_backward(z)
         ctx.beta = beta
         return z
@@ -165,9 +176,7 @@ class _HardConcrete(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (z,) = ctx.saved_tensors
-        g = torch.ops.aten.sigmoid_backward(grad, z)  # grad z (1 - z)
-        g.add_(grad, alpha=-GAMMA * ZETA).mul_(1.0 / (_STRETCH * ctx.beta))
-        return torch.ops.aten.hardtanh_backward.grad_input(g, z, 0.0, 1.0, grad_input=g), None
+        return _through_gate(grad * (1.0 / (_STRETCH * ctx.beta)), z), None
 
 
 def sample_gates_fused(log_alpha: Tensor, beta: float = BETA) -> Tensor:
@@ -212,9 +221,7 @@ class _GatedMul(torch.autograd.Function):
             return out, count
         if bound > 0:
             log_alpha.clamp_(-bound, bound)  # grad mode is off inside forward
-        z = uniform_noise(log_alpha).logit_()  # logistic noise log u - log(1 - u)
-        z.add_(log_alpha).div_(beta).sigmoid_()
-        torch.add(torch.tensor(GAMMA, dtype=z.dtype), z, alpha=_STRETCH, out=z).clamp_(0.0, 1.0)
+        z = _hard_concrete_(uniform_noise(log_alpha), log_alpha, beta)
         p = torch.add(log_alpha, _shift(beta)).sigmoid_()
         count = p.sum()
         ctx.save_for_backward(w, z, p)
@@ -229,13 +236,10 @@ class _GatedMul(torch.autograd.Function):
         w, z, p = ctx.saved_tensors
         grad_la, scratch = None, None
         if ctx.needs_input_grad[1] and grad is not None:
-            # dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta) inside the clamp, 0 where it is active;
-            # with zeta + gamma = 1, (z - gamma)(zeta - z) = z (1 - z) - gamma zeta: fused kernels, in place
+            # dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta) inside the clamp
             scale = torch.zeros((), dtype=grad.dtype, device=grad.device)
             scratch = torch.addcmul(scale, grad, w, value=1.0 / (_STRETCH * ctx.beta))
-            grad_la = torch.ops.aten.sigmoid_backward(scratch, z)  # scratch * z * (1 - z)
-            grad_la.add_(scratch, alpha=-GAMMA * ZETA)
-            torch.ops.aten.hardtanh_backward.grad_input(grad_la, z, 0.0, 1.0, grad_input=grad_la)
+            grad_la = _through_gate(scratch, z)
         if ctx.needs_input_grad[1] and grad_count is not None:
             g = grad_count.to(p.dtype)
             if scratch is None:
