@@ -173,7 +173,7 @@ class L0(Method):
             self.totals[layer.constraint] += layer.cost * layer.numel
         if any(t <= 0 for t in self.totals):
             raise ConfigError("a constraint covers layers that never run on input_shape (zero MACs); exclude them")
-        self._expected = ExpectedCost(self.layers, len(self.densities))
+        self._expected = ExpectedCost(self.layers, self.totals)
         self._clamp()  # the initial log_alpha too: the fused expected count relies on |log_alpha| <= 12
         self.p_min = float(prob_nonzero(torch.tensor(-cfg.log_alpha_max, dtype=torch.float64), cfg.temperature))
         self.duals = DualAscent(len(self.densities), cfg.dual_lr, cfg.dual_restarts)
@@ -244,8 +244,7 @@ class L0(Method):
         """``E[density_k]`` per constraint, in budget units (differentiable in the gates)."""
         like = next(iter(self.gate_parameters()), None)
         like = like if like is not None else self.zero(self.model)
-        used = self._expected(like.device)
-        return (used / used.new_tensor(self.totals)).to(like.dtype)
+        return self._expected(like.device).to(like.dtype)
 
     def _requested_densities(self, like: Tensor) -> Tensor:
         return torch.tensor([d if d is not None else 0.0 for d in self.densities], dtype=like.dtype, device=like.device)

@@ -135,100 +135,85 @@ def gate_probs(layers: list[GatedLayer]) -> dict[ChannelGate, Tensor]:
 
 
 class ExpectedCost:
-    """The expected budget units of every constraint in a fixed number of tensor operations, whatever the layer count.
+    """The expected density of every constraint in a fixed number of tensor operations, whatever the layer count.
 
     The same sums as :meth:`GatedLayer.expected` (which stays the reference; the tests compare the two, values and
     gradients), computed for all layers at once: every channel gate's ``log_alpha`` in one vector, one
     ``P(z != 0)``, and every layer's channel sums read off one float64 cumulative sum (a range ``lo..hi`` sums to
-    ``cs[hi] - cs[lo]``). Each gated layer has three factor rows: its output mean, its input mean and (same gate
-    on both sides) the correction ``sum p (1 - p) / C^2``, so that ``E = numel * cost * (out * in + correction)``.
-    Per-weight layers use their gates' expected counts. This runs every training step (the Lagrangian term);
-    per layer it took about twenty small operations and as many autograd nodes.
+    ``cs[hi] - cs[lo]``). Each layer has three factor rows: its output mean, its input mean and (same gate on both
+    sides) the correction ``sum p (1 - p) / C^2``, so that ``E = numel * cost * (out * in + correction)``; a factor
+    with no gate is the constant 1. Per-weight layers use their gates' expected counts. This runs every training
+    step (the Lagrangian term); per layer it took about twenty small operations and as many autograd nodes.
 
     Args:
         layers: the method's layers.
-        constraints: number of constraints.
+        totals: budget units of each constraint (the densities' denominators).
     """
 
-    def __init__(self, layers: list[GatedLayer], constraints: int) -> None:
-        self.fixed = [0.0] * constraints  # budget units of layers without gates
+    def __init__(self, layers: list[GatedLayer], totals: list[float]) -> None:
         self.weight_layers = [la for la in layers if la.weight_gate is not None]
-        chan = [la for la in layers if la.gated and la.weight_gate is None]
-        for la in layers:
-            if not la.gated:
-                self.fixed[la.constraint] += la.cost * la.numel
+        chan = [la for la in layers if la.weight_gate is None]
         self.gates: list[ChannelGate] = []
         offset: dict[ChannelGate, int] = {}
+        width = 0  # channels of all gates; the p(1 - p) half of the source starts there
         for la in chan:
             for g in [la.out_gate] + [g for g, *_ in la.in_segs]:
                 if g is not None and g not in offset:
-                    offset[g] = sum(x.log_alpha.numel() for x in self.gates)
+                    offset[g], width = width, width + g.log_alpha.numel()
                     self.gates.append(g)
-        betas = {g.beta for g in self.gates}
-        if len(betas) > 1:
-            raise ValueError(f"channel gates with different temperatures {sorted(betas)}")
-        self.beta = betas.pop() if betas else 0.0
-        width = sum(g.log_alpha.numel() for g in self.gates)  # the p(1 - p) half of the source starts here
         n = len(chan)
-        rows, lo, hi, scale = [], [], [], []
+        segs: list[tuple[int, int, int, float]] = []  # (factor row, lo, hi, weight) of the source
         const = [0.0] * (3 * n)
-
-        def seg(row: int, start: int, stop: int, w: float) -> None:
-            rows.append(row), lo.append(start), hi.append(stop), scale.append(w)
-
         for j, la in enumerate(chan):
             g = la.out_gate
             if g is not None:
                 c = g.log_alpha.numel()
-                seg(j, offset[g], offset[g] + c, 1.0 / c)
+                segs.append((j, offset[g], offset[g] + c, 1.0 / c))
             else:
                 const[j] = 1.0
             if la._same_gate():
                 c = g.log_alpha.numel()
-                seg(n + j, offset[g], offset[g] + c, 1.0 / c)
-                seg(2 * n + j, width + offset[g], width + offset[g] + c, 1.0 / (c * c))
+                segs.append((n + j, offset[g], offset[g] + c, 1.0 / c))
+                segs.append((2 * n + j, width + offset[g], width + offset[g] + c, 1.0 / (c * c)))
             elif la.in_segs:
                 for gi, a, b, rep in la.in_segs:
                     if gi is None:
                         const[n + j] += rep * (b - a) / la.in_width
                     else:
-                        seg(n + j, offset[gi] + a, offset[gi] + b, rep / la.in_width)
+                        segs.append((n + j, offset[gi] + a, offset[gi] + b, rep / la.in_width))
             else:
                 const[n + j] = 1.0
-        self.index = (rows, lo, hi, scale, const)
-        self.weights = [la.cost * la.numel for la in chan]
-        self.owner = [la.constraint for la in chan]
-        self.weight_scale = [la.cost for la in self.weight_layers]
-        self.weight_owner = [la.constraint for la in self.weight_layers]
-        self._cache: dict[torch.device, tuple[Tensor, ...]] = {}
+        rows, lo, hi, scale = (list(column) for column in zip(*segs)) if segs else ([], [], [], [])
+        i64, f64 = torch.int64, torch.float64
+        self._values = {
+            "rows": (rows, i64), "lo": (lo, i64), "hi": (hi, i64), "scale": (scale, f64), "const": (const, f64),
+            "weights": ([la.cost * la.numel for la in chan], f64), "owner": ([la.constraint for la in chan], i64),
+            "wscale": ([la.cost for la in self.weight_layers], f64),
+            "wowner": ([la.constraint for la in self.weight_layers], i64), "totals": (list(totals), f64),
+        }  # fmt: skip
+        self._cache: dict[torch.device, dict[str, Tensor]] = {}
 
-    def _tensors(self, device: torch.device) -> tuple[Tensor, ...]:
+    def _tensors(self, device: torch.device) -> dict[str, Tensor]:
         if device not in self._cache:
-            rows, lo, hi, scale, const = self.index
-            f64 = dict(dtype=torch.float64, device=device)
-            i64 = dict(dtype=torch.int64, device=device)
-            self._cache[device] = (
-                torch.tensor(rows, **i64), torch.tensor(lo, **i64), torch.tensor(hi, **i64),
-                torch.tensor(scale, **f64), torch.tensor(const, **f64), torch.tensor(self.weights, **f64),
-                torch.tensor(self.owner, **i64), torch.tensor(self.fixed, **f64),
-                torch.tensor(self.weight_scale, **f64), torch.tensor(self.weight_owner, **i64),
-            )  # fmt: skip
+            self._cache[device] = {k: torch.tensor(v, dtype=t, device=device) for k, (v, t) in self._values.items()}
         return self._cache[device]
 
     def __call__(self, device: torch.device) -> Tensor:
-        """Expected budget units per constraint (float64, differentiable in the gates)."""
-        rows, lo, hi, scale, const, weights, owner, fixed, wscale, wowner = self._tensors(device)
-        used = fixed
-        if self.gates:
-            p = prob_nonzero(torch.cat([g.log_alpha for g in self.gates]), self.beta).double()
-            cs = torch.nn.functional.pad(torch.cat([p, p * (1.0 - p)]).cumsum(0), (1, 0))
-            f = const.index_add(0, rows, (cs[hi] - cs[lo]) * scale)
-            n = weights.numel()
-            used = used.index_add(0, owner, weights * (f[:n] * f[n : 2 * n] + f[2 * n :]))
+        """Expected density per constraint, in budget units (float64, differentiable in the gates)."""
+        t = self._tensors(device)
+        used = torch.zeros_like(t["totals"])
+        n = t["weights"].numel()
+        if n:
+            f = t["const"]
+            if self.gates:
+                p = prob_nonzero(torch.cat([g.log_alpha for g in self.gates]), self.gates[0].beta).double()
+                cs = torch.nn.functional.pad(torch.cat([p, p * (1.0 - p)]).cumsum(0), (1, 0))
+                f = f.index_add(0, t["rows"], (cs[t["hi"]] - cs[t["lo"]]) * t["scale"])
+            used = used.index_add(0, t["owner"], t["weights"] * (f[:n] * f[n : 2 * n] + f[2 * n :]))
         if self.weight_layers:
             counts = torch.stack([la.weight_gate.expected_count() for la in self.weight_layers]).double()
-            used = used.index_add(0, wowner, counts * wscale)
-        return used
+            used = used.index_add(0, t["wowner"], counts * t["wscale"])
+        return used / t["totals"]
 
 
 def attach_weight_gates(targets: list[Target], droprate_init: float, beta: float,
