@@ -22,8 +22,9 @@ from .. import native
 from .base import SparseParametrization, version_key
 
 Key = tuple[int, int]  # a version_key
-# full-size float32 CPU masks of at least this many weights are also kept packed one bit per weight, and
-# pruned entries are zeroed by the native kernel (sparsewrap/native/masks.c) instead of a multiply by the mask
+# float32 CPU masks (full-size or per output channel) of weights with at least this many entries are also kept
+# packed one bit per entry, and pruned entries are zeroed by the native kernels (sparsewrap/native/masks.c)
+# instead of a multiply by the mask
 NATIVE_MIN_NUMEL = 16384
 
 # optimizers whose update of a weight is zero when the weight, its gradient and its per-weight state are zero
@@ -273,7 +274,7 @@ class Masked(SparseParametrization):
             with torch.no_grad():
                 for v in tensors:
                     self._zero_pruned(v)
-            done[id(p)] = (version_key(self.mask), tuple(v.data_ptr() for v in tensors))
+            done[id(p)] = record  # zeroing in place changes neither the mask nor the tensors
         return True
 
     def __getstate__(self) -> dict[str, Any]:
