@@ -11,6 +11,7 @@ hits both alike. A step is forward + cross-entropy + backward + SGD(momentum) st
     python bench/overhead.py --threads 1 --clock cpu   # process CPU time: stable on a busy machine
     python bench/overhead.py --repeats 5               # 5 rounds, each with freshly built models
     python bench/overhead.py --fused                   # SGD(fused=True) for both models
+    python bench/overhead.py --malloc keep             # no heap trimming, for both models (see keep_heap)
 
 Each row is measured in ``--repeats`` rounds (new models, new allocations each time); the ratio pools the step
 times of all rounds, and ``spread`` gives the lowest and highest ratio of a single round. The ``control`` row
@@ -23,9 +24,12 @@ Goals (``GOALS``, on the paired ratio): 1.05x dense for masks and channel gates,
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -58,6 +62,8 @@ METHOD_ROWS: list[tuple[str, dict[str, Any] | None]] = [
 ]
 # the issues' goals (paired ratio), flagged in the table when missed
 GOALS = {"magnitude": 1.05, "magnitude-channel": 1.05, "l0": 1.3, "l0-channel": 1.05}
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 @dataclass
@@ -72,6 +78,8 @@ class Result:
     steps: int  # timed steps per model and round
     repeats: int = 1
     round_ratios: list[float] | None = None  # the ratio of each round alone
+    dense_faults: float | None = None  # median minor page faults per step (getrusage), dense model
+    sparse_faults: float | None = None  # the same, sparse model
 
 
 def _sync(device: torch.device) -> None:
@@ -88,9 +96,11 @@ class Stepper:
         self.clock = time.process_time if clock == "cpu" else time.perf_counter
         params = sp.param_groups(lr=0.01) if sp is not None else [{"params": list(model.parameters()), "lr": 0.01}]
         self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=fused or None)
+        self.faults: list[int] = []  # minor page faults of each step (the whole process)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
         _sync(self.device)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = self.clock()
         loss = F.cross_entropy(self.model(x), y)
         if self.sp is not None:
@@ -101,13 +111,15 @@ class Stepper:
         if self.sp is not None:
             self.sp.step()
         _sync(self.device)
-        return self.clock() - start
+        elapsed = self.clock() - start
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+        return elapsed
 
 
 def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, steps: int, warmup: int,
-            device: torch.device, clock: str, fused: bool = False) -> tuple[list[float], list[float]]:  # fmt: skip
+            device: torch.device, clock: str, fused: bool = False) -> tuple[list[float], ...]:  # fmt: skip
     """Interleaved step times (seconds) of the dense and the sparsified model (``kwargs`` None: a second dense
-    model, the control)."""
+    model, the control), then the page faults of their timed steps."""
     torch.manual_seed(0)
     dense_model = timm.create_model(arch, pretrained=False, num_classes=10)
     sparse_model = timm.create_model(arch, pretrained=False, num_classes=10)
@@ -123,11 +135,12 @@ def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, ste
     for _ in range(warmup):
         dense(x, y), sparse(x, y)
     times: tuple[list[float], list[float]] = ([], [])
+    dense.faults.clear(), sparse.faults.clear()
     for i in range(steps):
         order = (dense, sparse) if i % 2 == 0 else (sparse, dense)  # ABBA: neither always runs first
         for stepper in order:
             times[stepper is sparse].append(stepper(x, y))
-    return times
+    return (*times, dense.faults, sparse.faults)
 
 
 def run_one(name: str, arch: str, size: int, batch: int, row: str, kwargs: dict[str, Any] | None, steps: int,
@@ -135,15 +148,40 @@ def run_one(name: str, arch: str, size: int, batch: int, row: str, kwargs: dict[
             fused: bool = False) -> Result:  # fmt: skip
     dense: list[float] = []
     sparse: list[float] = []
+    faults: tuple[list[int], list[int]] = ([], [])
     rounds = []
     for _ in range(repeats):
-        d_times, s_times = measure(arch, size, batch, kwargs, steps, warmup, device, clock, fused)
+        d_times, s_times, d_faults, s_faults = measure(arch, size, batch, kwargs, steps, warmup, device, clock, fused)
         rounds.append(statistics.median(s_times) / statistics.median(d_times))
         dense += d_times
         sparse += s_times
+        faults[0].extend(d_faults), faults[1].extend(s_faults)
     d, s = statistics.median(dense), statistics.median(sparse)
     paired = statistics.median(b / a for a, b in zip(dense, sparse))
-    return Result(name, row, [batch, 3, size, size], d * 1e3, s * 1e3, s / d, paired, steps, repeats, rounds)
+    shape = [batch, 3, size, size]
+    d_f, s_f = statistics.median(faults[0]), statistics.median(faults[1])
+    return Result(name, row, shape, d * 1e3, s * 1e3, s / d, paired, steps, repeats, rounds, d_f, s_f)
+
+
+def keep_heap() -> bool:
+    """Stop glibc from returning freed heap memory to the system between steps (``--malloc keep``).
+
+    glibc trims the top of its heap whenever more than a threshold is free there, so that the next step's
+    large tensors fault their pages in again (minor page faults: the kernel zeroes each page). Whether a step
+    trims depends on where small long-lived allocations happen to sit: a dense ResNet-18 training alone in
+    its own process took 4,400-7,800 faults per step (about 8 ms of system time), while in the paired runs of
+    this script both models usually take none. The ``faults d/s`` column shows when one model of a pair was
+    hit; keeping the heap (no trimming, and tensors up to 32 MiB from the heap rather than fresh ``mmap``
+    calls, as jemalloc or tcmalloc would do) takes that out of both models alike. Returns whether it applied
+    (glibc only)."""
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 def _cpu_name() -> str:
@@ -166,14 +204,16 @@ def _commit() -> str:
 def render(results: list[Result]) -> str:
     lines = [
         f"{'model':<10} {'row':<20} {'input':<16} {'dense ms':>9} {'sparse ms':>10} {'ratio':>7} {'paired':>7} "
-        f"{'spread':>13}"
+        f"{'spread':>13} {'faults d/s':>11}"
     ]
     for r in results:
         flag = f"  > goal {GOALS[r.row]}" if r.row in GOALS and r.paired_ratio > GOALS[r.row] else ""
         rounds = r.round_ratios or [r.ratio]
         spread = f"{min(rounds):.3f}-{max(rounds):.3f}" if len(rounds) > 1 else ""
+        faults = f"{r.dense_faults or 0:.0f}/{r.sparse_faults or 0:.0f}"
         lines.append(f"{r.model:<10} {r.row:<20} {'x'.join(map(str, r.input)):<16} {r.dense_ms:9.1f} "
-                     f"{r.sparse_ms:10.1f} {r.ratio:7.3f} {r.paired_ratio:7.3f} {spread:>13}{flag}")  # fmt: skip
+                     f"{r.sparse_ms:10.1f} {r.ratio:7.3f} {r.paired_ratio:7.3f} {spread:>13} "
+                     f"{faults:>11}{flag}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -193,8 +233,17 @@ def main() -> None:
         help="wall: perf_counter; cpu: process CPU time (use with --threads 1 on a shared machine)",
     )
     ap.add_argument("--fused", action="store_true", help="torch's fused SGD (one pass per tensor) for both models")
+    ap.add_argument(
+        "--malloc",
+        choices=("default", "keep"),
+        default="default",
+        help="keep: glibc keeps freed memory for the next step, for both models (see keep_heap)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     args = ap.parse_args()
+    kept = args.malloc == "keep" and keep_heap()
+    if args.malloc == "keep" and not kept:
+        print("--malloc keep: not glibc, allocator left as is")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -215,6 +264,7 @@ def main() -> None:
         "device": str(device),
         "clock": args.clock,
         "fused_sgd": args.fused,
+        "malloc_keep": kept,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
