@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
@@ -91,6 +92,69 @@ def test_gradients_reach_gates_and_param_groups_are_separate():
     assert [g["name"] for g in groups] == ["weights", "gates"]
     assert groups[1]["lr"] == 0.3 and groups[1]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == 1e-4
     assert {id(p) for p in groups[1]["params"]} == {id(g) for g in gates}
+
+
+def test_gate_group_asks_for_the_fused_update_on_the_cpu():
+    sp = sw.sparsify(ZOO["conv_bn"][0](), "l0", target=0.5)
+    weights, gates = sp.param_groups(lr=1e-3)
+    assert gates["fused"] is True and "fused" not in weights  # the weights keep the optimizer's own choice
+    assert sp.param_groups(lr=1e-3, gates={"fused": False})[1]["fused"] is False
+    sp16 = sw.sparsify(ZOO["conv_bn"][0]().half(), "l0", target=0.5)
+    assert "fused" not in sp16.param_groups(lr=1e-3)[1]  # float16: torch's loop, as the optimizer chooses
+
+
+def test_fused_gate_update_takes_torchs_fused_kernel():
+    from unittest import mock
+
+    sp = sw.sparsify(ZOO["conv_bn"][0](), "l0", target=0.5)
+    opt = torch.optim.SGD(sp.param_groups(lr=0.1), momentum=0.9)
+    (sp.model(torch.randn(2, 3, 8, 8)).pow(2).mean() + sp.penalty()).backward()
+    sgd = importlib.import_module("torch.optim.sgd")
+    with mock.patch.object(sgd, "_fused_sgd", wraps=sgd._fused_sgd) as fused:
+        opt.step()
+    assert fused.call_count == 1  # the gates' group; the weights took the default loop
+    assert {id(p) for p in fused.call_args.args[0]} == {id(p) for p in sp.method.gate_parameters()}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, weight_decay=1e-3),
+        lambda g: torch.optim.Adam(g, lr=0.05),
+        lambda g: torch.optim.AdamW(g, lr=0.05),
+        lambda g: torch.optim.Adagrad(g, lr=0.05),
+        lambda g: torch.optim.RMSprop(g, lr=0.01),  # no fused update: the key is ignored
+    ],
+    ids=["sgd", "adam", "adamw", "adagrad", "rmsprop"],
+)
+def test_fused_gate_update_matches_the_optimizers_loop(make):
+    """The default (fused) gate update gives the gates and optimizer state of ``fused=False``. The weights are
+    frozen (lr 0): Adam would turn float-rounding differences in a near-zero gradient (a bias before a
+    BatchNorm) into steps of size lr, which says nothing about the gates' update."""
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = ZOO["conv_bn"][0]()
+        sp = sw.sparsify(model, "l0", target=0.5)
+        opt = make(sp.param_groups(lr=0.1, weights={"lr": 0.0}, gates={"fused": fused}))
+        torch.manual_seed(1)
+        for _ in range(4):
+            loss = model(torch.randn(4, 3, 8, 8)).pow(2).mean() + sp.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sp.step()
+        gates = sp.method.gate_parameters()
+        runs.append(([g.detach().clone() for g in gates], [opt.state[p] for p in gates]))
+    (gates_fused, state_fused), (gates_loop, state_loop) = runs
+    untrained = sw.sparsify(ZOO["conv_bn"][0](), "l0", target=0.5).method.gate_parameters()
+    assert not torch.equal(gates_loop[0], untrained[0])  # the gates did move
+    for a, b in zip(gates_fused, gates_loop):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(state_fused, state_loop):
+        for name in b:
+            torch.testing.assert_close(torch.as_tensor(a[name]).float(), torch.as_tensor(b[name]).float(),
+                                       rtol=1e-5, atol=1e-6, msg=name)  # fmt: skip
 
 
 def test_constrained_training_raises_the_multiplier_then_restarts_it():
