@@ -102,6 +102,21 @@ def test_forward_and_backward_equal_autograd_of_the_reference(beta, use_out) -> 
         assert w.grad is None
 
 
+def test_count_term_and_its_gradient_match_float64_over_the_log_alpha_range() -> None:
+    """The kernels' inlined exp (hardconcrete.c, exp_clamped) against float64: the expected count
+    sum(sigmoid(log_alpha + shift)) and its gradient p (1 - p), over log_alpha in [-14, 14] (the L0 method keeps
+    it within +-ln 1000 by default)."""
+    la = torch.linspace(-14.0, 14.0, 70001).requires_grad_()
+    _out, count = _GatedMul.apply(torch.randn(70001), la, BETA)
+    (0.7 * count).backward()  # no gradient reaches the gated weight: the count-only backward
+    p = torch.sigmoid(la.detach().double() + _shift(BETA))
+    torch.testing.assert_close(count.double(), p.sum(), rtol=1e-6, atol=0)
+    ref = 0.7 * p * (1 - p)
+    low = p < 0.5  # p (1 - p) is relatively exact here; where p is near 1, 1 - p has the float error of 1
+    torch.testing.assert_close(la.grad.double()[low], ref[low], rtol=2e-6, atol=0)
+    torch.testing.assert_close(la.grad.double(), ref, rtol=1e-5, atol=1e-7)
+
+
 def test_results_do_not_depend_on_the_thread_count() -> None:
     shape = (256, 64, 3, 3)  # above the kernels' one-thread limit (65536 elements)
     la = torch.randn(shape) * 3
