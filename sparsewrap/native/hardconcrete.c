@@ -22,7 +22,7 @@
 #define ZETA (1.1f)
 #define STRETCH (ZETA - GAMMA)
 #define EPS (1e-6f)
-#define BLOCK 4096
+#define BLOCK 4096 /* a power of two */
 #define PARALLEL_MIN 65536 /* elements below which one thread does it all */
 
 /* dst[0, n) = src[0, n) with non-temporal stores where the CPU has them: for outputs that are read only much
@@ -80,12 +80,17 @@ static inline uint32_t mix32(uint32_t h) {
     return h;
 }
 
-static inline float uniform_at(uint32_t k0, uint32_t k1, int64_t i) {
-    /* one murmur3 finalizer over a keyed odd-multiplier sequence: a bijection of the index for given keys,
-     * and both keys are fresh 32-bit draws every forward */
-    uint32_t h = mix32(((uint32_t)i ^ k0) * 0x9e3779b1u + (k1 ^ (uint32_t)((uint64_t)i >> 32)));
+/* The uniform of index i = (high << 32) + low, with khi = k1 ^ high: one murmur3 finalizer over a keyed
+ * odd-multiplier sequence, a bijection of the index for given keys (both keys are fresh 32-bit draws every
+ * forward). The loops pass the high word once per block, so that their vector lanes hold 32-bit integers. */
+static inline float uniform_hash(uint32_t k0, uint32_t khi, uint32_t low) {
+    uint32_t h = mix32((low ^ k0) * 0x9e3779b1u + khi);
     float u = ((float)(h >> 8) + 0.5f) * (1.0f / 16777216.0f); /* 24 bits, strictly inside (0, 1) */
     return EPS + (1.0f - 2.0f * EPS) * u;
+}
+
+static inline float uniform_at(uint32_t k0, uint32_t k1, int64_t i) {
+    return uniform_hash(k0, k1 ^ (uint32_t)((uint64_t)i >> 32), (uint32_t)i);
 }
 
 /* the uniforms alone (tests check the gates against the reference formula with them) */
@@ -94,12 +99,10 @@ void sw_hc_uniform(float *u, int64_t lo, int64_t hi, uint32_t k0, uint32_t k1) {
     for (int64_t i = lo; i < hi; i++) u[i] = uniform_at(k0, k1, i);
 }
 
-/* The gate of weight i for keys (k0, k1), and exp(-la) (shared with the count term).
- * exp(-(logit(u) + la) / beta) = q^(1/beta) with q = (1 - u) / u * exp(-la): one expf per weight; for
+/* The gate for uniform u and log_alpha la, and exp(-la) (shared with the count term).
+ * exp(-(logit(u) + la) / beta) = q^(1/beta) with q = (1 - u) / u * exp(-la): one exp per weight; for
  * beta = 2/3 the power is q sqrt(q). The count term is sigmoid(la + shift) = 1 / (1 + exp(-la) exp(-shift)). */
-static inline float gate_at(uint32_t k0, uint32_t k1, int64_t i, float la, float inv_beta, int three_halves,
-                            float *en_out) {
-    float u = uniform_at(k0, k1, i);
+static inline float gate_of(float u, float la, float inv_beta, int three_halves, float *en_out) {
     float en = exp_clamped(-fminf(fmaxf(la, -40.0f), 40.0f)); /* no infinities: built with -ffast-math */
     float q = (1.0f - u) / u * en;
     float t = three_halves ? q * sqrtf(q) : powf(q, inv_beta);
@@ -111,16 +114,16 @@ static inline float gate_at(uint32_t k0, uint32_t k1, int64_t i, float la, float
  * where it changes: the projection of log_alpha after the previous optimizer step, done here instead of in
  * a separate pass), then the gate, the gated weight and the count term. */
 #define FORWARD_BODY(THREE_HALVES, CLAMP)                                                                        \
-    for (int64_t i = b; i < e; i++) {                                                                            \
-        float l = la[i];                                                                                         \
+    for (int32_t j = 0; j < n; j++) {                                                                            \
+        float l = lab[j];                                                                                        \
         if (CLAMP) {                                                                                             \
             float lc = fminf(fmaxf(l, -bound), bound);                                                           \
-            if (lc != l) la[i] = lc;                                                                             \
+            if (lc != l) lab[j] = lc;                                                                            \
             l = lc;                                                                                              \
         }                                                                                                        \
-        float en, zz = gate_at(k0, k1, i, l, inv_beta, THREE_HALVES, &en);                                       \
-        z[i] = zz;                                                                                               \
-        out[i] = w[i] * zz;                                                                                      \
+        float en, zz = gate_of(uniform_hash(k0, khi, low + (uint32_t)j), l, inv_beta, THREE_HALVES, &en);        \
+        zp[j] = zz;                                                                                              \
+        op[j] = wp[j] * zz;                                                                                      \
         acc += 1.0f / (1.0f + en * c);                                                                           \
     }
 
@@ -130,9 +133,14 @@ void sw_hc_forward(const float *w, float *la, float *out, float *z, int64_t lo, 
                    uint32_t k1, float inv_beta, float shift, int three_halves, float bound, double *count) {
     double total = 0.0;
     const float c = expf(-shift);
+    /* blocks at multiples of BLOCK (a power of two), so that none crosses a multiple of 2^32 */
 #pragma omp parallel for schedule(static) reduction(+ : total) if (hi - lo > PARALLEL_MIN)
-    for (int64_t b = lo; b < hi; b += BLOCK) {
-        int64_t e = b + BLOCK < hi ? b + BLOCK : hi;
+    for (int64_t k = lo / BLOCK; k < (hi + BLOCK - 1) / BLOCK; k++) {
+        const int64_t b = k * BLOCK > lo ? k * BLOCK : lo, e = (k + 1) * BLOCK < hi ? (k + 1) * BLOCK : hi;
+        const int32_t n = (int32_t)(e - b);
+        const uint32_t low = (uint32_t)b, khi = k1 ^ (uint32_t)((uint64_t)b >> 32);
+        const float *wp = w + b;
+        float *lab = la + b, *op = out + b, *zp = z + b;
         float acc = 0.0f;
         /* four copies of the loop, so that both branches are resolved outside it */
         if (three_halves && bound > 0.0f) {
@@ -159,7 +167,7 @@ void sw_hc_sample(const float *la, float *z, int64_t lo, int64_t hi, uint32_t k0
 #pragma omp parallel for simd schedule(static) if (hi - lo > PARALLEL_MIN)
     for (int64_t i = lo; i < hi; i++) {
         float en;
-        z[i] = gate_at(k0, k1, i, la[i], inv_beta, three_halves, &en);
+        z[i] = gate_of(uniform_at(k0, k1, i), la[i], inv_beta, three_halves, &en);
     }
 }
 
