@@ -5,12 +5,12 @@ tensor in eager PyTorch (noise, logit, sigmoid, clamp, products, and as many in 
 ``hardconcrete.c`` do the forward and the backward in one pass each, vectorized (``-O3 -ffast-math``, an
 inlined ``exp``; the gate gradient written with non-temporal stores). ``masks.c`` zeroes the pruned entries of
 a hard mask from the mask packed one bit per weight (:mod:`sparsewrap.parametrizations.masked`). Plain C with
-no Python or torch headers: it builds in about a second. When torch runs on GNU OpenMP (its pip wheels do), the library is built with ``-fopenmp`` and
-links to the ``libgomp`` torch has already loaded, so its loops run on torch's own thread pool with
-``torch.get_num_threads()`` threads (separate Python threads would fight torch's spinning OpenMP workers for
-the cores). The shared library is cached under ``$SPARSEWRAP_CACHE`` (default ``~/.cache/sparsewrap``), keyed
-by the sources, the flags, the compiler and the CPU, and written atomically. Every pointer argument is passed
-as a plain address (:func:`ptr`).
+no Python or torch headers: it builds in about a second. When torch runs on GNU OpenMP (its pip wheels do),
+the library is built with ``-fopenmp`` and links to the ``libgomp`` torch has already loaded, so its loops run
+on torch's own thread pool with ``torch.get_num_threads()`` threads (separate Python threads would fight
+torch's spinning OpenMP workers for the cores). The shared library is cached under ``$SPARSEWRAP_CACHE``
+(default ``~/.cache/sparsewrap``), keyed by the sources, the flags, the compiler and the CPU, and written
+atomically. Every pointer argument is passed as a plain address (:func:`ptr`).
 
 Without a C compiler, or with ``SPARSEWRAP_NATIVE=0``, :func:`kernels` returns ``None`` and callers use their
 eager path (same math and distribution, another noise stream, slower; for masks, a product with the float
