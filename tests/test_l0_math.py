@@ -15,7 +15,6 @@ from torch import nn
 import sparsewrap as sw
 from sparsewrap.constraints import DualAscent
 from sparsewrap.errors import ConfigError
-from sparsewrap.methods.l0_layout import gate_probs
 from sparsewrap.parametrizations.gated import (
     BETA,
     EPS,
@@ -335,13 +334,33 @@ class Stream(nn.Module):
         return self.head(h + self.fc1(h))
 
 
+def _reference_count(layer, probs: dict, like: torch.Tensor) -> torch.Tensor:
+    """Expected kept weights of one layer, written out directly (``probs``: ``P(z != 0)`` per channel gate)."""
+    if layer.weight_gate is not None:
+        return layer.weight_gate.expected_count()
+    n = like.new_tensor(float(layer.numel))
+    g = layer.out_gate
+    if g is not None and layer.in_segs == ((g, 0, g.log_alpha.numel(), 1),):  # one gate on both sides
+        p = probs[g]
+        c = p.numel()
+        return n / (c * c) * (p.sum() ** 2 - (p * p).sum() + p.sum())  # sum over i != j of p_i p_j, plus sum p_i
+    if g is not None:
+        n = n * probs[g].mean()
+    if layer.in_segs:
+        kept = sum(rep * (probs[gi][lo:hi].sum() if gi is not None else float(hi - lo))
+                   for gi, lo, hi, rep in layer.in_segs)  # fmt: skip
+        n = n * kept / layer.in_width
+    return n
+
+
 def _reference_densities(method) -> torch.Tensor:
-    """The per-layer sums of GatedLayer.expected, accumulated one layer at a time (the reference)."""
-    probs = gate_probs(method.layers)
+    """The per-layer expected counts accumulated one layer at a time (the reference)."""
+    gates = {g for la in method.layers for g in [la.out_gate] + [gi for gi, *_ in la.in_segs] if g is not None}
+    probs = {g: prob_nonzero(g.log_alpha, g.beta) for g in gates}
     like = method.gate_parameters()[0]
     used = [0.0] * len(method.densities)
     for layer in method.layers:
-        count = layer.expected(probs, like).double() if layer.gated else float(layer.numel)
+        count = _reference_count(layer, probs, like).double() if layer.gated else float(layer.numel)
         used[layer.constraint] = used[layer.constraint] + layer.cost * count
     return torch.stack([torch.as_tensor(u, dtype=torch.float64) / t for u, t in zip(used, method.totals)])
 

@@ -72,24 +72,6 @@ class GatedLayer:
         g = self.out_gate
         return g is not None and self.in_segs == ((g, 0, g.log_alpha.numel(), 1),)
 
-    def expected(self, probs: dict[ChannelGate, Tensor], like: Tensor) -> Tensor:
-        """Expected number of kept weights (differentiable in the gates); ``probs`` holds ``P(z != 0)``."""
-        if self.weight_gate is not None:
-            return self.weight_gate.expected_count()
-        n = like.new_tensor(float(self.numel))
-        if self._same_gate():
-            p = probs[self.out_gate]
-            c = p.numel()
-            return n / (c * c) * (p.sum() ** 2 - (p * p).sum() + p.sum())
-        if self.out_gate is not None:
-            n = n * probs[self.out_gate].mean()
-        if self.in_segs:
-            kept = sum(
-                rep * (probs[g][lo:hi].sum() if g is not None else float(hi - lo)) for g, lo, hi, rep in self.in_segs
-            )
-            n = n * kept / self.in_width
-        return n
-
     def floor(self, p_min: float) -> float:
         """Expected kept weights when every gate sits at the lower clamp (``P(z != 0) = p_min``)."""
         if self.weight_gate is not None:
@@ -124,23 +106,15 @@ class GatedLayer:
         return self.count(out, self.input_kept(keeps) if self.in_segs else None)
 
 
-def gate_probs(layers: list[GatedLayer]) -> dict[ChannelGate, Tensor]:
-    """``P(z != 0)`` of every channel gate used by ``layers``, computed once each."""
-    out: dict[ChannelGate, Tensor] = {}
-    for layer in layers:
-        for gate in [layer.out_gate] + [g for g, *_ in layer.in_segs]:
-            if gate is not None and gate not in out:
-                out[gate] = prob_nonzero(gate.log_alpha, gate.beta)
-    return out
-
-
 class ExpectedCost:
     """The expected density of every constraint in a fixed number of tensor operations, whatever the layer count.
 
-    The same sums as :meth:`GatedLayer.expected` (which stays the reference; the tests compare the two, values and
-    gradients), computed for all layers at once: every channel gate's ``log_alpha`` in one vector, one
-    ``P(z != 0)``, and every layer's channel sums read off one float64 cumulative sum (a range ``lo..hi`` sums to
-    ``cs[hi] - cs[lo]``). Each layer has three factor rows: its output mean, its input mean and (same gate on both
+    For each layer: its ``numel`` times ``P(z != 0)`` averaged over its output channels, times the same over its
+    input columns (an ungated column counts 1); for a layer whose input and output share one gate, the mean of
+    ``p_i p_j`` over all pairs instead. Computed for all layers at once: every channel gate's ``log_alpha`` in one
+    vector, one ``P(z != 0)``, and every layer's channel sums read off one float64 cumulative sum (a range
+    ``lo..hi`` sums to ``cs[hi] - cs[lo]``); the tests compare it, values and gradients, with these sums written
+    out one layer at a time. Each layer has three factor rows: its output mean, its input mean and (same gate on both
     sides) the correction ``sum p (1 - p) / C^2``, so that ``E = numel * cost * (out * in + correction)``; a factor
     with no gate is the constant 1. Per-weight layers use their gates' expected counts. This runs every training
     step (the Lagrangian term); per layer it took about twenty small operations and as many autograd nodes.
