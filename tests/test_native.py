@@ -275,7 +275,7 @@ def test_the_mask_kernels_pack_bits_and_zero_exactly_the_pruned_entries(n) -> No
     x = torch.randn(n, generator=gen)
     x[::5] = float("inf")
     expected = torch.where(mask.bool(), x, torch.zeros(()))
-    lib.sw_mask_zero(x.data_ptr(), bits.data_ptr(), n)
+    lib.sw_mask_zero(bits.data_ptr(), n, x.data_ptr())
     assert torch.equal(x, expected)
 
 
@@ -290,7 +290,7 @@ def test_the_row_kernel_zeroes_exactly_the_pruned_channels(rows, row) -> None:
     x = torch.randn(rows, row, generator=gen)
     x[:, ::3] = float("nan")
     expected = torch.where(mask.bool()[:, None], x, torch.zeros(()))
-    lib.sw_mask_zero_rows(x.data_ptr(), bits.data_ptr(), rows, row)
+    lib.sw_mask_zero_rows(bits.data_ptr(), rows, row, x.data_ptr())
     assert torch.equal(x.nan_to_num(7.0), expected.nan_to_num(7.0))
 
 
@@ -318,7 +318,7 @@ def test_the_mask_kernels_other_code_paths_agree(tmp_path, flags) -> None:
     assert bits.tolist() == _reference_bits(mask)
     x = torch.randn(n, generator=gen)
     expected = torch.where(mask.bool(), x, torch.zeros(()))
-    lib.sw_mask_zero(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(bits.data_ptr()), ctypes.c_int64(n))
+    lib.sw_mask_zero(ctypes.c_void_p(bits.data_ptr()), ctypes.c_int64(n), ctypes.c_void_p(x.data_ptr()))
     assert torch.equal(x, expected)
 
 

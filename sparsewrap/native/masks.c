@@ -25,8 +25,11 @@ int sw_mask_vectorized(void) {
 #endif
 }
 
+/* The tensor comes last in sw_mask_zero and sw_mask_zero_rows, so that a caller can bind a mask's arguments
+ * once (functools.partial over the ctypes function) and call it with the tensor alone. */
+
 /* x[i] = 0 wherever bit i of keep is clear; x[i] untouched where it is set */
-void sw_mask_zero(float *x, const uint64_t *keep, int64_t n) {
+void sw_mask_zero(const uint64_t *keep, int64_t n, float *x) {
     const int64_t words = n / 64;
 #pragma omp parallel for schedule(static) if (n > MASK_PARALLEL_MIN)
     for (int64_t k = 0; k < words; k++) {
@@ -59,7 +62,7 @@ void sw_mask_zero(float *x, const uint64_t *keep, int64_t n) {
 
 /* Per-row masks (one bit per output channel, the row = that channel's len contiguous weights): memset the
  * pruned rows, read nothing else. */
-void sw_mask_zero_rows(float *x, const uint64_t *keep, int64_t rows, int64_t len) {
+void sw_mask_zero_rows(const uint64_t *keep, int64_t rows, int64_t len, float *x) {
 #pragma omp parallel for schedule(static) if (rows * len > MASK_PARALLEL_MIN)
     for (int64_t r = 0; r < rows; r++)
         if (!((keep[r / 64] >> (r % 64)) & 1)) memset(x + r * len, 0, (size_t)len * sizeof(float));

@@ -7,7 +7,9 @@ the rules that keep this exact.
 
 from __future__ import annotations
 
+import functools
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +39,8 @@ ZERO_PRESERVING: tuple[type[Optimizer], ...] = tuple(
 
 _TRACKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(original) -> (original, its Masked)
 _STATE_MASKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> {id(param): mask key}
+# optimizer -> the (Masked, original) pairs its step in progress leaves clean (see Masked._ready_for_step)
+_STEPPING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _hooks_installed = False
 
 
@@ -51,25 +55,23 @@ def _tracked(p: Tensor) -> Masked | None:
 
 
 def _before_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
-    if not _TRACKED:
+    if not _TRACKED or type(opt) not in ZERO_PRESERVING:
+        _STEPPING.pop(opt, None)
         return
-    fast = type(opt) in ZERO_PRESERVING
+    stays_clean = []
+    done = _STATE_MASKED.setdefault(opt, {})
     for group in opt.param_groups:
         for p in group["params"]:
             owner = _tracked(p)
-            if owner is not None:
-                owner._stays_clean = fast and owner._ready_for_step(opt, p)
+            if owner is not None and owner._ready_for_step(opt, p, done):
+                stays_clean.append((owner, p))
+    _STEPPING[opt] = stays_clean
 
 
 def _after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
-    if not _TRACKED:
-        return
-    for group in opt.param_groups:
-        for p in group["params"]:
-            owner = _tracked(p)
-            if owner is not None and owner._stays_clean:
-                owner._clean = (version_key(p), version_key(owner.mask))
-                owner._stays_clean = False
+    for owner, p in _STEPPING.pop(opt, ()):
+        # plain attribute writes: Module.__setattr__ is a slow path
+        owner.__dict__["_clean"] = (version_key(p), version_key(owner._buffers["mask"]))
 
 
 def _install_hooks() -> None:
@@ -97,16 +99,6 @@ class _MaskGrad(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (mask,) = ctx.saved_tensors
         return grad * mask, None
-
-
-def _zero_bits(t: Tensor, bits: Tensor, row: int) -> None:
-    """Zero the contiguous float32 CPU tensor ``t`` in place where the packed mask ``bits`` is 0, each bit
-    covering ``row`` consecutive entries."""
-    if row == 1:
-        native.kernels().sw_mask_zero(native.ptr(t), native.ptr(bits), t.numel())
-    else:
-        native.kernels().sw_mask_zero_rows(native.ptr(t), native.ptr(bits), t.numel() // row, row)
-    torch.autograd.graph.increment_version(t)  # a write autograd did not see; its saved-tensor checks must
 
 
 class Masked(SparseParametrization):
@@ -159,25 +151,26 @@ class Masked(SparseParametrization):
         self.register_buffer("mask", torch.ones(mask_shape, dtype=like.dtype, device=like.device))
         self._clean: tuple[Key, Key] | None = None  # (original, mask) keys at which the original was clean
         self._grad_clean: Key | None = None  # key of original.grad right after the hook masked it
-        self._stays_clean = False
         self._original: weakref.ref | None = None
         self._hooked = False  # the accumulation hook is on the tracked original
         self._bits: tuple[Tensor, int] | None = None  # see _packed
         self._bits_key: tuple | None = None
+        self._call: tuple[tuple, Callable[[int], None] | None] | None = None  # see _zero_pruned
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, original: Tensor) -> Tensor:
+        mask = self._buffers["mask"]  # not self.mask: Module.__getattr__ is a slow path, run at every forward
         if not self.hard:
-            return original * self.mask
-        if self._original is None or self._original() is not original:
-            self._track(original)
-        elif not self._hooked and original.requires_grad and original.is_leaf:
-            self._track(original)  # unfrozen since it was tracked
-        if (version_key(original), version_key(self.mask)) != self._clean:
+            return original * mask
+        tracked, hooked = self._original, self._hooked
+        if tracked is None or tracked() is not original or (not hooked and original.requires_grad and original.is_leaf):
+            self._track(original)  # a new original, or one unfrozen since it was tracked
+            hooked = self._hooked
+        if (version_key(original), version_key(mask)) != self._clean:
             self.project(original)
-        if self._hooked or not original.requires_grad:
+        if hooked or not original.requires_grad:
             return original  # already original * mask; a gradient is masked where it accumulates
-        return _MaskGrad.apply(original, self.mask)
+        return _MaskGrad.apply(original, mask)
 
     def project(self, original: Tensor) -> None:
         """Zero ``original`` in place wherever the mask is zero (hard masks)."""
@@ -186,12 +179,35 @@ class Masked(SparseParametrization):
         self._clean = (version_key(original), version_key(self.mask))
 
     def _zero_pruned(self, t: Tensor) -> None:
-        """``t *= mask`` in place, for a hard mask (pruned entries become exact zeros)."""
-        packed = self._packed(t)
-        if packed is not None and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous():
-            _zero_bits(t, *packed)
+        """``t *= mask`` in place, for a hard mask (pruned entries become exact zeros).
+
+        On the hot path (each weight gradient, right after autograd wrote it) this runs while the backward's
+        convolutions keep the caches full, where every Python operation costs ten times what it costs in a
+        loop: the kernel call is prepared once per mask change (:meth:`_native_call`), and a call checks only
+        the mask's version and the tensor's layout.
+        """
+        mask = self._buffers["mask"]  # not self.mask: Module.__getattr__ is a slow path
+        call = self._call
+        if call is None or call[0] != (mask._version, mask.data_ptr(), t.shape):
+            call = self._call = ((mask._version, mask.data_ptr(), t.shape), self._native_call(t))
+        zero = call[1]
+        if zero is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous():
+            zero(t.data_ptr())
+            torch.autograd.graph.increment_version(t)  # a write autograd did not see; its saved-tensor checks must
         else:
-            t.mul_(self.mask)
+            t.mul_(mask)
+
+    def _native_call(self, like: Tensor) -> Callable[[int], None] | None:
+        """The native kernel that zeroes a float32 CPU tensor shaped like ``like`` at the pruned entries, its
+        mask arguments bound (called with the tensor's address), or None where the kernels do not apply."""
+        packed = self._packed(like)
+        if packed is None:
+            return None
+        bits, row = packed
+        lib = native.kernels()
+        if row == 1:
+            return functools.partial(lib.sw_mask_zero, bits.data_ptr(), like.numel())
+        return functools.partial(lib.sw_mask_zero_rows, bits.data_ptr(), like.numel() // row, row)
 
     def _packed(self, like: Tensor) -> tuple[Tensor, int] | None:
         """``(bits, row)``: the mask packed one bit per entry (int64 words) for the native kernels, each entry
@@ -250,15 +266,18 @@ class Masked(SparseParametrization):
         grad = p.grad
         if grad is None:
             return
-        with torch.no_grad():
+        if grad.requires_grad:  # a gradient with a graph (create_graph=True): zeroed in place, not recorded
+            with torch.no_grad():
+                self._zero_pruned(grad)
+        else:
             self._zero_pruned(grad)
         self.__dict__["_grad_clean"] = version_key(grad)  # a plain attribute: skip Module.__setattr__
 
-    def _ready_for_step(self, opt: Optimizer, p: Tensor) -> bool:
+    def _ready_for_step(self, opt: Optimizer, p: Tensor, done: dict[int, tuple]) -> bool:
         """Whether a zero-preserving step leaves ``p`` clean; zeroes the optimizer state at pruned entries
-        once per mask change."""
-        done = _STATE_MASKED.setdefault(opt, {})
-        clean = (version_key(p), version_key(self.mask)) == self._clean
+        once per mask change (``done``: this optimizer's record of that, :data:`_STATE_MASKED`)."""
+        mask = self._buffers["mask"]
+        clean = (version_key(p), version_key(mask)) == self._clean
         if not clean or (p.grad is not None and version_key(p.grad) != self._grad_clean):
             # this step may write non-zeros into the state at pruned entries (an unmasked gradient, or weight
             # decay of a non-zero pruned entry): zero the state again before the next clean step
@@ -267,7 +286,7 @@ class Masked(SparseParametrization):
         state = opt.state.get(p, {})
         tensors = [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
         # redone when the mask changed or the state tensors were replaced (optimizer.load_state_dict)
-        record = (version_key(self.mask), tuple(v.data_ptr() for v in tensors))
+        record = (version_key(mask), tuple(v.data_ptr() for v in tensors))
         if done.get(id(p)) != record:
             if any(v.shape != p.shape for v in tensors):
                 return False  # per-weight state of a layout we do not know
@@ -281,8 +300,8 @@ class Masked(SparseParametrization):
         # copies (deepcopy, pickle) start untracked: the bookkeeping refers to this instance's tensors
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
-        state.update(_clean=None, _grad_clean=None, _stays_clean=False, _original=None, _hooked=False)
-        state.update(_bits=None, _bits_key=None)
+        state.update(_clean=None, _grad_clean=None, _original=None, _hooked=False)
+        state.update(_bits=None, _bits_key=None, _call=None)
         return state
 
     def extra_repr(self) -> str:
