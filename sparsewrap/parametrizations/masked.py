@@ -155,7 +155,7 @@ class Masked(SparseParametrization):
         self._hooked = False  # the accumulation hook is on the tracked original
         self._bits: tuple[Tensor, int] | None = None  # see _packed
         self._bits_key: tuple | None = None
-        self._call: tuple[tuple, Callable[[int], None] | None] | None = None  # see _zero_pruned
+        self._call: tuple[tuple, Callable[[int], None] | None, Any] | None = None  # see _zero_pruned
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, original: Tensor) -> Tensor:
@@ -189,7 +189,8 @@ class Masked(SparseParametrization):
         mask = self._buffers["mask"]  # not self.mask: Module.__getattr__ is a slow path
         call = self._call
         if call is None or call[0] != (mask._version, mask.data_ptr(), t.shape):
-            call = self._call = ((mask._version, mask.data_ptr(), t.shape), self._native_call(t))
+            zero = self._native_call(t)  # then self._bits holds the packed mask; _call keeps it alive with zero
+            call = self._call = ((mask._version, mask.data_ptr(), t.shape), zero, self._bits)
         zero = call[1]
         if zero is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous():
             zero(t.data_ptr())
