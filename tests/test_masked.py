@@ -313,3 +313,35 @@ def test_the_parametrization_list_takes_a_short_path_for_one_and_torchs_for_seve
     # removing our parametrization restores a plain Linear
     parametrize.remove_parametrizations(alone, "weight", leave_parametrized=True)
     assert type(alone) is nn.Linear and torch.equal(alone.weight.detach(), w * mask)
+
+
+class _Forward(nn.Module):
+    def __init__(self, net: nn.Sequential) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward(self.net, x)
+
+
+def test_torch_compile_traces_hard_masks_in_one_graph_with_the_same_training() -> None:
+    torch._dynamo.reset()
+    (fast, fast_masks), (ref, _) = _net("fast"), _net("reference")
+    compiled = torch.compile(_Forward(fast), backend="aot_eager", fullgraph=True)  # fails on any graph break
+    runs = [compiled, lambda x: _forward(ref, x)]
+    opts = [torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2) for net in (fast, ref)]
+    gen = torch.Generator().manual_seed(2)
+    for step in range(6):
+        x, y = torch.randn(16, 12, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+        for run, opt in zip(runs, opts):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(run(x), y).backward()
+            opt.step()
+        if step == 3:  # a mask changed in place between steps, as methods do: the compiled graph reads it
+            with torch.no_grad():
+                fast_masks[0].mask.view(-1)[::3] = 0
+                ref[0].parametrizations.weight[0].mask.view(-1)[::3] = 0
+    for a, b in zip(fast.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-6)
+    for i in (0, 2, 4):
+        torch.testing.assert_close(fast[i].weight, ref[i].weight, rtol=0, atol=1e-6)

@@ -160,7 +160,9 @@ class Masked(SparseParametrization):
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, original: Tensor) -> Tensor:
         mask = self._buffers["mask"]  # not self.mask: Module.__getattr__ is a slow path, run at every forward
-        if not self.hard:
+        if not self.hard or torch.compiler.is_compiling():
+            # torch.compile cannot trace the bookkeeping below (weak references, data pointers, hooks): the product
+            # gives the same values and, through autograd, the same masked gradient, in one traceable graph
             return original * mask
         tracked, hooked = self._original, self._hooked
         if tracked is None or tracked() is not original or (not hooked and original.requires_grad and original.is_leaf):
