@@ -153,9 +153,8 @@ class Masked(SparseParametrization):
         self._grad_clean: Key | None = None  # key of original.grad right after the hook masked it
         self._original: weakref.ref | None = None
         self._hooked = False  # the accumulation hook is on the tracked original
-        self._bits: tuple[Tensor, int] | None = None  # see _packed
-        self._bits_key: tuple | None = None
-        self._call: tuple[tuple, Callable[[int], None] | None, Any] | None = None  # see _zero_pruned
+        self._bits: tuple[Tensor, int] | None = None  # the packed mask (see _packed) of the bound call
+        self._call: tuple[tuple, Callable[[int], None] | None] | None = None  # (key, bound call): _zero_pruned
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, original: Tensor) -> Tensor:
@@ -189,10 +188,11 @@ class Masked(SparseParametrization):
         the mask's version and the tensor's layout.
         """
         mask = self._buffers["mask"]  # not self.mask: Module.__getattr__ is a slow path
+        key = (mask._version, mask.data_ptr(), t.shape)
         call = self._call
-        if call is None or call[0] != (mask._version, mask.data_ptr(), t.shape):
-            zero = self._native_call(t)  # then self._bits holds the packed mask; _call keeps it alive with zero
-            call = self._call = ((mask._version, mask.data_ptr(), t.shape), zero, self._bits)
+        if call is None or call[0] != key:
+            self._bits = self._packed(t)  # kept here while the call bound to its address is in use
+            call = self._call = (key, self._native_call(self._bits, t.numel()))
         zero = call[1]
         if zero is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous():
             zero(t.data_ptr())
@@ -200,29 +200,25 @@ class Masked(SparseParametrization):
         else:
             t.mul_(mask)
 
-    def _native_call(self, like: Tensor) -> Callable[[int], None] | None:
-        """The native kernel that zeroes a float32 CPU tensor shaped like ``like`` at the pruned entries, its
-        mask arguments bound (called with the tensor's address), or None where the kernels do not apply."""
-        packed = self._packed(like)
+    @staticmethod
+    def _native_call(packed: tuple[Tensor, int] | None, numel: int) -> Callable[[int], None] | None:
+        """The native kernel that zeroes ``numel`` float32 entries at the pruned entries of the packed mask
+        ``(bits, row)``, its mask arguments bound (called with the tensor's address), or None without one."""
         if packed is None:
             return None
         bits, row = packed
         lib = native.kernels()
         if row == 1:
-            return functools.partial(lib.sw_mask_zero, bits.data_ptr(), like.numel())
-        return functools.partial(lib.sw_mask_zero_rows, bits.data_ptr(), like.numel() // row, row)
+            return functools.partial(lib.sw_mask_zero, bits.data_ptr(), numel)
+        return functools.partial(lib.sw_mask_zero_rows, bits.data_ptr(), numel // row, row)
 
     def _packed(self, like: Tensor) -> tuple[Tensor, int] | None:
         """``(bits, row)``: the mask packed one bit per entry (int64 words) for the native kernels, each entry
         covering ``row`` contiguous weights of ``like`` (1 for a full-size mask; a per-output-channel mask of
         shape ``(C, 1, ...)`` covers ``like.numel() // C``), or None where the kernels do not apply: a mask
         that is not float32 on the CPU, a weight of fewer than :data:`NATIVE_MIN_NUMEL` entries, or a build
-        without a vector path. Repacked only when the mask has changed (its version key)."""
+        without a vector path. :meth:`_zero_pruned` calls it once per mask change."""
         mask = self.mask
-        key = (*version_key(mask), like.shape)
-        if self._bits_key == key:
-            return self._bits
-        self._bits, self._bits_key = None, key
         if mask.shape == like.shape:
             row = 1
         elif like.dim() >= 1 and mask.shape == (like.shape[0],) + (1,) * (like.dim() - 1):
@@ -230,17 +226,18 @@ class Masked(SparseParametrization):
         else:
             return None
         if (
-            like.numel() >= NATIVE_MIN_NUMEL
-            and mask.dtype == torch.float32
-            and mask.device.type == "cpu"
-            and mask.is_contiguous()
+            like.numel() < NATIVE_MIN_NUMEL
+            or mask.dtype != torch.float32
+            or mask.device.type != "cpu"
+            or not mask.is_contiguous()
         ):
-            lib = native.kernels()
-            if lib is not None and lib.sw_mask_vectorized():
-                bits = torch.empty((mask.numel() + 63) // 64, dtype=torch.int64)
-                lib.sw_mask_pack(native.ptr(mask), native.ptr(bits), mask.numel())
-                self._bits = (bits, row)
-        return self._bits
+            return None
+        lib = native.kernels()
+        if lib is None or not lib.sw_mask_vectorized():
+            return None
+        bits = torch.empty((mask.numel() + 63) // 64, dtype=torch.int64)
+        lib.sw_mask_pack(native.ptr(mask), native.ptr(bits), mask.numel())
+        return bits, row
 
     def bake(self, original: Tensor) -> Tensor:
         with torch.no_grad():
@@ -304,7 +301,7 @@ class Masked(SparseParametrization):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
         state.update(_clean=None, _grad_clean=None, _original=None, _hooked=False)
-        state.update(_bits=None, _bits_key=None, _call=None)
+        state.update(_bits=None, _call=None)
         return state
 
     def extra_repr(self) -> str:
