@@ -8,17 +8,13 @@ assuming every producer zeroed, which output channels are exactly zero.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 from . import dependency_rules as R
-from .tracing import NORMS, SPARSIFIABLE
-
-if TYPE_CHECKING:
-    from .dependency import State
+from .dependency_groups import State
+from .dependency_rules import NORMS, SPARSIFIABLE
 
 
 class ModuleVisitor:

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import operator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from . import dependency_rules as R
-
-if TYPE_CHECKING:
-    from .dependency import State
+from .dependency_groups import Seg, State
 
 _SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
 _CLAMP = {torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clamp_min", "clamp_min_", "clamp_max"}
@@ -229,7 +227,6 @@ class FunctionVisitor:
         return x.with_(axis=axis, ndim=ndim, zero=zero)
 
     def cat_channels(self, node: fx.Node, parts: list, states: list, axis: int, ndim: int) -> State | None:
-        from .dependency import Seg
 
         segs, zeros = [], []
         for p, s in zip(parts, states):
@@ -412,6 +409,5 @@ class FunctionVisitor:
 
 
 def _state_type() -> type:
-    from .dependency import State
 
     return State

@@ -19,6 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+SPARSIFIABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+NORMS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+
 # -- element-wise and per-channel ops ------------------------------------------------------------------------
 ZERO_FUNCS: set[Any] = {
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.elu, F.mish, F.hardtanh, F.celu,

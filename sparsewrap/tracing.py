@@ -18,16 +18,9 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .dependency import channel_groups
+from .dependency_rules import NORMS, SPARSIFIABLE
 from .errors import TraceError
-
-SPARSIFIABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-NORMS: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.LayerNorm,
-    nn.GroupNorm,
-)
 
 
 def original_class(module: nn.Module) -> type[nn.Module]:
@@ -117,8 +110,6 @@ def analyse(model: nn.Module) -> ModelGraph:
 
     Falls back to the module-registration order with a warning when the model cannot be traced.
     """
-    from .dependency import channel_groups
-
     try:
         gm = symbolic_trace(model)
     except TraceError as exc:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .shrink import ShrinkError, _check, _set
+from .tensors import ShrinkError, check_index, replace_tensor
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,15 @@ def _timm_dead(module: nn.Module) -> Tensor:
 
 def _timm_shrink(module: nn.Module, kept: Tensor) -> None:
     h, d = module.num_heads, module.head_dim
-    kept = _check(kept, h, f"{type(module).__name__} heads")
+    kept = check_index(kept, h, f"{type(module).__name__} heads")
     rows = _qkv_rows(h, d, kept)
     qkv, proj = module.qkv, module.proj
-    _set(qkv, "weight", qkv.weight.index_select(0, rows.to(qkv.weight.device)))
+    replace_tensor(qkv, "weight", qkv.weight.index_select(0, rows.to(qkv.weight.device)))
     if qkv.bias is not None:
-        _set(qkv, "bias", qkv.bias.index_select(0, rows.to(qkv.bias.device)))
+        replace_tensor(qkv, "bias", qkv.bias.index_select(0, rows.to(qkv.bias.device)))
     qkv.out_features = rows.numel()
     cols = (kept[:, None] * d + torch.arange(d)).reshape(-1)
-    _set(proj, "weight", proj.weight.index_select(1, cols.to(proj.weight.device)))
+    replace_tensor(proj, "weight", proj.weight.index_select(1, cols.to(proj.weight.device)))
     proj.in_features = cols.numel()
     module.num_heads = kept.numel()
     if hasattr(module, "attn_dim"):

@@ -16,14 +16,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from .heads import shrink_heads
+from .tensors import ShrinkError, check_index, replace_tensor
 
 ShrinkFn = Callable[[nn.Module, dict[str, Tensor]], None]
 SHRINKERS: dict[type[nn.Module], ShrinkFn] = {}
-
-
-class ShrinkError(ConfigError):
-    """A plan cannot be applied to a module (wrong type, indices out of range, inconsistent groups)."""
 
 
 def register_shrink(cls: type[nn.Module]) -> Callable[[ShrinkFn], ShrinkFn]:
@@ -50,29 +47,6 @@ def shrinker_for(module: nn.Module) -> ShrinkFn | None:
     return None
 
 
-def _check(index: Tensor, size: int, what: str) -> Tensor:
-    index = torch.as_tensor(index, dtype=torch.long)
-    if index.dim() != 1 or index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= size:
-        raise ShrinkError(
-            f"{what}: kept indices must be a non-empty 1-D list within [0, {size}), got {index.tolist()[:8]}"
-        )
-    if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
-        raise ShrinkError(f"{what}: kept indices must be strictly increasing")
-    return index
-
-
-def _set(module: nn.Module, name: str, value: Tensor) -> None:
-    """Replace a parameter or buffer by a new tensor of the same kind (a fresh ``Parameter`` keeps grad flag)."""
-    old = getattr(module, name)
-    value = value.detach()  # always a fresh tensor (index_select, cat): the original is never written to
-    if isinstance(old, nn.Parameter):
-        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
-    elif name in module._buffers:
-        module._buffers[name] = value
-    else:
-        setattr(module, name, value)
-
-
 def slice_param(module: nn.Module, name: str, dim: int, index: Tensor) -> None:
     """Keep ``index`` along ``dim`` of the tensor attribute ``name`` (a per-channel scale or offset).
 
@@ -82,8 +56,8 @@ def slice_param(module: nn.Module, name: str, dim: int, index: Tensor) -> None:
     tensor = getattr(module, name, None)
     if not isinstance(tensor, Tensor) or dim >= tensor.dim():
         raise ShrinkError(f"{type(module).__name__}.{name} is not a tensor with a dimension {dim}")
-    index = _check(index, tensor.shape[dim], f"{type(module).__name__}.{name}")
-    _set(module, name, tensor.index_select(dim, index.to(tensor.device)))
+    index = check_index(index, tensor.shape[dim], f"{type(module).__name__}.{name}")
+    replace_tensor(module, name, tensor.index_select(dim, index.to(tensor.device)))
 
 
 def _rows(w: Tensor | None, index: Tensor) -> Tensor | None:
@@ -102,8 +76,8 @@ def shrink_linear(module: nn.Linear, ops: dict[str, Tensor]) -> None:
 def _conv_groups(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, ops: dict[str, Tensor]) -> None:
     g, cin, cout = module.groups, module.in_channels, module.out_channels
     a, b = cin // g, cout // g
-    kin = _check(ops["in"], cin, "Conv in") if "in" in ops else torch.arange(cin)
-    kout = _check(ops["out"], cout, "Conv out") if "out" in ops else torch.arange(cout)
+    kin = check_index(ops["in"], cin, "Conv in") if "in" in ops else torch.arange(cin)
+    kout = check_index(ops["out"], cout, "Conv out") if "out" in ops else torch.arange(cout)
     in_of = [kin[(kin >= j * a) & (kin < (j + 1) * a)] for j in range(g)]
     out_of = [kout[(kout >= j * b) & (kout < (j + 1) * b)] for j in range(g)]
     alive = [j for j in range(g) if in_of[j].numel() or out_of[j].numel()]
@@ -114,9 +88,9 @@ def _conv_groups(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, ops: dict[str, Tenso
         raise ShrinkError(f"grouped conv (groups={g}): a dropped group still has kept channels")
     w = module.weight
     parts = [w.index_select(0, out_of[j].to(w.device)).index_select(1, (in_of[j] - j * a).to(w.device)) for j in alive]
-    _set(module, "weight", torch.cat(parts, 0))
+    replace_tensor(module, "weight", torch.cat(parts, 0))
     if module.bias is not None:
-        _set(module, "bias", _rows(module.bias, kout))
+        replace_tensor(module, "bias", _rows(module.bias, kout))
     module.groups = len(alive)
     module.in_channels, module.out_channels = kin.numel(), kout.numel()
 
@@ -133,10 +107,10 @@ def shrink_conv(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, ops: dict[str, Tensor
     if "dw" in ops:
         if len(ops) > 1 or not module.groups == module.in_channels == module.out_channels:
             raise ShrinkError("role 'dw' applies alone, to a depthwise conv (groups == in == out channels)")
-        idx = _check(ops["dw"], module.out_channels, "depthwise conv")
-        _set(module, "weight", _rows(module.weight, idx))
+        idx = check_index(ops["dw"], module.out_channels, "depthwise conv")
+        replace_tensor(module, "weight", _rows(module.weight, idx))
         if module.bias is not None:
-            _set(module, "bias", _rows(module.bias, idx))
+            replace_tensor(module, "bias", _rows(module.bias, idx))
         module.groups = module.in_channels = module.out_channels = idx.numel()
         return
     if module.groups > 1:
@@ -148,7 +122,7 @@ def shrink_conv(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, ops: dict[str, Tensor
 def _only_norm(module: nn.Module, ops: dict[str, Tensor], size: int) -> Tensor:
     if set(ops) != {"norm"}:
         raise ShrinkError(f"{type(module).__name__} has only the role 'norm', got {sorted(ops)}")
-    return _check(ops["norm"], size, type(module).__name__)
+    return check_index(ops["norm"], size, type(module).__name__)
 
 
 @register_shrink(nn.modules.batchnorm._BatchNorm)
@@ -157,7 +131,7 @@ def shrink_batchnorm(module: nn.modules.batchnorm._BatchNorm, ops: dict[str, Ten
     idx = _only_norm(module, ops, module.num_features)
     for name in ("weight", "bias", "running_mean", "running_var"):
         if getattr(module, name, None) is not None:
-            _set(module, name, _rows(getattr(module, name), idx))
+            replace_tensor(module, name, _rows(getattr(module, name), idx))
     module.num_features = idx.numel()
 
 
@@ -171,7 +145,7 @@ def shrink_groupnorm(module: nn.GroupNorm, ops: dict[str, Tensor]) -> None:
         raise ShrinkError(f"GroupNorm keeps whole groups of {per} channels; the plan cuts one")
     for name in ("weight", "bias"):
         if getattr(module, name, None) is not None:
-            _set(module, name, _rows(getattr(module, name), idx))
+            replace_tensor(module, name, _rows(getattr(module, name), idx))
     module.num_groups, module.num_channels = blocks.numel(), idx.numel()
 
 
@@ -191,8 +165,6 @@ def apply_ops(module: nn.Module, ops: dict[str, Tensor]) -> None:
     if not rest:
         return
     if "heads" in rest:
-        from .heads import shrink_heads
-
         shrink_heads(module, rest.pop("heads"))
         if not rest:
             return
@@ -205,12 +177,12 @@ def apply_ops(module: nn.Module, ops: dict[str, Tensor]) -> None:
 def _rows_and_columns(module: nn.Module, ops: dict, out_attr: str, in_attr: str, label: str) -> None:
     """Keep output rows (weight dim 0 and bias) and input columns (weight dim 1); update the size attributes."""
     if "out" in ops:
-        idx = _check(ops["out"], getattr(module, out_attr), f"{label} out")
-        _set(module, "weight", _rows(module.weight, idx))
+        idx = check_index(ops["out"], getattr(module, out_attr), f"{label} out")
+        replace_tensor(module, "weight", _rows(module.weight, idx))
         if module.bias is not None:
-            _set(module, "bias", _rows(module.bias, idx))
+            replace_tensor(module, "bias", _rows(module.bias, idx))
         setattr(module, out_attr, idx.numel())
     if "in" in ops:
-        idx = _check(ops["in"], getattr(module, in_attr), f"{label} in")
-        _set(module, "weight", module.weight.index_select(1, idx.to(module.weight.device)))
+        idx = check_index(ops["in"], getattr(module, in_attr), f"{label} in")
+        replace_tensor(module, "weight", module.weight.index_select(1, idx.to(module.weight.device)))
         setattr(module, in_attr, idx.numel())
