@@ -6,7 +6,7 @@ dense model does not have. This times ``opt.step()`` over the real ``log_alpha``
 ``sparsify(resnet18, "l0", target=0.9)`` with fixed random gradients, for each optimizer, the gates' group with
 ``fused`` False and True, interleaved in one process; the table gives the median step and the ratio.
 
-    python bench/gate_update.py                  # all optimizers, writes results/gate_update.json
+    python bench/gate_update.py                  # all optimizers, writes results/gate_update/<commit>-<time>.json
     python bench/gate_update.py --threads 2 --optimizers sgd adam
 """
 
@@ -20,11 +20,10 @@ from pathlib import Path
 
 import timm
 import torch
+from runfiles import run_stem, write_new
 
 import sparsewrap as sw
-from sparsewrap.fileio import write_atomic
 
-RESULTS = Path(__file__).resolve().parent / "results"
 OPTIMIZERS = {
     "sgd": lambda groups: torch.optim.SGD(groups, lr=0.01, momentum=0.9),
     "adam": lambda groups: torch.optim.Adam(groups, lr=1e-3),
@@ -63,7 +62,7 @@ def main() -> None:
     ap.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS), help="subset of: %(default)s")
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=RESULTS / "gate_update.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: a new file under results/gate_update/")
     args = ap.parse_args()
     unknown = sorted(set(args.optimizers) - set(OPTIMIZERS))
     if unknown:
@@ -78,7 +77,7 @@ def main() -> None:
         print(f"{name:<10} {loop:8.1f} {fused:9.1f} {fused / loop:11.2f}", flush=True)
     record = {"threads": torch.get_num_threads(), "torch": torch.__version__, "steps": args.steps, "rows": rows}
     text = json.dumps(record, indent=2)
-    write_atomic(args.out, lambda tmp: tmp.write_text(text + "\n"))
+    args.out = write_new(args.out or run_stem("gate_update").with_suffix(".json"), text + "\n")
     print(f"\nwrote {args.out}")
 
 

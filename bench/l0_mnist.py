@@ -9,7 +9,7 @@ MNIST table (Gallego-Posada et al. 2022, METHODS.md §1.9: 200 epochs, structure
     python bench/l0_mnist.py                      # the full table (about an hour on 2 CPU cores)
     python bench/l0_mnist.py --models lenet5 --targets 0.9 --epochs 8
 
-Writes ``bench/results/l0_mnist.json``.
+Writes a new ``bench/results/l0_mnist/<commit>-<time>.json`` per run.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from runfiles import run_stem, write_new
 
 import sparsewrap as sw
 from sparsewrap.data import load_mnist
@@ -132,7 +133,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP stalls on a busy machine")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "l0_mnist.json"))
+    ap.add_argument("--out", type=Path, default=None, help="default: a new file under results/l0_mnist/")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     mnist = load_mnist()
@@ -143,10 +144,9 @@ def main() -> None:
         for target in args.targets:
             rows.append(run(name, target, args, data))
     print(table(rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("out",)}
-    out.write_text(json.dumps({"config": config, "paper": PAPER, "rows": rows}, indent=2, default=float))
+    text = json.dumps({"config": config, "paper": PAPER, "rows": rows}, indent=2, default=float)
+    out = write_new(args.out or run_stem("l0_mnist").with_suffix(".json"), text + "\n")
     print(f"wrote {out}")
     assert all(math.isfinite(r["test error % (purged)"]) for r in rows)
 

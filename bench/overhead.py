@@ -5,7 +5,7 @@ sparse, sparse, dense, ...), so that machine noise (other processes, frequency s
 hits both alike. A step is forward + cross-entropy + backward + SGD(momentum) step (+ ``sp.penalty()`` and
 ``sp.step()`` for the sparse model), on one fixed random batch so that no data loading is timed.
 
-    python bench/overhead.py                       # all models x all rows, writes results/overhead.json
+    python bench/overhead.py                       # all models x all rows, writes results/overhead/<commit>-<time>.json
     python bench/overhead.py --models resnet18 --rows magnitude --steps 30
     python bench/overhead.py --device cuda
     python bench/overhead.py --threads 1 --clock cpu   # process CPU time: stable on a busy machine
@@ -40,12 +40,10 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from runfiles import run_stem, write_new
 from torch import nn
 
 import sparsewrap as sw
-from sparsewrap.fileio import write_atomic
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # (name, timm architecture, image size, batch)
 MODELS: list[tuple[str, str, int, int]] = [
@@ -239,7 +237,7 @@ def main() -> None:
         default="default",
         help="keep: glibc keeps freed memory for the next step, for both models (see keep_heap)",
     )
-    ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: a new file under results/overhead/")
     args = ap.parse_args()
     kept = args.malloc == "keep" and keep_heap()
     if args.malloc == "keep" and not kept:
@@ -274,7 +272,7 @@ def main() -> None:
         "results": [asdict(r) for r in results],
     }
     text = json.dumps(record, indent=2)
-    write_atomic(args.out, lambda tmp: tmp.write_text(text + "\n"))
+    args.out = write_new(args.out or run_stem("overhead").with_suffix(".json"), text + "\n")
     print(f"\nwrote {args.out}")
 
 

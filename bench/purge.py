@@ -12,7 +12,7 @@ MACs (about 0.26); folding removes the BatchNorm passes on both sides. A third p
 ``channels_last`` (NHWC), oneDNN's native layout on the CPU, which spares the per-conv layout reorders that
 also scale with channels, not MACs. The goal is reported for each of the three.
 
-    python bench/purge.py                      # writes results/purge_resnet50.json
+    python bench/purge.py                      # writes results/purge_resnet50/<commit>-<time>.json
     python bench/purge.py --repeats 5 --size 224
 """
 
@@ -24,17 +24,16 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import timm
 import torch
+from runfiles import run_stem, write_new
 
 import sparsewrap as sw
 from sparsewrap.macs import total_macs
 from sparsewrap.purge import fold_batchnorm, purge
 from sparsewrap.purge.compare import paired_latency
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CPU = time.process_time  # CPU seconds of this process: what the forward costs on one thread
 
 
@@ -125,9 +124,9 @@ def main() -> None:
             "latency_within_1.3x_of_macs_bn_folded_channels_last": nhwc[1] / nhwc[0] <= 1.3 * macs_ratio,
         },
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.round_to == 1 else f"_round{args.round_to}"
-    (RESULTS / f"purge_{args.model}{suffix}.json").write_text(json.dumps(record, indent=1) + "\n")
+    out = write_new(run_stem(f"purge_{args.model}{suffix}").with_suffix(".json"), json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
     print(f"{'':24s} {'dense':>12s} {'purged':>12s} {'ratio':>7s}")
     print(f"{'parameters':24s} {params[0]:12,d} {params[1]:12,d} {params[1] / params[0]:7.3f}")
     print(f"{'MACs':24s} {macs[0]:12,d} {macs[1]:12,d} {macs_ratio:7.3f}")

@@ -8,7 +8,7 @@ For each family it records: whether sparsify/export/purge ran, the output error 
 the masked (sparsified) model on the same input, parameters and MACs kept, and the purge coverage: ``full``
 (every group with zero channels removed), ``partial`` or ``none``.
 
-    python bench/timm_sweep.py                 # all families, writes results/timm_sweep.{json,md}
+    python bench/timm_sweep.py                 # all families, writes results/timm_sweep/<commit>-<time>.{json,md}
     python bench/timm_sweep.py --only resnet vgg --timeout 120
 """
 
@@ -24,6 +24,8 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
+
+from runfiles import run_stem, write_new
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -253,8 +255,10 @@ def main() -> None:
     records = sweep(picks, args.timeout, args.jobs)
     summary = summarize(records)
     suffix = "" if not args.only else "_partial"
-    (RESULTS / f"timm_sweep{suffix}.json").write_text(json.dumps({"summary": summary, "records": records}, indent=1))
-    write_markdown(records, summary, RESULTS / f"timm_sweep{suffix}.md")
+    stem = run_stem(f"timm_sweep{suffix}")
+    write_new(stem.with_suffix(".json"), json.dumps({"summary": summary, "records": records}, indent=1))
+    write_markdown(records, summary, stem.with_suffix(".md"))
+    print(f"wrote {stem}.json and .md")
     print(json.dumps(summary, indent=1))
 
 
