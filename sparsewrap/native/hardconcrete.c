@@ -27,9 +27,8 @@
 
 /* dst[0, n) = src[0, n) with non-temporal stores where the CPU has them, for an output read only much later
  * (the gate gradient, read next by the optimizer): writing it then neither reads its old contents into the
- * caches first nor evicts what the next layers need (the backward kernel on ResNet-18's 11 M gates, against
- * a plain copy of the block: 21.7-22.4 ms instead of 23.0-23.4 at one thread, 11.1-11.5 instead of
- * 11.8-12.3 at two). The sample is written as computed: streaming it made the forward slower. src is a block
+ * caches first nor evicts what the next layers need (measured in docs/benchmarks.md). The sample is written
+ * as computed: streaming it made the forward slower. src is a block
  * computed in L1. The caller issues the store fence (store_fence) before other threads may read dst. */
 static inline void stream_out(float *restrict dst, const float *restrict src, int64_t n) {
     int64_t i = 0;
