@@ -126,6 +126,11 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        hint = path / "last.safetensors"
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a directory; give the checkpoint file in it, e.g. {str(hint)!r}"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -164,14 +169,22 @@ def read_extra(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load(
-    path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
-) -> Sparsifier:
+    path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu",
+    trust_factory: bool = False,
+) -> Sparsifier:  # fmt: skip
     """Rebuild a sparsified model and its controller from :func:`save`'s file.
+
+    Loading runs no code named in the file unless allowed (see :mod:`sparsewrap.trust`): a ``pkg.mod:fn``
+    factory in the recipe is called only if the program registered it (:func:`sparsewrap.register_factory`)
+    or ``trust_factory`` is true; otherwise pass ``model=``.
 
     Args:
         path: the checkpoint.
-        model: a fresh, unwrapped instance of the architecture; needed only when the file has no recipe.
+        model: a fresh, unwrapped instance of the architecture; needed when the file has no recipe, or names a
+            factory that is neither registered nor trusted.
         map_location: device for the model.
+        trust_factory: import and call the factory the file names (only for files you trust: like
+            ``trust_remote_code``, it runs code chosen by whoever wrote the file).
 
     Returns:
         The :class:`Sparsifier`; ``.model`` is the rebuilt, wrapped model.
@@ -184,8 +197,8 @@ def load(
         if not header.get("model"):
             raise CheckpointError(f"{path} records no model recipe; pass model=<a fresh instance of the architecture>")
         try:
-            model = ModelRecipe.from_dict(header["model"]).build()
-        except (ConfigError, KeyError) as exc:
+            model = ModelRecipe.from_dict(header["model"]).build(trust_factory, origin=str(path))
+        except (ConfigError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path}: cannot rebuild the model from its recipe: {exc}") from exc
     model.to(map_location)
     layers = set(header.get("layers") or [])
@@ -205,5 +218,20 @@ def load(
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match the model: {exc}") from exc
     ctrl_tensors = {k[len(CTRL) :]: v.to(map_location) for k, v in tensors.items() if k.startswith(CTRL)}
-    sp.load_state_dict(_join_state(header.get("controller", {}), ctrl_tensors))
+    load_controller(sp, header, ctrl_tensors, path)
     return sp
+
+
+def load_controller(sp: Sparsifier, header: dict[str, Any], tensors: dict[str, Tensor], path: Path | str) -> None:
+    """Load the header's controller state (with its ``tensors``) into ``sp``.
+
+    Raises:
+        CheckpointError: if the state is malformed (a forged or damaged field), naming the file.
+    """
+    try:
+        sp.load_state_dict(_join_state(header.get("controller") or {}, tensors))
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: the controller state is malformed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            "the file was edited or written by an incompatible version; start over or use another checkpoint"
+        ) from exc

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed, rng
-from .checkpoint import CTRL, EXTRA, MODEL, _join_state, read, save
+from .checkpoint import CTRL, EXTRA, MODEL, _join_state, load_controller, read, save
 from .errors import CheckpointError, ConfigError
 from .history import EpochRecord
 from .recipe import recipe_for
@@ -175,7 +175,7 @@ def restore(run: _Run, path: Path) -> None:
         run.model.load_state_dict(part(MODEL), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match the model: {exc}") from exc
-    run.sp.load_state_dict(_join_state(header.get("controller") or {}, part(CTRL)))
+    load_controller(run.sp, header, part(CTRL), path)
     extra = _join_state(header["extra"], part(EXTRA))
     _load_optimizer(run, extra["optimizer"], path)
     state = run.state

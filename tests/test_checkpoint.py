@@ -273,8 +273,10 @@ def test_default_input_shapes() -> None:
 def test_a_broken_recipe_in_a_checkpoint_is_a_checkpoint_error(tmp_path: Path) -> None:
     sp = sw.sparsify(lenet(), "magnitude", target=0.5)
     path = sw.save(sp, tmp_path / "l.safetensors", recipe=ModelRecipe("factory", "sparsewrap.gone:lenet5"))
+    with pytest.raises(CheckpointError, match=r"names the model factory 'sparsewrap.gone:lenet5'"):
+        sw.load(path)  # not registered: refused before any import
     with pytest.raises(CheckpointError, match=r"cannot rebuild the model from its recipe: cannot import factory"):
-        sw.load(path)
+        sw.load(path, trust_factory=True)
 
 
 def lenet() -> nn.Module:

@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from . import app, console
+from .inspect import TRUST_HELP
 
 if TYPE_CHECKING:
     from ..purge.fold import FoldReport
@@ -94,6 +95,7 @@ def export_cmd(
     channels_last: bool = typer.Option(
         False, "--channels-last", help="With --purge: time both models in NHWC (oneDNN's CPU layout) on image input."
     ),
+    trust_factory: bool = typer.Option(False, "--trust-factory", help=TRUST_HELP),
 ) -> None:
     """Bake the sparsity into a plain model for the original architecture and write it atomically."""
     from ..checkpoint import load
@@ -113,7 +115,7 @@ def export_cmd(
             param_hint=purge_only[0],
         )
     shape = parse_shape(input_shape)
-    sp = load(checkpoint)
+    sp = load(checkpoint, trust_factory=trust_factory)
     if shape is None:
         recipe = recipe_for(sp.model)
         shape = recipe.default_input_shape() if recipe else None
