@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 import sparsewrap as sw
@@ -17,37 +13,8 @@ from sparsewrap.cli import main
 from sparsewrap.errors import CheckpointError, ConfigError
 from sparsewrap.purge import save_purged
 
+from .forging import forge
 from .zoo import MLP
-
-
-def _sha(text: str, tensors: dict[str, torch.Tensor], purge_style: bool) -> str:
-    """The digest as an attacker recomputes it (the file formats are public; the digest has no key)."""
-    h = hashlib.sha256(text.encode())
-    for key in sorted(tensors):
-        t = tensors[key].contiguous()
-        if purge_style:
-            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        else:
-            h.update(key.encode())
-            h.update(str(t.dtype).encode())
-            h.update(str(tuple(t.shape)).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def forge(path: Path, recipe: dict, key: str = "sparsewrap", recipe_field: str = "model") -> Path:
-    """Rewrite the recipe of a sparsewrap file and recompute its digest, as anyone can."""
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata()
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    header = json.loads(meta[key])
-    header[recipe_field] = recipe
-    text = json.dumps(header, sort_keys=key != "sparsewrap")
-    save_file(
-        tensors, str(path), metadata={"format": "pt", key: text, "sha256": _sha(text, tensors, key != "sparsewrap")}
-    )
-    return path
 
 
 def system_recipe(marker: Path) -> dict:
