@@ -157,6 +157,20 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return header, tensors
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sparsewrap checkpoint (a safetensors file with sparsewrap's header); reads only the
+    header, verifies nothing."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return "sparsewrap" in (fh.metadata() or {})
+    except Exception:  # not a safetensors file at all
+        return False
+
+
 def read_extra(path: str | os.PathLike) -> dict[str, Any]:
     """The ``extra=`` state given to :func:`save` (``{}`` if none), tensors on the CPU.
 
