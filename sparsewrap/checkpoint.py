@@ -1,6 +1,7 @@
 """One-file checkpoints: safetensors weights plus a JSON recipe in the header. Nothing is ever unpickled.
 
-Layout: tensors ``model.<key>`` (the wrapped model's ``state_dict``: originals, masks, gates) and
+Layout: tensors ``model.<key>`` (the wrapped model's ``state_dict``: originals, masks, gates; 0/1 masks stored as
+``bool``, their dtype recorded in ``packed_masks`` and restored on read) and
 ``controller.<key>`` (tensor state of the method); metadata ``sparsewrap`` holds the JSON recipe: how to
 rebuild the model, the :func:`sparsify` call, and the JSON part of the controller state; ``sha256`` is a
 digest of the recipe and every tensor's bytes, so a corrupted file is refused instead of loaded.
@@ -26,6 +27,12 @@ from .recipe import ModelRecipe, recipe_for
 
 FORMAT_VERSION = 1
 MODEL, CTRL, EXTRA = "model.", "controller.", "extra."
+_MASK_DTYPES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
 
 
 def _digest(tensors: dict[str, Tensor], header: str = "") -> str:
@@ -99,6 +106,7 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
     extra_json, extra_tensors = _split_state(extra or {})
     tensors.update({EXTRA + k: v.contiguous() for k, v in extra_tensors.items()})
     tensors = _unshare({k: v.cpu() for k, v in tensors.items()})
+    packed = pack_masks(tensors)
     header = {
         "format_version": FORMAT_VERSION,
         "sparsewrap_version": __version__,
@@ -111,6 +119,7 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
         "layers": sp.spec.layers,
         "controller": controller_json,
         "extra": extra_json,
+        "packed_masks": packed,
     }
     header_json = json.dumps(header)
     meta = {"format": "pt", "sparsewrap": header_json, "sha256": _digest(tensors, header_json)}
@@ -154,7 +163,37 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise CheckpointError(
             f"{path} was written by a newer sparsewrap (format {header.get('format_version')}); upgrade sparsewrap"
         )
+    unpack_masks(tensors, header.get("packed_masks") or {}, path)
     return header, tensors
+
+
+def pack_masks(tensors: dict[str, Tensor]) -> dict[str, str]:
+    """Store each floating-point 0/1 mask of the model as ``bool`` (4x smaller than float32), in place.
+
+    Returns:
+        ``{key: original dtype name}`` for the header, so that :func:`read` restores the dtype exactly.
+    """
+    packed = {}
+    for key, t in tensors.items():
+        if key.startswith(MODEL) and key.endswith(".mask") and t.is_floating_point() and t.dtype in _MASK_DTYPES:
+            if bool(((t == 0) | (t == 1)).all()) and not bool(torch.signbit(t).any()):
+                tensors[key], packed[key] = t.to(torch.bool), _MASK_DTYPES[t.dtype]
+    return packed
+
+
+def unpack_masks(tensors: dict[str, Tensor], packed: dict[str, str], path: Path) -> None:
+    """Give the masks :func:`pack_masks` stored as ``bool`` their recorded dtype back, in place.
+
+    Raises:
+        CheckpointError: if the record names a missing tensor or an unknown dtype.
+    """
+    names = {name: dtype for dtype, name in _MASK_DTYPES.items()}
+    if not isinstance(packed, dict):
+        raise CheckpointError(f"{path}: the header's packed_masks is malformed (expected an object)")
+    for key, name in packed.items():
+        if key not in tensors or name not in names or tensors[key].dtype != torch.bool:
+            raise CheckpointError(f"{path}: the header's packed_masks entry {key!r}: {name!r} does not fit the file")
+        tensors[key] = tensors[key].to(names[name])
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
-def _sha(text: str, tensors: dict[str, torch.Tensor], purge_style: bool) -> str:
+def digest(text: str, tensors: dict[str, torch.Tensor], purge_style: bool = False) -> str:
     """The digest as an attacker recomputes it (the file formats are public; the digest has no key)."""
     h = hashlib.sha256(text.encode())
     for key in sorted(tensors):
@@ -37,6 +37,6 @@ def forge(path: Path, value: Any, key: str = "sparsewrap", recipe_field: str = "
     header[recipe_field] = value
     text = json.dumps(header, sort_keys=key != "sparsewrap")
     save_file(
-        tensors, str(path), metadata={"format": "pt", key: text, "sha256": _sha(text, tensors, key != "sparsewrap")}
+        tensors, str(path), metadata={"format": "pt", key: text, "sha256": digest(text, tensors, key != "sparsewrap")}
     )
     return path
