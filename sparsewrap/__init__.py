@@ -25,6 +25,7 @@ from .loop import fit as fit  # noqa: E402  (re-exported: sw.fit)
 from .methods import Method, list_methods, register_method  # noqa: E402
 from .purge.io import load_purged  # noqa: E402
 from .recipe import ModelRecipe, create_model  # noqa: E402
+from .trust import register_factory  # noqa: E402
 
 __all__ = [
     "sparsify",
@@ -35,6 +36,7 @@ __all__ = [
     "save",
     "load",
     "create_model",
+    "register_factory",
     "ModelRecipe",
     "register_method",
     "list_methods",

@@ -1,6 +1,7 @@
 """One-file checkpoints: safetensors weights plus a JSON recipe in the header. Nothing is ever unpickled.
 
-Layout: tensors ``model.<key>`` (the wrapped model's ``state_dict``: originals, masks, gates) and
+Layout: tensors ``model.<key>`` (the wrapped model's ``state_dict``: originals, masks, gates; 0/1 masks stored as
+``bool``, their dtype recorded in ``packed_masks`` and restored on read) and
 ``controller.<key>`` (tensor state of the method); metadata ``sparsewrap`` holds the JSON recipe: how to
 rebuild the model, the :func:`sparsify` call, and the JSON part of the controller state; ``sha256`` is a
 digest of the recipe and every tensor's bytes, so a corrupted file is refused instead of loaded.
@@ -26,6 +27,12 @@ from .recipe import ModelRecipe, recipe_for
 
 FORMAT_VERSION = 1
 MODEL, CTRL, EXTRA = "model.", "controller.", "extra."
+_MASK_DTYPES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
 
 
 def _digest(tensors: dict[str, Tensor], header: str = "") -> str:
@@ -99,6 +106,7 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
     extra_json, extra_tensors = _split_state(extra or {})
     tensors.update({EXTRA + k: v.contiguous() for k, v in extra_tensors.items()})
     tensors = _unshare({k: v.cpu() for k, v in tensors.items()})
+    packed = pack_masks(tensors)
     header = {
         "format_version": FORMAT_VERSION,
         "sparsewrap_version": __version__,
@@ -111,6 +119,7 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
         "layers": sp.spec.layers,
         "controller": controller_json,
         "extra": extra_json,
+        "packed_masks": packed,
     }
     header_json = json.dumps(header)
     meta = {"format": "pt", "sparsewrap": header_json, "sha256": _digest(tensors, header_json)}
@@ -126,6 +135,11 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        hint = path / "last.safetensors"
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a directory; give the checkpoint file in it, e.g. {str(hint)!r}"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -149,7 +163,51 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise CheckpointError(
             f"{path} was written by a newer sparsewrap (format {header.get('format_version')}); upgrade sparsewrap"
         )
+    unpack_masks(tensors, header.get("packed_masks") or {}, path)
     return header, tensors
+
+
+def pack_masks(tensors: dict[str, Tensor]) -> dict[str, str]:
+    """Store each floating-point 0/1 mask of the model as ``bool`` (4x smaller than float32), in place.
+
+    Returns:
+        ``{key: original dtype name}`` for the header, so that :func:`read` restores the dtype exactly.
+    """
+    packed = {}
+    for key, t in tensors.items():
+        if key.startswith(MODEL) and key.endswith(".mask") and t.is_floating_point() and t.dtype in _MASK_DTYPES:
+            if bool(((t == 0) | (t == 1)).all()) and not bool(torch.signbit(t).any()):
+                tensors[key], packed[key] = t.to(torch.bool), _MASK_DTYPES[t.dtype]
+    return packed
+
+
+def unpack_masks(tensors: dict[str, Tensor], packed: dict[str, str], path: Path) -> None:
+    """Give the masks :func:`pack_masks` stored as ``bool`` their recorded dtype back, in place.
+
+    Raises:
+        CheckpointError: if the record names a missing tensor or an unknown dtype.
+    """
+    names = {name: dtype for dtype, name in _MASK_DTYPES.items()}
+    if not isinstance(packed, dict):
+        raise CheckpointError(f"{path}: the header's packed_masks is malformed (expected an object)")
+    for key, name in packed.items():
+        if key not in tensors or name not in names or tensors[key].dtype != torch.bool:
+            raise CheckpointError(f"{path}: the header's packed_masks entry {key!r}: {name!r} does not fit the file")
+        tensors[key] = tensors[key].to(names[name])
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sparsewrap checkpoint (a safetensors file with sparsewrap's header); reads only the
+    header, verifies nothing."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return "sparsewrap" in (fh.metadata() or {})
+    except Exception:  # not a safetensors file at all
+        return False
 
 
 def read_extra(path: str | os.PathLike) -> dict[str, Any]:
@@ -164,14 +222,22 @@ def read_extra(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load(
-    path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
-) -> Sparsifier:
+    path: str | os.PathLike, model: nn.Module | None = None, map_location: str | torch.device = "cpu",
+    trust_factory: bool = False,
+) -> Sparsifier:  # fmt: skip
     """Rebuild a sparsified model and its controller from :func:`save`'s file.
+
+    Loading runs no code named in the file unless allowed (see :mod:`sparsewrap.trust`): a ``pkg.mod:fn``
+    factory in the recipe is called only if the program registered it (:func:`sparsewrap.register_factory`)
+    or ``trust_factory`` is true; otherwise pass ``model=``.
 
     Args:
         path: the checkpoint.
-        model: a fresh, unwrapped instance of the architecture; needed only when the file has no recipe.
+        model: a fresh, unwrapped instance of the architecture; needed when the file has no recipe, or names a
+            factory that is neither registered nor trusted.
         map_location: device for the model.
+        trust_factory: import and call the factory the file names (only for files you trust: like
+            ``trust_remote_code``, it runs code chosen by whoever wrote the file).
 
     Returns:
         The :class:`Sparsifier`; ``.model`` is the rebuilt, wrapped model.
@@ -184,8 +250,8 @@ def load(
         if not header.get("model"):
             raise CheckpointError(f"{path} records no model recipe; pass model=<a fresh instance of the architecture>")
         try:
-            model = ModelRecipe.from_dict(header["model"]).build()
-        except (ConfigError, KeyError) as exc:
+            model = ModelRecipe.from_dict(header["model"]).build(trust_factory, origin=str(path))
+        except (ConfigError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path}: cannot rebuild the model from its recipe: {exc}") from exc
     model.to(map_location)
     layers = set(header.get("layers") or [])
@@ -205,5 +271,20 @@ def load(
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match the model: {exc}") from exc
     ctrl_tensors = {k[len(CTRL) :]: v.to(map_location) for k, v in tensors.items() if k.startswith(CTRL)}
-    sp.load_state_dict(_join_state(header.get("controller", {}), ctrl_tensors))
+    load_controller(sp, header, ctrl_tensors, path)
     return sp
+
+
+def load_controller(sp: Sparsifier, header: dict[str, Any], tensors: dict[str, Tensor], path: Path | str) -> None:
+    """Load the header's controller state (with its ``tensors``) into ``sp``.
+
+    Raises:
+        CheckpointError: if the state is malformed (a forged or damaged field), naming the file.
+    """
+    try:
+        sp.load_state_dict(_join_state(header.get("controller") or {}, tensors))
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: the controller state is malformed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            "the file was edited or written by an incompatible version; start over or use another checkpoint"
+        ) from exc

@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from . import distributed, rng
 from .controller import Sparsifier, controller_of
 from .errors import ConfigError, SparsewrapError, choices
+from .fileio import remove_orphans
 from .history import Callback, EpochRecord, History, LoopState
-from .loopstate import CHECKPOINT_NAME, StopSignal, refuse_overwrite, restore, save_state
+from .loopstate import CHECKPOINT_NAME, StopSignal, refuse_overwrite, restore, run_settings, save_state
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -115,6 +116,7 @@ class _Run:
     sums: list[float] = field(default_factory=lambda: [0.0] * 4)  # epoch's loss, penalty, correct, counted
     epoch_rng: Any = None  # RNG state when this epoch's data iterator was created
     resume_rng: Any = None  # RNG state to restore after skipping the batches already done
+    settings: dict[str, Any] = field(default_factory=dict)  # examples, batch size, lrs: a resume must match them
 
     @property
     def main(self) -> bool:
@@ -303,7 +305,7 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
         device: move the model there first (ignored under ``torchrun``: each rank uses its own device).
         out: directory for ``last.safetensors``, written atomically after every epoch and when stopped.
         resume: continue the run saved in ``out`` (a missing checkpoint starts afresh, with a warning); the
-            optimizer's saved state and settings (learning rates included) replace the ones given here.
+            training set's size, the batch size and the learning rates must be the saved run's.
         overwrite: allow starting a new run over a directory that holds another checkpoint.
         seed: seed every generator first (rank ``r`` uses ``seed + r``); a resumed run restores its RNGs.
         clip_grad_norm: clip the gradients' global norm to this value.
@@ -336,7 +338,7 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
     ckpt = Path(out) / CHECKPOINT_NAME if out is not None else None
     net = distributed.wrap(model, ctx) if ctx is not None else model
     run = _Run(model, net, sp, opt, loss_fn or F.cross_entropy, dev, ctx, state, lr_schedule, clip_grad_norm, ckpt,
-               callback or Callback(), _generators(train_loader))  # fmt: skip
+               callback or Callback(), _generators(train_loader), settings=run_settings(train_loader, opt))  # fmt: skip
     if ckpt is not None and ckpt.exists():
         if resume:
             restore(run, ckpt)
@@ -345,6 +347,8 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
             refuse_overwrite(ckpt)
     elif resume:
         warnings.warn(f"resume=True but {ckpt or 'out=None'} holds no checkpoint; starting a new run", stacklevel=2)
+    if ckpt is not None and run.main:
+        remove_orphans(ckpt)  # temporary files of this run's interrupted writes
     if sp is not None:
         distributed.sync_sparsity(sp)
     _loop(run, train_loader, val_loader, handle_signals)

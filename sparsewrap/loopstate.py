@@ -9,6 +9,7 @@ done), the position (epoch, batch, step), the running sums of the epoch and the 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed, rng
-from .checkpoint import CTRL, EXTRA, MODEL, _join_state, read, save
+from .checkpoint import CTRL, EXTRA, MODEL, _join_state, load_controller, read, save
 from .errors import CheckpointError, ConfigError
 from .history import EpochRecord
 from .recipe import recipe_for
@@ -104,6 +105,48 @@ def check_same_run(header: dict[str, Any], sp: Sparsifier, path: Path) -> None:
             )
 
 
+def run_settings(train_loader: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a resumed run must share with the saved one: training-set size, batch size, learning rates.
+
+    ``None`` for what the loader does not tell (an iterable without ``dataset`` or ``batch_size``).
+    """
+    try:
+        examples = len(train_loader.dataset)
+    except (AttributeError, TypeError):
+        examples = None
+    batch_size = getattr(train_loader, "batch_size", None)
+    lrs = {str(g.get("name", i)): float(g.get("initial_lr", g["lr"])) for i, g in enumerate(optimizer.param_groups)}
+    return {"examples": examples, "batch_size": batch_size if isinstance(batch_size, int) else None, "lr": lrs}
+
+
+def check_same_settings(saved: dict[str, Any] | None, mine: dict[str, Any], path: Path) -> None:
+    """Refuse to resume with another training-set size, batch size or learning rate than the saved run's.
+
+    Files written before settings were recorded (``saved`` is ``None``) are not checked.
+
+    Raises:
+        ConfigError: naming every setting that changed, with the saved and the given value.
+    """
+    if not isinstance(saved, dict):
+        return
+    changed = []
+    for key, what in (("examples", "training examples (--limit)"), ("batch_size", "batch size (--batch-size)")):
+        theirs, ours = saved.get(key), mine.get(key)
+        if theirs is not None and ours is not None and theirs != ours:
+            changed.append(f"{what} {ours} (saved run: {theirs})")
+    saved_lr = saved.get("lr") if isinstance(saved.get("lr"), dict) else {}
+    for name, ours in (mine.get("lr") or {}).items():
+        theirs = saved_lr.get(name)
+        if isinstance(theirs, (int, float)) and not math.isclose(theirs, ours, rel_tol=1e-9, abs_tol=0.0):
+            flag = "--lr" if name == "weights" else f"--group-lr {name}=..."
+            changed.append(f"learning rate of {name} {ours:g} (saved run: {theirs:g}; {flag})")
+    if changed:
+        raise ConfigError(
+            f"resuming {path} would not continue the saved run exactly: {'; '.join(changed)}; resume with the "
+            "saved values, or start a new run with overwrite=True (CLI: --force) or another output directory"
+        )
+
+
 def refuse_overwrite(path: Path) -> None:
     """Raise because ``path`` exists and the caller asked neither to resume nor to overwrite.
 
@@ -138,6 +181,7 @@ def save_state(run: _Run) -> None:
             "epochs": state.epochs, "sums": list(run.sums), "rng": now,
             "epoch_rng": at_epoch_start if state.batch else None,
             "records": [asdict(r) for r in state.history.records], "stopped": state.history.stopped,
+            "settings": run.settings,
         }  # fmt: skip
         steps = torch.tensor([state.history.losses, state.history.penalties], dtype=torch.float64)
         extra = {"loop": loop, "optimizer": run.optimizer.state_dict(), "losses": steps}
@@ -167,6 +211,7 @@ def restore(run: _Run, path: Path) -> None:
     loop = (header.get("extra") or {}).get("loop")
     if not loop:
         raise CheckpointError(f"{path} was not written by fit() (no loop state); it cannot be resumed")
+    check_same_settings(loop.get("settings"), run.settings, path)
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -175,7 +220,7 @@ def restore(run: _Run, path: Path) -> None:
         run.model.load_state_dict(part(MODEL), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match the model: {exc}") from exc
-    run.sp.load_state_dict(_join_state(header.get("controller") or {}, part(CTRL)))
+    load_controller(run.sp, header, part(CTRL), path)
     extra = _join_state(header["extra"], part(EXTRA))
     _load_optimizer(run, extra["optimizer"], path)
     state = run.state

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, SparsewrapError
+from .trust import check_timm_kwargs, register_factory, resolve_factory
 
 RECIPE_ATTR = "_sparsewrap_recipe"
 
@@ -47,25 +48,33 @@ class ModelRecipe:
             "or 'package.module:factory' (a callable returning an nn.Module)"
         )
 
-    def build(self) -> nn.Module:
+    def build(self, trust_factory: bool = False, origin: str = "this recipe") -> nn.Module:
         """Build a fresh model (random init; never downloads weights).
 
+        A recipe read from a file is untrusted input (see :mod:`sparsewrap.trust`): a timm architecture is
+        built only with allow-listed kwargs, and a ``pkg.mod:fn`` factory is imported only if it is registered
+        or ``trust_factory`` is true.
+
+        Args:
+            trust_factory: the caller chose this recipe (code, command line) or trusts the file it came from.
+            origin: where the recipe came from, for the refusal message (e.g. the checkpoint's path).
+
         Raises:
-            ConfigError: if the architecture or factory cannot be found.
+            ConfigError: if the architecture or factory cannot be found or fails, or a timm keyword is refused.
+            CheckpointError: if the factory is neither registered nor trusted (nothing is imported or called).
         """
+        check_model_kwargs(self.kwargs)
         if self.source == "timm":
             import timm
 
+            kwargs = check_timm_kwargs(self.name, self.kwargs, trust_factory)
             if self.name not in timm.list_models():
                 raise ConfigError(f"timm has no architecture {self.name!r}; see timm.list_models('*pattern*')")
-            model = timm.create_model(self.name, pretrained=False, **self.kwargs)
+            model = _call(f"timm:{self.name}", lambda: timm.create_model(self.name, pretrained=False, **kwargs),
+                          kwargs)  # fmt: skip
         elif self.source == "factory":
-            mod_name, _, attr = self.name.partition(":")
-            try:
-                factory = getattr(importlib.import_module(mod_name), attr)
-            except (ImportError, AttributeError) as exc:
-                raise ConfigError(f"cannot import factory {self.name!r}: {exc}") from exc
-            model = factory(**self.kwargs)
+            factory = resolve_factory(self.name, trust_factory, origin)
+            model = _call(self.name, lambda: factory(**self.kwargs), self.kwargs)
             if not isinstance(model, nn.Module):
                 raise ConfigError(f"factory {self.name!r} returned {type(model).__name__}, not an nn.Module")
         else:
@@ -93,6 +102,13 @@ class ModelRecipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelRecipe:
+        """The recipe of a checkpoint's header.
+
+        Raises:
+            ConfigError: if a field has the wrong type (a damaged or hand-edited header).
+        """
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str) or not isinstance(d.get("kwargs", {}), dict):
+            raise ConfigError(f"the model recipe {json.dumps(d)[:200]} is malformed (expected source, name, kwargs)")
         return cls(d["source"], d["name"], dict(d.get("kwargs") or {}), d.get("input_shape"))
 
 
@@ -100,10 +116,43 @@ def create_model(spec: str, **kwargs: Any) -> nn.Module:
     """Build ``"timm:<arch>"`` or ``"pkg.mod:factory"`` with ``kwargs`` and remember the recipe on the model,
     so that :func:`sparsewrap.save` can record how to rebuild it.
 
+    A ``pkg.mod:factory`` named here is the caller's own choice: it is called, and registered
+    (:func:`sparsewrap.register_factory`) so that this program may load the checkpoints it saves from it.
+
     Raises:
-        ConfigError: if the spec is malformed or the architecture unknown.
+        ConfigError: if the spec is malformed, the architecture unknown, or the factory fails.
     """
-    return ModelRecipe.parse(spec, **kwargs).build()
+    recipe = ModelRecipe.parse(spec, **kwargs)
+    model = recipe.build(trust_factory=True)  # the caller named this factory: their own choice
+    if recipe.source == "factory":
+        register_factory(recipe.name)  # so this program may load the files it saves from this model
+    return model
+
+
+def check_model_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse a ``num_classes`` or ``in_chans`` that is not a positive integer (e.g. ``--model-kw num_classes=abc``).
+
+    Raises:
+        ConfigError: naming the keyword and its value.
+    """
+    for key in ("num_classes", "in_chans"):
+        value = kwargs.get(key)
+        if key in kwargs and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"model keyword {key}={value!r} must be a non-negative integer, e.g. {key}=10")
+
+
+def _call(name: str, make: Callable[[], Any], kwargs: dict[str, Any]) -> Any:
+    """``make()``, with any error turned into one line naming the factory and its kwargs."""
+    try:
+        return make()
+    except SparsewrapError:
+        raise
+    except Exception as exc:
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no keyword arguments"
+        raise ConfigError(
+            f"model factory {name!r} failed with {args}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; "
+            "check the model name and its keyword arguments (CLI: --model, --model-kw)"
+        ) from exc
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,6 +19,7 @@ from sparsewrap import checkpoint
 from sparsewrap.errors import CheckpointError, ConfigError
 from sparsewrap.recipe import ModelRecipe, recipe_for
 
+from .forging import digest
 from .zoo import ResNetTiny
 
 
@@ -273,11 +275,60 @@ def test_default_input_shapes() -> None:
 def test_a_broken_recipe_in_a_checkpoint_is_a_checkpoint_error(tmp_path: Path) -> None:
     sp = sw.sparsify(lenet(), "magnitude", target=0.5)
     path = sw.save(sp, tmp_path / "l.safetensors", recipe=ModelRecipe("factory", "sparsewrap.gone:lenet5"))
+    with pytest.raises(CheckpointError, match=r"names the model factory 'sparsewrap.gone:lenet5'"):
+        sw.load(path)  # not registered: refused before any import
     with pytest.raises(CheckpointError, match=r"cannot rebuild the model from its recipe: cannot import factory"):
-        sw.load(path)
+        sw.load(path, trust_factory=True)
 
 
 def lenet() -> nn.Module:
     from sparsewrap.models import lenet5
 
     return lenet5()
+
+
+# -- compact masks ---------------------------------------------------------------------------------------------
+def test_masks_are_stored_as_bool_and_loaded_with_their_dtype(tmp_path: Path) -> None:
+    sp = sw.sparsify(lenet(), "magnitude", target=0.7)
+    path = sw.save(sp, tmp_path / "m.safetensors")
+    raw = load_file(str(path))
+    masks = [k for k in raw if k.endswith(".mask")]
+    assert len(masks) == 3 and all(raw[k].dtype == torch.bool for k in masks)
+    mask_bytes = sum(raw[k].numel() for k in masks)  # one byte each instead of four
+    dense_bytes = sum(v.numel() * v.element_size() for k, v in raw.items() if not k.endswith(".mask"))
+    assert path.stat().st_size < dense_bytes + mask_bytes + 20_000
+    sp2 = sw.load(path, model=lenet())
+    saved = sp.model.state_dict()
+    for key, value in sp2.model.state_dict().items():
+        assert value.dtype == saved[key].dtype
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+    header, tensors = checkpoint.read(path)
+    assert header["packed_masks"] == {f"model.{k}": "float32" for k in saved if k.endswith(".mask")}
+    assert all(tensors[k].dtype == torch.float32 for k in masks)
+
+
+def test_a_file_with_float_masks_from_older_versions_still_loads(tmp_path: Path) -> None:
+    sp = sw.sparsify(lenet(), "magnitude", target=0.7)
+    path = sw.save(sp, tmp_path / "old.safetensors")
+    raw = load_file(str(path))
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    header = json.loads(meta["sparsewrap"])
+    del header["packed_masks"]
+    tensors = {k: v.float() if k.endswith(".mask") else v for k, v in raw.items()}
+    text = json.dumps(header)
+    save_file(tensors, str(path), metadata={"format": "pt", "sparsewrap": text, "sha256": digest(text, tensors)})
+    assert load_file(str(path))["model.fc1.parametrizations.weight.0.mask"].dtype == torch.float32
+    sp2 = sw.load(path, model=lenet())
+    torch.testing.assert_close(sp2.model.state_dict(), sp.model.state_dict(), rtol=0, atol=0)
+
+
+def test_a_mask_with_negative_zero_or_soft_values_is_kept_as_float(tmp_path: Path) -> None:
+    tensors = {"model.a.mask": torch.tensor([0.0, -0.0, 1.0]), "model.b.mask": torch.tensor([0.5, 1.0]),
+               "model.c.mask": torch.tensor([0.0, 1.0], dtype=torch.float16),
+               "model.w": torch.tensor([0.0, 1.0])}  # fmt: skip
+    packed = checkpoint.pack_masks(tensors)
+    assert packed == {"model.c.mask": "float16"}
+    assert tensors["model.a.mask"].dtype == torch.float32 and tensors["model.w"].dtype == torch.float32
+    checkpoint.unpack_masks(tensors, packed, tmp_path)
+    assert tensors["model.c.mask"].dtype == torch.float16 and tensors["model.c.mask"].tolist() == [0.0, 1.0]

@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from . import app, console
+from .inspect import TRUST_HELP
 
 if TYPE_CHECKING:
     from ..purge.fold import FoldReport
@@ -38,6 +39,43 @@ def parse_shape(text: str | None) -> list[int] | None:
     if not shape or any(s <= 0 for s in shape):
         raise typer.BadParameter(f"{text!r} is not a shape; give one input without the batch dim, e.g. 3,224,224")
     return shape
+
+
+def check_output(checkpoint: Path, out: Path, fmt: str, force: bool) -> None:
+    """Refuse an output that would lose data or mislead: the input itself, a sparsewrap checkpoint, an existing
+    file without ``--force``, a directory, or a suffix that is not the format's.
+
+    Raises:
+        typer.BadParameter: naming the path and what to do instead.
+    """
+    from ..checkpoint import is_checkpoint
+
+    suffix = SUFFIX[fmt]
+    if out.suffix != suffix:
+        other = next((f for f, s in SUFFIX.items() if s == out.suffix), None)
+        alt = f", or --format {other}" if other else ""
+        raise typer.BadParameter(
+            f"{str(out)!r} does not end in {suffix!r}, the suffix of --format {fmt}; use -o "
+            f"{str(out.with_suffix(suffix))!r}{alt}",
+            param_hint="--output",
+        )
+    if out.is_dir():
+        raise typer.BadParameter(f"{str(out)!r} is a directory; give a file name", param_hint="--output")
+    if out.exists() and (out.resolve() == checkpoint.resolve() or (checkpoint.exists() and out.samefile(checkpoint))):
+        raise typer.BadParameter(
+            f"{str(out)!r} is the checkpoint being exported; writing there would destroy it; give another -o",
+            param_hint="--output",
+        )
+    if is_checkpoint(out):
+        raise typer.BadParameter(
+            f"{str(out)!r} is a sparsewrap training checkpoint (report and --resume need it): an export never "
+            "replaces one, even with --force; give another -o, or delete the checkpoint yourself first",
+            param_hint="--output",
+        )
+    if out.exists() and not force:
+        raise typer.BadParameter(
+            f"{str(out)!r} already exists; add --force to replace it, or give another -o", param_hint="--output"
+        )
 
 
 def _write(model, path: Path, fmt: str, shape: list[int] | None, purged: bool) -> Path:
@@ -94,6 +132,8 @@ def export_cmd(
     channels_last: bool = typer.Option(
         False, "--channels-last", help="With --purge: time both models in NHWC (oneDNN's CPU layout) on image input."
     ),
+    trust_factory: bool = typer.Option(False, "--trust-factory", help=TRUST_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file (never a checkpoint)."),
 ) -> None:
     """Bake the sparsity into a plain model for the original architecture and write it atomically."""
     from ..checkpoint import load
@@ -113,14 +153,15 @@ def export_cmd(
             param_hint=purge_only[0],
         )
     shape = parse_shape(input_shape)
-    sp = load(checkpoint)
+    kind = "purged" if purge else ("folded" if fold_bn else "exported")
+    out = output or checkpoint.with_name(f"{checkpoint.stem}.{kind}{SUFFIX[fmt]}")
+    check_output(checkpoint, out, fmt, force)
+    sp = load(checkpoint, trust_factory=trust_factory)
     if shape is None:
         recipe = recipe_for(sp.model)
         shape = recipe.default_input_shape() if recipe else None
     if shape is None and (fmt != "safetensors" or purge):
         raise typer.BadParameter("this needs an input shape: the checkpoint records none", param_hint="--input-shape")
-    kind = "purged" if purge else ("folded" if fold_bn else "exported")
-    out = output or checkpoint.with_name(f"{checkpoint.stem}.{kind}{SUFFIX[fmt]}")
     report = sp.report()
     sparsity = f"sparsity of targeted weights {report.exported:.4f}" + (
         "" if report.requested is None else f" (requested {report.requested:.4f})"

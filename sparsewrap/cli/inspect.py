@@ -9,6 +9,8 @@ from rich.table import Table
 
 from . import app, console
 
+TRUST_HELP = "Import and call the model factory the file names (only for files you trust: it runs their code)."
+
 
 @app.command("methods")
 def methods_cmd() -> None:
@@ -45,11 +47,12 @@ def render_report(report, title: str) -> Table:
 @app.command("report")
 def report_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by sparsewrap.save / train."),  # noqa: B008
+    trust_factory: bool = typer.Option(False, "--trust-factory", help=TRUST_HELP),
 ) -> None:
     """Per-layer shape, params, nonzeros and sparsity; totals; requested vs achieved."""
     from ..checkpoint import load
 
-    sp = load(checkpoint)
+    sp = load(checkpoint, trust_factory=trust_factory)
     report = sp.report()
     console.print(render_report(report, f"{checkpoint.name}: method {report.method}, step {report.step}"))
     requested = "—" if report.requested is None else f"{report.requested:.4f}"

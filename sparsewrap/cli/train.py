@@ -183,7 +183,7 @@ def train_cmd(
         kwargs = parse_pairs(model_kw, "--model-kw")
         recipe = model_recipe(model, train_data.num_classes, train_data.input_shape, kwargs)
         seed_all(seed)
-        net = recipe.build().to(dev)
+        net = recipe.build(trust_factory=True).to(dev)  # --model is the user's own choice
         sp = sparsify(net, method, target=target, density=density, include=include, exclude=exclude,
                       **parse_pairs(option, "--option"))  # fmt: skip
         rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)

@@ -266,13 +266,15 @@ def read_plan(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor
     return plan, tensors
 
 
-def load_purged(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load_purged(path: str | os.PathLike, model: nn.Module | None = None, trust_factory: bool = False) -> nn.Module:
     """Rebuild a purged model: replay its plan on a fresh instance of the original architecture, load weights.
 
     Args:
         path: a file written by :func:`save_purged` (``sparsewrap export --purge``, safetensors format).
         model: a fresh, unpurged instance of the architecture the plan was made for; optional when the file
-            records how to build it (timm models, ``sparsewrap.create_model``).
+            records how to build it (timm models, and factories registered with
+            :func:`sparsewrap.register_factory` or trusted with ``trust_factory``).
+        trust_factory: import and call the ``pkg.mod:fn`` factory the file names (only for files you trust).
 
     Returns:
         ``model`` (or the rebuilt one), shrunk in place (and its recorded BatchNorms folded into their layers,
@@ -289,8 +291,8 @@ def load_purged(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
         from ..recipe import ModelRecipe
 
         try:
-            model = ModelRecipe.from_dict(plan["recipe"]).build()
-        except (ConfigError, KeyError) as exc:
+            model = ModelRecipe.from_dict(plan["recipe"]).build(trust_factory, origin=str(path))
+        except (ConfigError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path}: cannot rebuild the model from its recipe: {exc}") from exc
     source = plan["source"]
     if fingerprint(model) != source.get("fingerprint"):
