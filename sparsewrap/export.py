@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,26 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: 
 
 
 def export_program(plain: nn.Module, input_shape: Sequence[int]) -> torch.export.ExportedProgram:
-    """``torch.export`` the plain model in eval mode at ``(1, *input_shape)``."""
+    """``torch.export`` the plain model in eval mode for inputs ``(batch, *input_shape)``, any batch size.
+
+    The batch dimension is dynamic (``torch.export.Dim``), so the program runs at batch 1 as at batch 64. A
+    model whose code fixes its batch size (e.g. a ``view(2, -1)``) cannot be exported so: it is exported at
+    batch 1, with a warning naming the reason.
+    """
     plain = plain.eval()
-    example = torch.randn(1, *input_shape, dtype=next(plain.parameters()).dtype)
-    return torch.export.export(plain, (example,))
+    p = next(plain.parameters())
+    gen = torch.Generator().manual_seed(0)
+    # batch 2: torch.export specializes a dimension whose example size is 0 or 1
+    example = torch.randn(2, *input_shape, generator=gen).to(device=p.device, dtype=p.dtype)
+    try:
+        return torch.export.export(plain, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as exc:  # torch raises several types (constraint violations, guard failures, user errors)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(
+            f"{type(plain).__name__} does not export with a dynamic batch size ({reason}); exported at batch 1 only",
+            stacklevel=2,
+        )
+    return torch.export.export(plain, (example[:1],))
 
 
 def save_plain(plain: nn.Module, path: str | os.PathLike, fmt: str = "safetensors",
