@@ -35,6 +35,7 @@ class InputRecord:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The recorded dtype as a ``torch.dtype`` (float32 if the name is not one)."""
         dtype = getattr(torch, self.dtype, None)
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
@@ -58,6 +59,7 @@ class InputRecord:
         return torch.randn(batch, *self.shape, generator=gen).to(device=device, dtype=dtype)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form kept in the controller state (and so in checkpoints)."""
         return {"shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
@@ -87,6 +89,7 @@ class FirstInputRecorder:
         self.handle = self.controller.model.register_forward_pre_hook(self, prepend=True)
 
     def detach(self) -> None:
+        """Remove the hook from the model (no-op when it is not registered)."""
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
