@@ -85,7 +85,8 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
         path: destination (``.safetensors``).
         recipe: how to rebuild the model; inferred for models made by :func:`sparsewrap.create_model` or
             timm. Without one, :func:`load` needs ``model=``.
-        input_shape: one input's shape without the batch dim, recorded for ``pt2`` export (optional).
+        input_shape: one input's shape without the batch dim, recorded for ``pt2`` export (default: the
+            shape of the model's first input after :func:`sparsify`, when it has had one).
         extra: more state to keep in the file (nested dicts/lists of tensors and JSON values, e.g. the training
             loop's optimizer and RNG states); :func:`read_extra` returns it.
 
@@ -98,6 +99,8 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
     if sp is None:
         raise ConfigError("this model was not sparsified by sparsewrap.sparsify (no controller attached)")
     recipe = recipe or recipe_for(model)
+    if input_shape is None and sp.input is not None:  # the shape of the model's first input after sparsify
+        input_shape = sp.input.shape
     if recipe is not None and input_shape is not None:
         recipe = ModelRecipe(recipe.source, recipe.name, recipe.kwargs, [int(d) for d in input_shape])
     controller_json, controller_tensors = _split_state(sp.state_dict())

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, choices
+from .inputs import InputRecord, watch_first_input
 from .methods import Method, get_method, make_config
 from .parametrizations import wrapped_tensors
 from .report import LayerReport, Report, count_nonzero
@@ -86,6 +87,8 @@ class Sparsifier:
         self.method = method
         self.spec = spec
         self.step_count = 0
+        self.input: InputRecord | None = None  # the first forward's input (sparsewrap.inputs)
+        self.input_recorder = None
 
     @property
     def targets(self) -> list:
@@ -162,11 +165,13 @@ class Sparsifier:
 
     def state_dict(self) -> dict[str, Any]:
         """Controller state: step counter and the method's own state (the model holds masks and gates)."""
-        return {"step": self.step_count, "method": self.method.state_dict()}
+        state = {"step": self.step_count, "method": self.method.state_dict()}
+        return state | ({"input": self.input.to_dict()} if self.input is not None else {})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step_count = int(state.get("step", 0))
         self.method.load_state_dict(state.get("method", {}))
+        self.input = InputRecord.from_dict(state.get("input")) or self.input
 
     def __repr__(self) -> str:
         return (f"Sparsifier(method={self.spec.method!r}, target={self.spec.target!r}, "
@@ -224,6 +229,7 @@ def sparsify(model: nn.Module, method: str, target: Any = None, density: Any = N
                 [t.name for t in targets])  # fmt: skip
     controller = Sparsifier(model, impl, spec)
     object.__setattr__(model, CONTROLLER_ATTR, controller)
+    watch_first_input(controller)
     return controller
 
 

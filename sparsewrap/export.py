@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch.nn.utils import parametrize
 from .controller import CONTROLLER_ATTR, Sparsifier, controller_of
 from .errors import ConfigError, choices
 from .fileio import write_atomic
+from .inputs import check_example_inputs, recorder_detached
 from .parametrizations import SparseParametrization, wrapped_tensors
 from .recipe import RECIPE_ATTR
 
@@ -33,13 +35,24 @@ def _baked(model: nn.Module, sp: Sparsifier | None) -> dict[tuple[str, str], tor
     return {(m, t): p.bake(mod.parametrizations[t].original) for m, mod, t, p in wrapped_tensors(model)}
 
 
-def _plain_copy(model: nn.Module) -> nn.Module:
-    # the plain model must unpickle without sparsewrap: leave sparsewrap's own attributes behind
+def _plain_copy(model: nn.Module, sp: Sparsifier | None) -> nn.Module:
+    # the plain model must unpickle without sparsewrap: leave sparsewrap's own attributes and hook behind
     saved = {k: model.__dict__.pop(k) for k in (CONTROLLER_ATTR, RECIPE_ATTR) if k in model.__dict__}
     try:
-        return copy.deepcopy(model)
+        with recorder_detached(sp):
+            return copy.deepcopy(model)
     finally:
         model.__dict__.update(saved)
+
+
+def _example_for(plain: nn.Module, sp: Sparsifier | None, example_inputs: Any) -> Any:
+    """``example_inputs`` checked to run through ``plain``, or a batch built from the recorded first input."""
+    record = sp.input if sp is not None else None
+    if example_inputs is None:
+        return record.example(plain) if record is not None else None
+    expected = f"{record.describe()} (as on its first forward)" if record is not None else None
+    check_example_inputs(plain, example_inputs, expected)
+    return example_inputs
 
 
 def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: Any = None,
@@ -57,7 +70,8 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: 
             a smaller dense model with the same outputs; groups that cannot be removed exactly stay dense.
             ``sparsewrap.purge.purge_report(result)`` says what was removed and why the rest stayed.
         example_inputs: a tensor or tuple for one forward, used by ``purge`` to trace shapes and verify
-            outputs (default: a random batch of 2 at the recipe's input shape, for timm models).
+            outputs (default: a random batch of 2 shaped as the model's first input after :func:`sparsify`,
+            ``sp.input``; else at the recipe's input shape, for timm models and checkpoints).
         round_to: with ``purge``, keep each group's channel count a multiple of this (fast kernels).
         fold_bn: for inference: fold each BatchNorm that directly follows a conv (or a linear layer) into that
             layer's weight and bias and replace it by ``nn.Identity`` (:func:`sparsewrap.purge.fold_batchnorm`),
@@ -71,12 +85,14 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: 
         ConfigError: if ``obj`` is neither a model nor a Sparsifier, or a module mixes sparsewrap and foreign
             parametrizations on one tensor.
             With ``purge``: no example input and no recorded input shape, or a bad ``round_to``.
+            With ``purge`` or ``fold_bn``: ``example_inputs`` the model cannot run (the message names the
+            expected input).
         TraceError: with ``fold_bn``, if folding changed the outputs on the example inputs.
     """
     model, sp = controller_of(obj)
     baked = _baked(model, sp)
     was_training = model.training
-    plain = _plain_copy(model)
+    plain = _plain_copy(model, sp)
     for mname, module in plain.named_modules():
         if not parametrize.is_parametrized(module):
             continue
@@ -93,6 +109,8 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: 
             value = value.to(device=original.device, dtype=original.dtype)
             module._parameters[tname] = nn.Parameter(value, requires_grad=original.requires_grad)
     plain.train(was_training)
+    if purge or fold_bn:
+        example_inputs = _example_for(plain, sp, example_inputs)
     if purge:
         from .purge.io import purge_exported
 
@@ -105,10 +123,26 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: 
 
 
 def export_program(plain: nn.Module, input_shape: Sequence[int]) -> torch.export.ExportedProgram:
-    """``torch.export`` the plain model in eval mode at ``(1, *input_shape)``."""
+    """``torch.export`` the plain model in eval mode for inputs ``(batch, *input_shape)``, any batch size.
+
+    The batch dimension is dynamic (``torch.export.Dim``), so the program runs at batch 1 as at batch 64. A
+    model whose code fixes its batch size (e.g. a ``view(2, -1)``) cannot be exported so: it is exported at
+    batch 1, with a warning naming the reason.
+    """
     plain = plain.eval()
-    example = torch.randn(1, *input_shape, dtype=next(plain.parameters()).dtype)
-    return torch.export.export(plain, (example,))
+    p = next(plain.parameters())
+    gen = torch.Generator().manual_seed(0)
+    # batch 2: torch.export specializes a dimension whose example size is 0 or 1
+    example = torch.randn(2, *input_shape, generator=gen).to(device=p.device, dtype=p.dtype)
+    try:
+        return torch.export.export(plain, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as exc:  # torch raises several types (constraint violations, guard failures, user errors)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(
+            f"{type(plain).__name__} does not export with a dynamic batch size ({reason}); exported at batch 1 only",
+            stacklevel=2,
+        )
+    return torch.export.export(plain, (example[:1],))
 
 
 def save_plain(plain: nn.Module, path: str | os.PathLike, fmt: str = "safetensors",

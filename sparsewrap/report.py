@@ -68,6 +68,35 @@ class Report:
         d.update(achieved=self.achieved, exported=self.exported, params=self.params, nonzeros=self.nonzeros)
         return d
 
+    def table(self) -> list[list[str]]:
+        """The per-layer table as text cells: a header row, one row per layer and a ``total`` row."""
+        rows = [["layer", "shape", "params", "nonzeros", "sparsity", "exported"]]
+        for la in self.layers:
+            rows.append([la.name, "×".join(map(str, la.shape)), f"{la.params:,}", f"{la.nonzeros:,}",
+                         f"{la.sparsity:.4f}", f"{la.exported_sparsity:.4f}"])  # fmt: skip
+        rows.append(
+            ["total", "", f"{self.params:,}", f"{self.nonzeros:,}", f"{self.achieved:.4f}", f"{self.exported:.4f}"]
+        )
+        return rows
+
+    def __str__(self) -> str:
+        """The table ``sparsewrap report`` prints, as plain text (``print(sp.report())``)."""
+        rows = self.table()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+        def line(row: list[str]) -> str:
+            cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+            return "  ".join(cells).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        requested = "-" if self.requested is None else f"{self.requested:.4f}"
+        out = [f"method {self.method}, step {self.step}", line(rows[0]), rule]
+        out += [line(r) for r in rows[1:-1]] + [rule, line(rows[-1])]
+        out.append(f"requested sparsity {requested}   achieved now {self.achieved:.4f}   at export {self.exported:.4f}")
+        out += [f"{key}: {value:.6g}" for key, value in self.extras.items()]
+        out += [f"note: {note}" for note in self.notes]
+        return "\n".join(out)
+
 
 def count_nonzero(t: Tensor) -> int:
     return int(t.count_nonzero())

@@ -54,7 +54,8 @@ def test_round_trip_of_a_timm_model_rebuilds_it_from_the_recipe(tmp_path: Path) 
     train_steps(sp, x, 3)
     path = sw.save(sp, tmp_path / "run.safetensors")
     sp2 = sw.load(path)
-    assert recipe_for(sp2.model) == ModelRecipe("timm", "test_resnet", {"num_classes": 5})
+    # input_shape: the first forward's, recorded after sparsify
+    assert recipe_for(sp2.model) == ModelRecipe("timm", "test_resnet", {"num_classes": 5}, [3, 32, 32])
     assert_same_run(sp, sp2, x)
     assert sp2.method.current == sp.method.current == pytest.approx(0.6 * (1 - 0.5**3))  # event at t=2 of 0, 2, 4
     train_steps(sp, x, 2), train_steps(sp2, x, 2)  # the schedule continues identically: t=3 no event, t=4 the last
@@ -77,7 +78,7 @@ def test_round_trip_of_a_factory_model_mid_schedule(tmp_path: Path) -> None:
     x = torch.randn(4, 1, 28, 28)
     train_steps(sp, x, 3)
     sp2 = sw.load(sw.save(sp, tmp_path / "lenet.safetensors"))
-    assert recipe_for(sp2.model) == ModelRecipe("factory", "sparsewrap.models:lenet5", {"num_classes": 7})
+    assert recipe_for(sp2.model) == ModelRecipe("factory", "sparsewrap.models:lenet5", {"num_classes": 7}, [1, 28, 28])
     assert_same_run(sp, sp2, x)
     for _ in range(4):
         sp.step(), sp2.step()

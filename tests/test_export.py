@@ -151,12 +151,32 @@ def test_pt2_export_runs_with_torch_export_load(tmp_path: Path) -> None:
     plain = sw.export(sp).eval()
     path = sw.save_plain(plain, tmp_path / "model.pt2", fmt="pt2", input_shape=(3, 8, 8))
     program = torch.export.load(str(path))
-    x = torch.randn(1, 3, 8, 8)
-    torch.testing.assert_close(program.module()(x), plain(x))
     model.eval()
-    torch.testing.assert_close(program.module()(x), model(x))
+    for batch in (1, 7):  # a dynamic batch dimension: it used to fail with "Guard failed: x.size()[0] == 1"
+        x = torch.randn(batch, 3, 8, 8)
+        torch.testing.assert_close(program.module()(x), plain(x))
+        torch.testing.assert_close(program.module()(x), model(x))
     names = "".join(program.state_dict)
     assert "parametrizations" not in names and "mask" not in names
+
+
+class BatchOfOne(nn.Module):
+    """A model whose code fixes its batch size to 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.view(1, 4))
+
+
+def test_pt2_export_of_a_fixed_batch_model_falls_back_to_batch_one_with_a_warning(tmp_path: Path) -> None:
+    plain = sw.export(sw.sparsify(BatchOfOne(), "magnitude", target=0.5, include="fc")).eval()
+    with pytest.warns(UserWarning, match=r"BatchOfOne does not export with a dynamic batch size .*batch 1 only"):
+        path = sw.save_plain(plain, tmp_path / "model.pt2", fmt="pt2", input_shape=(4,))
+    x = torch.randn(1, 4)
+    torch.testing.assert_close(torch.export.load(str(path)).module()(x), plain(x))
 
 
 def test_save_plain_rejects_bad_formats_and_missing_shapes(tmp_path: Path) -> None:

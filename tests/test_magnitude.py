@@ -272,3 +272,35 @@ def test_layer_wise_channel_allocations_stay_within_one_channel_of_each_quota(al
     total = sum(t.numel for t in sp.targets)
     removed = sum(d * t.fan_in for d, t in zip(dropped, sp.targets))
     assert abs(removed - 0.5 * total) <= max(t.fan_in for t in sp.targets) / 2  # and overall within one channel
+
+
+# -- weights it cannot rank ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_sparsify_naming_the_layer(granularity: str, bad: float) -> None:
+    model = Two(SMALL_A, BIG_B)
+    with torch.no_grad():
+        model.b.weight.fill_(bad)  # a whole layer of NaN used to give sparsity 0.0 everywhere, silently
+    with pytest.raises(ConfigError, match=r"^layer 'b' has non-finite weights \(NaN or inf\) at sparsify; .*load"):
+        sw.sparsify(model, "magnitude", target=0.5, granularity=granularity)
+    assert not parametrize.is_parametrized(model.a)  # refused before any layer is wrapped
+
+
+def test_weights_that_turn_nan_during_training_are_refused_at_the_next_mask_update() -> None:
+    model = Two(SMALL_A, BIG_B)
+    sp = sw.sparsify(model, "magnitude", target=0.8, schedule="cubic", start=0, end=4, every=2)
+    sp.step()  # step 0: an update with finite weights
+    with torch.no_grad():
+        model.a.parametrizations.weight.original[0, 0] = float("nan")
+    sp.step()  # step 1 is not an update step: nothing is ranked
+    with pytest.raises(ConfigError, match=r"^layer 'a' has non-finite weights \(NaN or inf\) at step 2; .*diverged"):
+        sp.step()
+    with pytest.raises(ConfigError, match=r"layer 'a' has non-finite weights .* at the final projection"):
+        sw.export(sp)
+
+
+def test_a_meta_device_model_is_refused_with_one_line() -> None:
+    with torch.device("meta"):
+        model = Two(SMALL_A, BIG_B)
+    with pytest.raises(ConfigError, match=r"^layer 'a' is on the meta device .*\(model\.to_empty\(device='cpu'\)"):
+        sw.sparsify(model, "magnitude", target=0.5, schedule="cubic", end=10, every=5)

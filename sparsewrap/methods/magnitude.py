@@ -90,6 +90,13 @@ class Magnitude(Method):
                 "use include=/exclude= to choose layers"
             )
         cfg = self.config
+        meta = next((t.name for t in self.targets if t.original.is_meta), None)
+        if meta is not None:
+            raise ConfigError(
+                f"layer {meta!r} is on the meta device (it has no values) and method 'magnitude' ranks weights by "
+                "|w|; materialize the model first (model.to_empty(device='cpu'), then load its weights)"
+            )
+        self.check_finite("at sparsify")
         self.schedule = Schedule(cfg.schedule, cfg.start, cfg.end, cfg.every)
         self.current = 0.0
         if cfg.granularity == "channel":
@@ -128,6 +135,30 @@ class Magnitude(Method):
         return units
 
     # -- selection --------------------------------------------------------------------------------------------
+    def check_finite(self, when: str) -> None:
+        """Refuse to rank weights that are NaN or infinite: every mask computed from them would be arbitrary.
+
+        Args:
+            when: where the check runs, for the message (``"at sparsify"``, ``"at step 12"``, ``"at export"``).
+
+        Raises:
+            ConfigError: naming the first layer whose weights are not all finite.
+        """
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(t.original).all() for t in self.targets])
+            if bool(finite.all()):  # one device sync for every layer
+                return
+        name = self.targets[int((~finite).nonzero()[0])].name
+        fix = (
+            "load finite weights before sparsify"
+            if when == "at sparsify"
+            else "training diverged: lower the learning rate or resume from an earlier checkpoint"
+        )
+        raise ConfigError(
+            f"layer {name!r} has non-finite weights (NaN or inf) {when}; method 'magnitude' cannot rank them by |w|: "
+            f"{fix}"
+        )
+
     def _plan(self, sparsity: float) -> list[Tensor]:
         """Keep-masks at ``sparsity``: one per target (unstructured) or one (C,) vector per unit (channel)."""
         with torch.no_grad():
@@ -209,9 +240,11 @@ class Magnitude(Method):
     # -- hooks ------------------------------------------------------------------------------------------------
     def step(self, t: int) -> None:
         if self.schedule.is_update_step(t):
+            self.check_finite(f"at step {t}")
             self._apply(self.schedule.sparsity(t, self.target))
 
     def bake(self) -> dict[tuple[str, str], Tensor]:
+        self.check_finite("at the final projection (export, report)")
         keep = self._plan(self.target)
         names = {id(p): (m, t) for m, _mod, t, p in wrapped_tensors(self.model)}
         out: dict[tuple[str, str], Tensor] = {}

@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 from ..dependency import analyse_channels
 from ..dependency_rules import BLOCK_RULES
 from ..errors import ConfigError, TraceError
+from ..inputs import check_example_inputs
 from ..tracing import SparseTracer
 from .plan import Ops, Planner, Unit
 from .shrink import apply_ops
@@ -279,7 +280,8 @@ def purge(model: nn.Module, example_inputs: Any, round_to: int = 1, tolerance: f
         A :class:`PurgeResult`; ``result.model`` is a new module.
 
     Raises:
-        ConfigError: if ``model`` still has parametrizations or ``round_to`` is not a positive integer.
+        ConfigError: if ``model`` still has parametrizations, ``round_to`` is not a positive integer, or the
+            model cannot run on ``example_inputs`` (the message names the input it expects).
     """
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise ConfigError("purge works on plain models; call sparsewrap.export(model) first (or export(purge=True))")
@@ -287,6 +289,7 @@ def purge(model: nn.Module, example_inputs: Any, round_to: int = 1, tolerance: f
         raise ConfigError(f"round_to={round_to!r} must be a positive integer (e.g. 8 for fast kernels)")
     start = time.perf_counter()
     inputs = _as_tuple(example_inputs)
+    check_example_inputs(model, inputs)
     was_training = model.training
     model.eval()
     try:
