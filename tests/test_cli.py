@@ -237,3 +237,14 @@ def test_an_input_shape_with_x_separators_still_works(ckpt: Path, tmp_path: Path
     code, _, err = run(["export", str(ckpt), "-o", str(tmp_path / "m.pt2"), "--format", "pt2", "--input-shape",
                         "1x28x28"], capsys)  # fmt: skip
     assert code == 0, err
+
+
+def test_the_package_imports_its_public_names_on_first_use() -> None:
+    code = (
+        "import sys\nimport sparsewrap as sw\nprint('torch' in sys.modules)\n"
+        "import sparsewrap.export\n"  # the submodule of the same name must not replace the function
+        "print(callable(sw.export), sw.export is sys.modules['sparsewrap.export'].export, sw.fit.__module__)\n"
+        "print(hasattr(sw, 'no_such_name'), sorted(set(sw.__all__) - set(dir(sw))))"
+    )
+    done = run_python(code)
+    assert done.stdout.split("\n")[:3] == ["False", "True True sparsewrap.loop", "False []"], done.stderr
