@@ -6,26 +6,80 @@ Quick start::
     sp = sw.sparsify(model, method="magnitude", target=0.7)
     ...  # train with sp.param_groups(), sp.penalty(), sp.step()
     plain = sw.export(model)
+
+The public names below are imported on first use (PEP 562), so that ``import sparsewrap`` and the command
+line's ``--help`` do not import torch.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .checkpoint import load, save  # noqa: E402
-from .controller import Sparsifier, sparsify  # noqa: E402
-from .errors import (  # noqa: E402
-    CheckpointError,
-    ConfigError,
-    NoTargetsError,
-    SparsewrapError,
-    TraceError,
-    UnknownNameError,
-)
-from .export import export, save_plain  # noqa: E402
-from .loop import fit as fit  # noqa: E402  (re-exported: sw.fit)
-from .methods import Method, list_methods, register_method  # noqa: E402
-from .purge.io import load_purged  # noqa: E402
-from .recipe import ModelRecipe, create_model  # noqa: E402
-from .trust import register_factory  # noqa: E402
+# public name -> the module that defines it
+_EXPORTS = {
+    "load": "checkpoint", "save": "checkpoint",
+    "Sparsifier": "controller", "sparsify": "controller",
+    "CheckpointError": "errors", "ConfigError": "errors", "NoTargetsError": "errors", "SparsewrapError": "errors",
+    "TraceError": "errors", "UnknownNameError": "errors",
+    "export": "export", "save_plain": "export",
+    "fit": "loop",
+    "Method": "methods", "list_methods": "methods", "register_method": "methods",
+    "load_purged": "purge.io",
+    "ModelRecipe": "recipe", "create_model": "recipe",
+    "register_factory": "trust",
+}  # fmt: skip
+
+if TYPE_CHECKING:
+    from .checkpoint import load, save
+    from .controller import Sparsifier, sparsify
+    from .errors import CheckpointError, ConfigError, NoTargetsError, SparsewrapError, TraceError, UnknownNameError
+    from .export import export, save_plain
+    from .loop import fit as fit
+    from .methods import Method, list_methods, register_method
+    from .purge.io import load_purged
+    from .recipe import ModelRecipe, create_model
+    from .trust import register_factory
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name (or a submodule, as ``sparsewrap.purge``) on first access."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """The package's module type: ``sparsewrap.export`` stays the function when its submodule is imported.
+
+    The import system sets ``sparsewrap.<sub>`` to each submodule it loads; for a public name that is also the
+    name of its submodule (``export``), that would replace the function by the module.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "sparsify",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ from .inputs import InputRecord, watch_first_input
 from .methods import Method, get_method, make_config
 from .parametrizations import wrapped_tensors
 from .report import LayerReport, Report, count_nonzero
-from .targets import Patterns, select_targets
+from .targets import Patterns, check_model, select_targets
 from .tracing import analyse
 
 CONTROLLER_ATTR = "_sparsewrap_controller"
@@ -47,12 +48,17 @@ class Spec:
     layers: list[str] = field(default_factory=list)  # the resolved targets, so a reload picks the same ones
 
 
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+def _check_fraction(name: str, value: Any, zeroed: bool = True) -> float:
+    """``value`` as a float in (0, 1): a fraction of targeted weights that are zero (``zeroed``) or kept."""
+    meaning = f"the fraction of targeted weights that are {'zeroed' if zeroed else 'kept'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = f"{name}=float(...)" if isinstance(value, Tensor) else f"{name}=0.7"
         raise ConfigError(
-            f"{name}={value!r} is outside (0, 1); {name} is the fraction of targeted weights that are "
-            f"{'zero' if name == 'target' else 'kept'}, e.g. {name}=0.7"
+            f"{name}={value!r} is a {type(value).__name__}, not a number; {name} is {meaning}, a float in (0, 1): "
+            f"give e.g. {hint}"
         )
+    if not 0.0 < float(value) < 1.0:
+        raise ConfigError(f"{name}={value!r} is outside (0, 1); {name} is {meaning}, e.g. {name}=0.7")
     return float(value)
 
 
@@ -60,20 +66,22 @@ def resolve_target(target: Any, density: Any) -> float | dict[str, float] | None
     """Turn ``target=`` (sparsity) or ``density=`` into a sparsity, float or ``{pattern: sparsity}``.
 
     Raises:
-        ConfigError: if both are given or a value is outside (0, 1).
+        ConfigError: if both are given, a value is not a real number (a string, a bool, a tensor) or a value is
+            outside (0, 1).
     """
     if target is not None and density is not None:
         raise ConfigError(f"give target= (sparsity) or density= (1 - sparsity), not both (got {target}, {density})")
     if target is None and density is None:
         return None
     name, value = ("target", target) if target is not None else ("density", density)
+    zeroed = name == "target"
     if isinstance(value, dict):
         if not value:
             raise ConfigError(f"{name}= is an empty dict; give {{layer pattern: fraction}}")
-        out = {str(k): _check_fraction(f"{name}[{k!r}]", v) for k, v in value.items()}
-        return out if name == "target" else {k: 1.0 - v for k, v in out.items()}
-    frac = _check_fraction(name, value)
-    return frac if name == "target" else 1.0 - frac
+        out = {str(k): _check_fraction(f"{name}[{k!r}]", v, zeroed) for k, v in value.items()}
+        return out if zeroed else {k: 1.0 - v for k, v in out.items()}
+    frac = _check_fraction(name, value, zeroed)
+    return frac if zeroed else 1.0 - frac
 
 
 class Sparsifier:
@@ -215,6 +223,7 @@ def sparsify(model: nn.Module, method: str, target: Any = None, density: Any = N
     config = make_config(cls, options)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     if any(True for _ in wrapped_tensors(model)):
         raise ConfigError(
             f"{type(model).__name__} is already sparsified; export it first (sparsewrap.export) or start from a "

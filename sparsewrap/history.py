@@ -47,6 +47,11 @@ class EpochRecord:
     lr: float
     seconds: float
 
+    @property
+    def task_loss(self) -> float:
+        """Mean task loss over the epoch's steps (``train_loss`` without the penalty)."""
+        return self.train_loss - self.penalty
+
 
 @dataclass
 class History:
@@ -91,10 +96,11 @@ class LoopState:
         batch: batches done in this epoch.
         batches: batches per epoch (``None`` if the loader has no length).
         step: optimizer steps done in the whole run.
-        loss: loss of the last step (averaged over ranks).
+        loss: loss of the last step, task + penalty (averaged over ranks).
         sparsifier: the controller (``None`` for a plain model); callbacks may read ``sparsity()`` from it.
         history: the run's history so far.
         stop: set it to True in a callback to save a checkpoint and stop after the current step.
+        penalty: the penalty part of ``loss`` (the task loss is ``loss - penalty``).
     """
 
     epoch: int
@@ -106,6 +112,7 @@ class LoopState:
     sparsifier: Sparsifier | None
     history: History
     stop: bool = False
+    penalty: float = 0.0
 
 
 class Callback:

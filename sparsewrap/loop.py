@@ -237,7 +237,7 @@ def _train_epoch(run: _Run, loader: Iterable, stop: StopSignal) -> bool:
         state.step += 1
         if run.ctx is not None:
             loss, penalty = (v / run.ctx.world_size for v in distributed.all_reduce_sum([loss, penalty]))
-        state.loss = loss
+        state.loss, state.penalty = loss, penalty
         state.history.losses.append(loss)
         state.history.penalties.append(penalty)
         if run.main:

@@ -8,10 +8,11 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .errors import NoTargetsError
+from .errors import ConfigError, NoTargetsError
 from .tracing import SPARSIFIABLE, ModelGraph
 
 Pattern = str | Callable[[str, nn.Module], bool]
@@ -55,9 +56,29 @@ def _matcher(pattern: Pattern) -> Callable[[str, nn.Module], bool]:
     if not isinstance(pattern, str):
         raise NoTargetsError(f"pattern {pattern!r} must be a glob string, 're:<regex>', or a callable(name, module)")
     if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
+        try:
+            regex = re.compile(pattern[3:])
+        except re.error as exc:
+            raise NoTargetsError(
+                f"pattern {pattern!r} is not a valid regular expression ({exc}); fix the regex after 're:', or give "
+                "a glob such as 'layer1.*'"
+            ) from None
         return lambda name, _m: regex.fullmatch(name) is not None
     return lambda name, _m: fnmatch.fnmatchcase(name, pattern)
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse models whose layers sparsewrap cannot wrap.
+
+    Raises:
+        ConfigError: for a TorchScript module (``torch.jit.script``/``trace``): its layers are compiled code.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.ScriptModule): its layers are compiled and "
+            "cannot be wrapped; sparsify the original nn.Module, then script the exported model "
+            "(torch.jit.script(sw.export(sp)))"
+        )
 
 
 def _as_list(patterns: Patterns) -> list[Pattern]:
@@ -107,8 +128,11 @@ def select_targets(
     several modules (weight tying) is skipped with a warning rather than masked on one side only.
 
     Raises:
-        NoTargetsError: if a pattern matches nothing, or nothing is left to sparsify.
+        NoTargetsError: if a pattern is not a valid regular expression or matches nothing, or nothing is left
+            to sparsify.
+        ConfigError: for a TorchScript module.
     """
+    check_model(model)
     modules = dict(model.named_modules())
     ordered = [n for n in graph.order if n in modules] + [n for n in modules if n not in set(graph.order)]
     candidates = [n for n in ordered if n and isinstance(modules[n], SPARSIFIABLE)]

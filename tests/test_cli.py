@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,100 @@ def test_python_dash_m_sparsewrap_help() -> None:
     assert done.returncode == 0, done.stderr
     for command in ("methods", "report", "export", "--debug"):
         assert command in done.stdout
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (this checkout first on the path, as the tests run)."""
+    full_env = {**os.environ, "COLUMNS": "200", **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected_code", "shown"),
+    [
+        (["--help"], 0, "train"),
+        (["--version"], 0, f"sparsewrap {sw.__version__}"),
+        (["train", "--no-such-option"], 2, "No such option: --no-such-option"),
+        (["train", "--model", "m:f", "--out", "o", "--limit", "0"], 2, "0 uses no training examples"),
+        (["export"], 2, "Missing argument 'checkpoint'"),
+    ],
+)
+def test_help_version_and_argument_errors_do_not_import_torch(argv, expected_code: int, shown: str) -> None:
+    code = (
+        "import sys\nfrom sparsewrap.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    status = e.code\n"
+        "print('torch imported:', 'torch' in sys.modules, 'timm imported:', 'timm' in sys.modules, 'exit', status)"
+    )
+    done = run_python(code)
+    assert f"torch imported: False timm imported: False exit {expected_code}" in done.stdout, done.stderr
+    assert squeeze(shown) in squeeze(done.stdout + done.stderr), done.stdout + done.stderr
+
+
+def test_version_is_the_package_version(capsys) -> None:
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip() == f"sparsewrap {sw.__version__}"
+
+
+def test_shell_completion_is_on(capsys) -> None:
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and "--install-completion" in out and "--show-completion" in out
+    done = run_python("from sparsewrap.cli import main\nmain()", _SPARSEWRAP_COMPLETE="complete_bash",
+                      COMP_WORDS="sparsewrap train --optimizer a", COMP_CWORD="3")  # fmt: skip
+    assert done.returncode == 0 and done.stdout.split() == ["adam", "adamw"], done.stderr
+
+
+def test_train_help_lists_the_registered_methods(capsys) -> None:
+    code, out, _ = run(["train", "--help"], capsys)
+    assert code == 0
+    assert squeeze(f"One of: {', '.join(sw.list_methods())}") in squeeze(out).replace("│", "")
+
+
+def test_methods_shows_each_options_type_choices_and_default(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(cli.console, "width", 200)
+    code, out, _ = run(["methods"], capsys)
+    assert code == 0
+    for line in ("schedule: oneshot|cubic|exponential = oneshot", "start: int = 0", "every: int = 1",
+                 "allocation: global|uniform|erk = global", "granularity: weight|channel = weight",
+                 "budget: params|macs = params", "dual_lr: float = 0.05", "input_shape: list[int] | null = null",
+                 "dual_restarts: bool = true", "gate_lr: float | null = "):  # fmt: skip
+        assert line in out, line
+
+
+def test_a_bare_error_class_name_is_qualified_by_its_module() -> None:
+    assert cli.error_name(re.error("bad")) == "re.error"
+    assert cli.error_name(sw.ConfigError("bad")) == "ConfigError"
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ("3,224,224", "3,224,224 does not fit the model (RuntimeError: Given groups=1, weight of size [20, 1, 5, 5]"),
+        ("3,224,224", "its first layer 'conv1' (Conv2d) takes 1 input channel(s), channels first: give e.g. "
+                      "--input-shape 1,224,224"),
+        ("1,28,28,,", "'1,28,28,,' is not a shape"),
+        ("1,,28,28", "'1,,28,28' is not a shape"),
+    ],
+)  # fmt: skip
+def test_an_input_shape_that_does_not_fit_is_a_one_line_usage_error(ckpt: Path, tmp_path: Path, capsys, shape: str,
+                                                                   message: str) -> None:  # fmt: skip
+    target = tmp_path / "m.pt2"
+    code, _, err = run(["export", str(ckpt), "-o", str(target), "--format", "pt2", "--input-shape", shape], capsys)
+    assert code == 2 and squeeze(message) in squeeze(err), err
+    assert "Traceback" not in err and not target.exists()
+
+
+def test_an_input_shape_with_x_separators_still_works(ckpt: Path, tmp_path: Path, capsys) -> None:
+    code, _, err = run(["export", str(ckpt), "-o", str(tmp_path / "m.pt2"), "--format", "pt2", "--input-shape",
+                        "1x28x28"], capsys)  # fmt: skip
+    assert code == 0, err
+
+
+def test_the_package_imports_its_public_names_on_first_use() -> None:
+    code = (
+        "import sys\nimport sparsewrap as sw\nprint('torch' in sys.modules)\n"
+        "import sparsewrap.export\n"  # the submodule of the same name must not replace the function
+        "print(callable(sw.export), sw.export is sys.modules['sparsewrap.export'].export, sw.fit.__module__)\n"
+        "print(hasattr(sw, 'no_such_name'), sorted(set(sw.__all__) - set(dir(sw))))"
+    )
+    done = run_python(code)
+    assert done.stdout.split("\n")[:3] == ["False", "True True sparsewrap.loop", "False []"], done.stderr

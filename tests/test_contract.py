@@ -317,7 +317,7 @@ def test_param_groups_take_overrides_and_refuse_unknown_groups(row_id: str) -> N
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(target=True), r"target=True is outside \(0, 1\)"),
+        (dict(target=True), r"target=True is a bool, not a number"),
         (dict(target=float("nan")), r"target=nan is outside \(0, 1\)"),
         (dict(target=0), r"target=0 is outside \(0, 1\)"),
         (

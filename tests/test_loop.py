@@ -252,3 +252,26 @@ def test_rng_state_round_trips_through_json():
     rng.set_state(state, [gen])
     again = (torch.rand(3), random.random(), np.random.rand(), torch.rand(2, generator=gen))
     assert torch.equal(first[0], again[0]) and first[1:3] == again[1:3] and torch.equal(first[3], again[3])
+
+
+def test_callbacks_see_the_task_loss_and_the_penalty_apart(mnist):
+    """The step's penalty reaches callbacks (the CLI shows task loss and penalty apart); the epoch record's task
+    loss is the mean of the steps' losses without their penalties."""
+    torch.manual_seed(0)
+    sp = sw.sparsify(DropMLP(), "l0", lmbda=0.5)  # penalized mode: the penalty is lmbda * E[density] > 0
+
+    class Seen(Callback):
+        def __init__(self) -> None:
+            self.steps: list[tuple[float, float]] = []
+
+        def on_step_end(self, state) -> None:
+            self.steps.append((state.loss, state.penalty))
+
+    seen = Seen()
+    history = sw.fit(sp, loaders(mnist)[0], epochs=1, callback=seen, seed=0)
+    assert seen.steps == list(zip(history.losses, history.penalties))
+    assert all(0 < p < loss for loss, p in seen.steps)  # the penalty is part of the loss, not all of it
+    record = history.last
+    expected = sum(loss - p for loss, p in seen.steps) / len(seen.steps)
+    assert record.task_loss == pytest.approx(expected, rel=1e-9)
+    assert record.penalty == pytest.approx(sum(p for _, p in seen.steps) / len(seen.steps), rel=1e-9)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 from torch import nn
 
 import sparsewrap as sw
-from sparsewrap.errors import NoTargetsError
+from sparsewrap.errors import ConfigError, NoTargetsError
 from sparsewrap.targets import Target, select_targets
 from sparsewrap.tracing import analyse
 
@@ -125,3 +126,56 @@ def test_target_properties_before_and_after_wrapping() -> None:
     assert t.original is weight  # the Parameter object survives wrapping (optimizers keep working)
     assert t.original is conv.parametrizations.weight.original
     assert Target("l", nn.Linear(2, 3)).kind == "linear"
+
+
+@pytest.mark.parametrize(
+    ("target", "shown", "kind", "fix"),
+    [
+        ("0.5", "'0.5'", "str", "target=0.7"),
+        (True, "True", "bool", "target=0.7"),
+        (torch.tensor(0.5), "tensor(0.5000)", "Tensor", "target=float(...)"),
+    ],
+)
+def test_a_target_of_the_wrong_type_is_a_type_error_not_a_range_error(target, shown, kind, fix) -> None:
+    model = ConvBN()
+    with pytest.raises(ConfigError) as info:
+        sw.sparsify(model, "magnitude", target=target)
+    message = str(info.value)
+    assert message.startswith(f"target={shown} is a {kind}, not a number;") and f"give e.g. {fix}" in message
+    assert "outside" not in message and "\n" not in message
+
+
+def test_numpy_and_integer_like_reals_are_accepted_as_targets() -> None:
+    np = pytest.importorskip("numpy")
+    sp = sw.sparsify(ConvBN(), "magnitude", target=np.float32(0.5))
+    assert sp.spec.target == 0.5 and isinstance(sp.spec.target, float)
+
+
+def test_a_dict_target_says_the_fraction_is_zeroed_and_a_dict_density_kept() -> None:
+    with pytest.raises(ConfigError, match=r"^target\['conv1'\]=1.5 is outside \(0, 1\); target\['conv1'\] is the "
+                       r"fraction of targeted weights that are zeroed"):  # fmt: skip
+        sw.sparsify(ConvBN(), "l0", target={"conv1": 1.5})
+    with pytest.raises(ConfigError, match=r"density\['conv1'\] is the fraction of targeted weights that are kept"):
+        sw.sparsify(ConvBN(), "l0", density={"conv1": 1.5})
+
+
+@pytest.mark.parametrize("where", ["include", "exclude"])
+def test_an_invalid_regex_is_a_one_line_config_error(where: str) -> None:
+    with pytest.raises(NoTargetsError) as info:
+        sw.sparsify(ConvBN(), "magnitude", target=0.5, **{where: "re:[bad"})
+    assert isinstance(info.value, ConfigError)
+    assert str(info.value) == (
+        "pattern 're:[bad' is not a valid regular expression (unterminated character set at position 0); fix the "
+        "regex after 're:', or give a glob such as 'layer1.*'"
+    )
+
+
+def test_a_torchscript_module_is_refused_with_the_way_forward() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated in recent torch
+        scripted = torch.jit.script(ConvBN())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before any tracing warning
+        with pytest.raises(ConfigError, match=r"is a TorchScript module \(torch.jit.ScriptModule\).*sparsify the "
+                           r"original nn.Module, then script the exported model"):  # fmt: skip
+            sw.sparsify(scripted, "magnitude", target=0.5)

@@ -40,6 +40,8 @@ def test_train_export_purge_load_evaluate(capsys, tmp_path, method):
     assert code == 0, err
     ckpt = tmp_path / "run" / "last.safetensors"
     assert "epoch 2/2" in out and f"sparsewrap export {ckpt} --purge" in out
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all(len(line) < 120 for line in epochs), epochs
     assert (tmp_path / "run" / "history.json").is_file()
 
     code, out, err = run(capsys, "export", ckpt, "--purge", "--no-timing", "-o", tmp_path / "small.safetensors")
@@ -159,3 +161,108 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path):
 def test_help_lists_train_and_demo(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "train" in out and "demo" in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--limit", "0"], "Invalid value for --limit: 0 uses no training examples; give a positive number of training "
+                           "examples, or leave --limit out to use them all"),
+        (["--val-limit", "0"], "--val-limit out to use them all"),
+        (["--epochs", "0"], "Invalid value for --epochs: 0 uses no epochs; give a positive number of epochs"),
+        (["--batch-size", "0"], "Invalid value for --batch-size: 0 uses no examples per batch"),
+        (["--lr", "-1"], "Invalid value for --lr: -1.0 must be a finite number >= 0, e.g. --lr 1e-3"),
+        (["--lr", "nan"], "Invalid value for --lr: nan must be a finite number >= 0"),
+        (["--weight-decay", "-0.1"], "Invalid value for --weight-decay: -0.1 must be a finite number >= 0"),
+        (["--group-lr", "gates=abc"], "Invalid value for --group-lr: gates='abc': the learning rate must be a finite "
+                                      "number >= 0, e.g. --group-lr gates=0.1"),
+        (["--optimizer", "rmsprop"], "'rmsprop' is not one of 'adam', 'adamw', 'sgd'"),
+        (["--lr-schedule", "step"], "'step' is not one of 'constant', 'cosine'"),
+        (["-O", "start=abc"], "Invalid value for --option: start='abc' is not a valid int for method 'magnitude' "
+                              "(default 0); give e.g. -O start=0"),
+        (["-O", "granularity=row"], "granularity='row' is unknown; valid: 'channel', 'weight'"),
+        (["--include", "re:[bad"], "Invalid value for --include: 're:[bad' is not a valid regular expression "
+                                   "(unterminated character set at position 0)"),
+        (["--target", "1.5"], "target=1.5 is outside (0, 1)"),
+    ],
+)  # fmt: skip
+def test_cheap_arguments_fail_before_any_data_is_loaded(capsys, tmp_path, monkeypatch, args, message):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before the arguments were checked")
+
+    monkeypatch.setattr(swdata, "build_data", no_data)
+    argv = ["train", "--model", "sparsewrap.models:lenet5", "--method", "magnitude", "--target", "0.9", "--out",
+            tmp_path / "run", *args]  # fmt: skip
+    code, out, err = run(capsys, *argv)
+    assert code in (1, 2) and message in err, err
+    assert "error: error:" not in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing created either
+
+
+def read_only_out(tmp_path):
+    """A run directory nobody may write: a path under /proc (even root cannot create files there)."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc")
+    return "/proc/sparsewrap-run"
+
+
+@pytest.mark.parametrize("where", ["proc", "chmod", "file"])
+def test_an_unwritable_out_fails_fast(capsys, tmp_path, monkeypatch, where):
+    monkeypatch.setattr(swdata, "build_data", lambda *a, **k: pytest.fail("data loaded before --out was checked"))
+    if where == "proc":
+        out, reason = read_only_out(tmp_path), "is not writable"
+    elif where == "chmod":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        out, reason = tmp_path / "locked", "is not writable"
+        out.mkdir()
+        out.chmod(0o555)
+    else:
+        (tmp_path / "file").write_text("x")
+        out, reason = tmp_path / "file" / "run", "cannot be created"
+    started = time.monotonic()
+    code, _, err = run(capsys, *TRAIN, "--out", out)
+    assert code == 2 and "Invalid value for --out" in err and reason in err, err
+    assert time.monotonic() - started < 30
+
+
+def test_the_hint_after_training_depends_on_the_granularity():
+    from pathlib import Path
+
+    from sparsewrap.cli.train import next_hint
+
+    ckpt = Path("runs/r/last.safetensors")
+    assert next_hint(ckpt, {"granularity": "channel"}) == f"next: sparsewrap export {ckpt} --purge"
+    for options in ({"granularity": "weight"}, {}):
+        hint = next_hint(ckpt, options)
+        assert hint.startswith(f"next: sparsewrap export {ckpt}   (") and f"{ckpt} --purge" not in hint
+        assert "-O granularity=channel" in hint
+
+
+def test_the_epoch_line_shows_task_loss_and_penalty_apart_under_120_characters():
+    from sparsewrap.cli.train import epoch_line
+    from sparsewrap.history import EpochRecord
+
+    method = {"expected density": 0.1023, "deterministic density": 0.0998, "requested density": 0.1,
+              "multiplier": 12.5, "projection error": 0.003, "a very long figure name indeed": 1.0}  # fmt: skip
+    record = EpochRecord(epoch=10, step=4690, train_loss=2.55, penalty=0.67, train_accuracy=0.9, val_loss=0.3,
+                         val_accuracy=0.9612, requested=0.9, achieved=0.8712, exported=0.9, method=method, lr=1e-3,
+                         seconds=1234.5)  # fmt: skip
+    line = epoch_line(record, 10)
+    assert len(line) < 120, line
+    # the method's figures are added in order while the line stays under 120: here only the multiplier fits
+    assert line == ("epoch 10/10  loss 1.8800 + penalty 0.6700  val acc 0.9612  sparsity 0.8712 (export 0.9000)  "
+                    "multiplier 12.5  1234.5 s")  # fmt: skip
+    record.exported, record.seconds = record.achieved, 12.3
+    assert epoch_line(record, 10) == ("epoch 10/10  loss 1.8800 + penalty 0.6700  val acc 0.9612  sparsity 0.8712  "
+                                      "expected density 0.102  12.3 s")  # fmt: skip
+    same = epoch_line(EpochRecord(1, 10, 0.5, 0.0, None, None, None, 0.5, 0.5, 0.5, {}, 1e-3, 2.0), 3)
+    assert same == "epoch 1/3  loss 0.5000  sparsity 0.5000  2.0 s"
+
+
+def test_the_choices_of_optimizer_and_schedule_are_the_loops():
+    from sparsewrap.cli.train import LRSchedule, Optimizer
+    from sparsewrap.loop import LR_SCHEDULES, OPTIMIZERS
+
+    assert tuple(o.value for o in Optimizer) == OPTIMIZERS
+    assert tuple(s.value for s in LRSchedule) == LR_SCHEDULES

@@ -1,4 +1,8 @@
-"""The ``sparsewrap`` command line (typer + rich). Each command group lives in its own module."""
+"""The ``sparsewrap`` command line (typer + rich). Each command group lives in its own module.
+
+Nothing here imports torch or timm at module level (each command imports what it needs when it runs), so
+``--help``, ``--version``, shell completion and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ app = typer.Typer(
     name="sparsewrap",
     help="Make any PyTorch model sparse with published methods, then export a plain, compact model.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console()
@@ -26,14 +29,36 @@ err_console = Console(stderr=True)
 _state = {"debug": False}
 
 
+def show_version(value: bool) -> None:
+    """Print ``sparsewrap <version>`` and exit (the eager ``--version`` option)."""
+    if value:
+        from .. import __version__
+
+        console.print(f"sparsewrap {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=show_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
     _state["debug"] = debug
 
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= 600 else text[:597] + "..."
+
+
+def error_name(exc: BaseException) -> str:
+    """The exception's class name, qualified by its module when the bare name says nothing (``re.error``)."""
+    name = type(exc).__qualname__
+    if name.lower() in ("error", "exception"):
+        return f"{type(exc).__module__}.{name}"
+    return name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         if _state["debug"]:
             traceback.print_exc()
         else:
-            message = f"[bold red]error:[/] {type(exc).__name__}: {escape(_one_line(exc))}"
+            message = f"[bold red]error:[/] {error_name(exc)}: {escape(_one_line(exc))}"
             err_console.print(message, highlight=False, soft_wrap=True)
             err_console.print("(run with --debug for the traceback)", style="dim")
         sys.exit(1)

@@ -25,19 +25,19 @@ SUFFIX = {"safetensors": ".safetensors", "pt2": ".pt2", "onnx": ".onnx"}
 
 
 def parse_shape(text: str | None) -> list[int] | None:
-    """``"3,224,224"`` → ``[3, 224, 224]``.
+    """``"3,224,224"`` (or ``3x224x224``) → ``[3, 224, 224]``.
 
     Raises:
-        typer.BadParameter: on anything but comma-separated positive integers.
+        typer.BadParameter: on anything but positive integers separated by single commas (or ``x``).
     """
     if text is None:
         return None
-    try:
-        shape = [int(s) for s in text.replace("x", ",").split(",") if s.strip()]
-    except ValueError:
-        shape = []
-    if not shape or any(s <= 0 for s in shape):
-        raise typer.BadParameter(f"{text!r} is not a shape; give one input without the batch dim, e.g. 3,224,224")
+    parts = [s.strip() for s in text.replace("x", ",").split(",")]
+    shape = [int(s) for s in parts if s.isdigit()]
+    if len(shape) != len(parts) or not shape or any(s <= 0 for s in shape):
+        raise typer.BadParameter(
+            f"{text!r} is not a shape; give one input without the batch dim, e.g. 3,224,224", param_hint="--input-shape"
+        )
     return shape
 
 
@@ -76,6 +76,46 @@ def check_output(checkpoint: Path, out: Path, fmt: str, force: bool) -> None:
         raise typer.BadParameter(
             f"{str(out)!r} already exists; add --force to replace it, or give another -o", param_hint="--output"
         )
+
+
+def check_input_shape(model, shape: list[int]) -> None:
+    """Run ``model`` (eval mode, no grad) once on a batch of ``shape``, so that an ``--input-shape`` that does not
+    fit fails here in one line naming what the first layer takes, not deep inside an export.
+
+    Raises:
+        typer.BadParameter: naming the shape, the model's error and its first layer's input size.
+    """
+    import torch
+    from torch import nn
+
+    from ..purge.io import example_batch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_batch(shape, model))
+    except Exception as exc:  # any failure of the forward is the shape's fault here: the model itself loaded
+        layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+        name, first = next(((n, m) for n, m in model.named_modules() if isinstance(m, layers)), (None, None))
+        takes = ""
+        if isinstance(first, nn.Linear):
+            takes = f"; its first layer {name!r} (Linear) takes {first.in_features} features"
+        elif first is not None:
+            kind, dims = next(t.__name__ for t in layers if isinstance(first, t)), len(first.kernel_size)
+            spatial = shape[1:] if len(shape) == dims + 1 else [32] * dims
+            example = ",".join(map(str, [first.in_channels, *spatial]))
+            takes = (
+                f"; its first layer {name!r} ({kind}) takes {first.in_channels} input channel(s), channels first: "
+                f"give e.g. --input-shape {example}"
+            )
+        detail = " ".join(str(exc).split())[:200]
+        raise typer.BadParameter(
+            f"{','.join(map(str, shape))} does not fit the model ({type(exc).__name__}: {detail}){takes}",
+            param_hint="--input-shape",
+        ) from None
+    finally:
+        model.train(was_training)
 
 
 def _write(model, path: Path, fmt: str, shape: list[int] | None, purged: bool) -> Path:
@@ -157,6 +197,8 @@ def export_cmd(
     out = output or checkpoint.with_name(f"{checkpoint.stem}.{kind}{SUFFIX[fmt]}")
     check_output(checkpoint, out, fmt, force)
     sp = load(checkpoint, trust_factory=trust_factory)
+    if shape is not None:
+        check_input_shape(sp.model, shape)
     if shape is None:
         recipe = recipe_for(sp.model)
         shape = recipe.default_input_shape() if recipe else None

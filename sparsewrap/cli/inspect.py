@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import app, console
@@ -14,18 +15,17 @@ TRUST_HELP = "Import and call the model factory the file names (only for files y
 
 @app.command("methods")
 def methods_cmd() -> None:
-    """List the registered sparsification methods."""
+    """List the registered sparsification methods and their options (type or choices, and default)."""
     from ..methods import get_method, list_methods
+    from .options import option_infos
 
-    table = Table(title="sparsewrap methods")
+    table = Table(title="sparsewrap methods (options: -O KEY=VALUE, or sparsify(..., KEY=VALUE))")
     table.add_column("method", style="bold cyan")
     table.add_column("description")
-    table.add_column("options", style="dim")
-    import dataclasses
-
+    table.add_column("options: type or choices = default")
     for name, desc in list_methods().items():
-        fields = ", ".join(f.name for f in dataclasses.fields(get_method(name).Config))
-        table.add_row(name, desc, fields)
+        options = "\n".join(escape(info.describe()) for info in option_infos(get_method(name).Config))
+        table.add_row(name, desc, options or "(none)")
     console.print(table)
 
 

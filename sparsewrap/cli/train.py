@@ -6,6 +6,7 @@ prints and writes.
 
 from __future__ import annotations
 
+import enum
 import importlib
 import inspect
 import json
@@ -16,9 +17,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer.core import TyperCommand
 
 from ..history import Callback, EpochRecord, LoopState
 from . import app, console
+from .checks import check_count, check_number, check_out_dir, check_patterns, group_rates
 
 
 class RichProgress(Callback):
@@ -53,7 +56,8 @@ class RichProgress(Callback):
         now = time.monotonic()
         if state.sparsifier is not None and (now - self._last >= self.refresh or state.batch == state.batches):
             self._sparsity, self._last = state.sparsifier.sparsity(), now
-        info = f"loss {state.loss:.4f}" + ("" if self._sparsity is None else f"  sparsity {self._sparsity:.4f}")
+        info = f"loss {state.loss - state.penalty:.4f}" + (f" + penalty {state.penalty:.4f}" if state.penalty else "")
+        info += "" if self._sparsity is None else f"  sparsity {self._sparsity:.4f}"
         self.progress.update(self._steps, completed=state.batch, info=info)
 
     def on_epoch_end(self, state: LoopState, record: EpochRecord) -> None:
@@ -68,18 +72,32 @@ class RichProgress(Callback):
         self.progress.stop()
 
 
+LINE_WIDTH = 119  # the epoch line stays under 120 characters
+
+
 def epoch_line(record: EpochRecord, epochs: int) -> str:
-    """One line summing up an epoch."""
-    parts = [f"epoch {record.epoch}/{epochs}", f"loss {record.train_loss:.4f}"]
+    """One line (under 120 characters) summing up an epoch.
+
+    ``loss`` is the task loss; the method's penalty (the Lagrangian term of ``l0``) follows as ``+ penalty``, so
+    a growing multiplier never reads as a growing loss. The exported sparsity is shown when it differs from
+    the current one; the method's own figures are added in order while they fit.
+    """
+    loss = f"loss {record.task_loss:.4f}" + (f" + penalty {record.penalty:.4f}" if record.penalty else "")
+    parts = [f"epoch {record.epoch}/{epochs}", loss]
     if record.val_accuracy is not None:
         parts.append(f"val acc {record.val_accuracy:.4f}")
     elif record.val_loss is not None:
         parts.append(f"val loss {record.val_loss:.4f}")
     if record.achieved is not None:
-        parts.append(f"sparsity {record.achieved:.4f} (at export {record.exported:.4f})")
-    parts += [f"{k} {v:.4g}" for k, v in record.method.items()]
-    parts.append(f"{record.seconds:.1f} s")
-    return "  ".join(parts)
+        exported = record.exported if record.exported is not None else record.achieved
+        same = f"{exported:.4f}" == f"{record.achieved:.4f}"
+        parts.append(f"sparsity {record.achieved:.4f}" + ("" if same else f" (export {exported:.4f})"))
+    tail = f"{record.seconds:.1f} s"
+    for key, value in record.method.items():
+        extra = f"{key} {value:.3g}"
+        if len("  ".join([*parts, extra, tail])) <= LINE_WIDTH:
+            parts.append(extra)
+    return "  ".join([*parts, tail])
 
 
 def parse_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
@@ -128,7 +146,49 @@ def model_recipe(spec: str, num_classes: int, input_shape: tuple[int, ...], kwar
     return ModelRecipe(recipe.source, recipe.name, {**fitted, **kwargs}, list(input_shape))
 
 
-@app.command("train")
+class Optimizer(str, enum.Enum):  # noqa: UP042  (enum.StrEnum needs Python 3.11)
+    """``--optimizer`` choices (``sparsewrap.loop.OPTIMIZERS``, kept here so that no torch import is needed)."""
+
+    adam = "adam"
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class LRSchedule(str, enum.Enum):  # noqa: UP042
+    """``--lr-schedule`` choices (``sparsewrap.loop.LR_SCHEDULES``)."""
+
+    constant = "constant"
+    cosine = "cosine"
+
+
+def method_help() -> str:
+    """``--method``'s help: the registered methods (imports the registry, hence torch: only when help is shown)."""
+    from ..methods import list_methods
+
+    return f"One of: {', '.join(list_methods())} (`sparsewrap methods` lists their options)."
+
+
+class TrainCommand(TyperCommand):
+    """``train``'s command: the ``--method`` help lists the registered methods, looked up only when shown."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for param in self.params:
+            if param.name == "method":
+                param.help = method_help()
+        super().format_help(ctx, formatter)
+
+
+def next_hint(ckpt: Path, options: dict[str, Any]) -> str:
+    """What to run after training: ``--purge`` only pays when whole channels are zero (``granularity=channel``)."""
+    if options.get("granularity") == "channel":
+        return f"next: sparsewrap export {ckpt} --purge"
+    return (
+        f"next: sparsewrap export {ckpt}   (per-weight sparsity keeps every layer's shape, so --purge has nothing "
+        "to remove; for a smaller, faster model train with -O granularity=channel, then export with --purge)"
+    )
+
+
+@app.command("train", cls=TrainCommand)
 def train_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="timm:<arch> or package.module:factory.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory (checkpoint last.safetensors, history.json).")],
@@ -141,10 +201,10 @@ def train_cmd(
     force: Annotated[bool, typer.Option("--force", help="Overwrite another run's checkpoint in --out.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size (per process under torchrun).")] = 128,
-    optimizer: Annotated[str, typer.Option(help="adam, adamw or sgd.")] = "adam",
+    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer of the weights and method groups.")] = Optimizer.adam,
     lr: Annotated[float, typer.Option(help="Learning rate of the weights.")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="Weight decay of the weights.")] = 0.0,
-    lr_schedule: Annotated[str, typer.Option(help="constant or cosine.")] = "constant",
+    lr_schedule: Annotated[LRSchedule, typer.Option(help="Schedule of the weights' rate.")] = LRSchedule.constant,
     group_lr: Annotated[list[str] | None, typer.Option(help="GROUP=LR for a method group, e.g. gates=0.1.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Method option KEY=VALUE.")] = None,
     model_kw: Annotated[list[str] | None, typer.Option(help="Model keyword KEY=VALUE.")] = None,
@@ -157,20 +217,43 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Sparsify a model while training it; checkpoint every epoch; Ctrl-C saves, --resume continues."""
+    # every cheap argument first: a mistake must not cost a data download or an epoch of training
+    check_count(epochs, "--epochs", "epochs")
+    check_count(batch_size, "--batch-size", "examples per batch")
+    check_count(limit, "--limit", "training examples", "use them all")
+    check_count(val_limit, "--val-limit", "validation examples", "use them all")
+    check_count(image_size, "--image-size", "pixels")
+    if workers < 0:
+        raise typer.BadParameter(
+            f"{workers} is negative; give 0 (load in the main process) or more", param_hint="--workers"
+        )
+    check_number(lr, "--lr", "1e-3")
+    check_number(weight_decay, "--weight-decay", "5e-4")
+    groups = group_rates(parse_pairs(group_lr, "--group-lr"))
+    options = parse_pairs(option, "--option")
+    kwargs = parse_pairs(model_kw, "--model-kw")
+    check_patterns(include, "--include")
+    check_patterns(exclude, "--exclude")
+    check_out_dir(out)
+
     from .. import distributed
-    from ..controller import sparsify
+    from ..controller import resolve_target, sparsify
     from ..data import build_data, make_loaders
     from ..fileio import write_atomic
     from ..loop import fit
     from ..loopstate import CHECKPOINT_NAME, refuse_overwrite
-    from ..methods import get_method
+    from ..methods import get_method, make_config
     from ..recipe import ModelRecipe
     from ..rng import seed_all
     from .inspect import render_report
+    from .options import check_options
 
     check_device(device)
     ModelRecipe.parse(model)  # fail fast on a malformed --model, before loading any data
-    get_method(method)
+    method_cls = get_method(method)
+    check_options(method, method_cls.Config, options)
+    make_config(method_cls, options)  # the method's own checks (choices, ranges) before any data
+    resolve_target(target, density)
     ckpt = out / CHECKPOINT_NAME
     if ckpt.exists() and not resume and not force:
         refuse_overwrite(ckpt)
@@ -180,21 +263,18 @@ def train_cmd(
         show = console if main else Console(quiet=True)
         dev = ctx.device if ctx else (device or ("cuda" if _cuda() else "cpu"))
         train_data = build_data(data, limit, val_limit, image_size)
-        kwargs = parse_pairs(model_kw, "--model-kw")
         recipe = model_recipe(model, train_data.num_classes, train_data.input_shape, kwargs)
         seed_all(seed)
         net = recipe.build(trust_factory=True).to(dev)  # --model is the user's own choice
-        sp = sparsify(net, method, target=target, density=density, include=include, exclude=exclude,
-                      **parse_pairs(option, "--option"))  # fmt: skip
+        sp = sparsify(net, method, target=target, density=density, include=include, exclude=exclude, **options)
         rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
         train, val = make_loaders(train_data, batch_size, workers, seed, rank, world)
-        groups = {k: {"lr": float(v)} for k, v in parse_pairs(group_lr, "--group-lr").items()}
         show.print(f"{recipe.name} on {data} ({len(train_data.train):,} training examples), method {method}, "
                    f"{len(sp.targets)} layers, {world} process(es) on {dev}",
                    highlight=False, soft_wrap=True)  # fmt: skip
-        history = fit(sp, train, val, epochs=epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                      groups=groups, lr_schedule=lr_schedule, out=out, resume=resume, overwrite=force, seed=seed,
-                      callback=RichProgress(show) if main else None)  # fmt: skip
+        history = fit(sp, train, val, epochs=epochs, optimizer=optimizer.value, lr=lr, weight_decay=weight_decay,
+                      groups=groups, lr_schedule=lr_schedule.value, out=out, resume=resume, overwrite=force,
+                      seed=seed, callback=RichProgress(show) if main else None)  # fmt: skip
         if main:
             text = json.dumps(history.to_dict(), indent=1)
             write_atomic(out / "history.json", lambda tmp: tmp.write_text(text))
@@ -204,7 +284,7 @@ def train_cmd(
             show.print(f"stopped ({history.stopped}) in epoch {epoch + 1} after batch {batch}; saved {ckpt}; "
                        "run the same command with --resume to continue", style="yellow", soft_wrap=True)  # fmt: skip
             raise typer.Exit(130)
-        show.print(f"next: sparsewrap export {ckpt} --purge", highlight=False, soft_wrap=True)
+        show.print(next_hint(ckpt, sp.spec.options), highlight=False, soft_wrap=True)
     finally:
         distributed.teardown()
 
