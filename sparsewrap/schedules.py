@@ -44,7 +44,7 @@ def check_steps(value: StepSpec, name: str) -> None:
 
 
 def resolve_steps(value: StepSpec, total_steps: int | None, name: str, method: str) -> int:
-    """The step number a :data:`StepSpec` names: the int itself, or ``round(fraction * total_steps)``.
+    """The step number a :data:`StepSpec` names: the int itself, or ``fraction * total_steps`` rounded half up.
 
     Args:
         value: a step count (int) or a fraction of the run (float in [0, 1]).
@@ -63,7 +63,7 @@ def resolve_steps(value: StepSpec, total_steps: int | None, name: str, method: s
             f"{name}={value!r} is a fraction of the run, but method {method!r} was not told the run's length; "
             f"{START_FIX}, or give {name} as a step count"
         )
-    return round(value * total_steps)
+    return math.floor(value * total_steps + 0.5)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,11 @@ class SparseParametrization(nn.Module):
         """The dense gradient accumulated since :meth:`start_dense_grad` (``None`` outside a capture)."""
         return self.__dict__.get("_dense_grad")
 
+    @property
+    def capturing_dense_grad(self) -> bool:
+        """Whether the dense-gradient hook is registered (only on the steps a method asked for)."""
+        return self.__dict__.get("_dense_hook") is not None
+
     def start_dense_grad(self) -> None:
         """Accumulate the gradient of the effective tensor into :attr:`dense_grad` from now on (idempotent)."""
         if self.__dict__.get("_dense_hook") is None:

@@ -1,0 +1,337 @@
+"""The hooks of the method base that the coming methods build on (docs/methods-api.md), each used by a small
+method written here: the run's length, the optimizer and its state, the dense gradient on chosen steps.
+(A method that wraps nothing is a contract test: tests/test_contract.py.)"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import sparsewrap as sw
+from sparsewrap.errors import ConfigError
+from sparsewrap.methods import reset_optimizer_state, unregister_method
+from sparsewrap.parametrizations import Masked, attach, masked, wrapped_tensors
+from sparsewrap.schedules import Schedule, StepSpec, check_steps, resolve_steps
+
+from .zoo import MLP
+
+
+# -- small methods using the hooks ----------------------------------------------------------------------------------
+@dataclass
+class PhasesConfig:
+    end: StepSpec = 0.5  # the step (or fraction of the run) at which every other weight is pruned
+
+    def __post_init__(self) -> None:
+        check_steps(self.end, "end")
+
+
+class Phases(sw.Method):
+    """Dense until ``end``, then every other weight pruned: a method with a phase laid over the run's length."""
+
+    name = "test-phases"
+    description = "Prunes every other weight at step end (test method)."
+    Config = PhasesConfig
+    needs_target = False
+
+    def attach(self) -> None:
+        self.masks = [attach(t.module, "weight", Masked(t.shape, t.original)) for t in self.targets]
+        self.end_step: int | None = None
+        self.seen: list[int] = []
+
+    def on_start(self) -> None:
+        self.end_step = self.resolve_steps(self.config.end, "end")
+
+    def step(self, t: int) -> None:
+        if self.end_step is None:  # sp.start() was never called: resolving a fraction raises, naming it
+            self.end_step = self.resolve_steps(self.config.end, "end")
+        self.seen.append(t)
+        if t == self.end_step:
+            with torch.no_grad():
+                for m in self.masks:
+                    m.mask.view(-1)[::2] = 0
+
+
+@dataclass
+class EveryConfig:
+    every: int = 3
+
+
+class DenseEvery(sw.Method):
+    """Every other weight pruned; asks for the dense gradient on every ``every``-th step and records it; on those
+    steps it regrows the first pruned weight of each layer at zero and resets its optimizer state (as RigL does)."""
+
+    name = "test-dense-every"
+    description = "Records the dense gradient every few steps (test method)."
+    Config = EveryConfig
+    needs_target = False
+
+    def attach(self) -> None:
+        self.masks = [attach(t.module, "weight", Masked(t.shape, t.original)) for t in self.targets]
+        for m in self.masks:
+            m.mask.view(-1)[::2] = 0
+        self.recorded: dict[int, dict[tuple[str, str], Tensor]] = {}
+
+    def dense_grad_step(self, t: int) -> bool:
+        return t % self.config.every == self.config.every - 1
+
+    def step(self, t: int) -> None:
+        grads = self.dense_grads()
+        assert bool(grads) == self.dense_grad_step(t)  # test code: seen on the asked steps only
+        if grads:
+            self.recorded[t] = {k: v.clone() for k, v in grads.items()}
+            for target, m in zip(self.targets, self.masks):
+                grow = torch.zeros_like(m.mask, dtype=torch.bool)
+                grow.view(-1)[int((m.mask.view(-1) == 0).nonzero()[0])] = True
+                with torch.no_grad():
+                    m.mask[grow] = 1.0
+                self.reset_optimizer_state(target.original, grow)
+
+
+@pytest.fixture(autouse=True)
+def test_methods() -> Iterator[None]:
+    for cls in (Phases, DenseEvery):
+        sw.register_method(cls)
+    yield
+    for cls in (Phases, DenseEvery):
+        unregister_method(cls.name)
+
+
+def _loader(batches: int, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 12, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(batches)]
+
+
+# -- 1. the run's length ----------------------------------------------------------------------------------------------
+def test_fit_tells_the_method_the_run_length_and_the_optimizer() -> None:
+    torch.manual_seed(0)
+    sp = sw.sparsify(MLP(), "test-phases", end=0.5)
+    assert sp.total_steps is None and sp.optimizer is None
+    sw.fit(sp, _loader(4), epochs=3, optimizer="sgd", lr=0.01, handle_signals=False)
+    assert sp.total_steps == 12 and isinstance(sp.optimizer, torch.optim.SGD)
+    assert sp.method.end_step == 6 and sp.method.seen == list(range(12))
+    assert sp.sparsity() == pytest.approx(0.5, abs=0.01)  # pruned at step 6 of 12
+
+
+def test_a_hand_written_loop_passes_the_run_length_once() -> None:
+    sp = sw.sparsify(MLP(), "test-phases", end=0.25)
+    assert sp.start(total_steps=10) is sp
+    assert sp.method.end_step == 3  # 2.5 rounds half up
+    sp.start(total_steps=100)  # a second call (a resumed, longer run) replaces it
+    assert sp.method.end_step == 25
+    counted = sw.sparsify(MLP(), "test-phases", end=4)  # a step count needs no run length
+    counted.start()
+    assert counted.method.end_step == 4 and counted.total_steps is None
+
+
+def test_a_method_that_needs_the_run_length_and_was_not_given_it_names_the_fix() -> None:
+    sp = sw.sparsify(MLP(), "test-phases", end=0.75)
+    with pytest.raises(ConfigError, match=r"end=0.75 is a fraction of the run, but method 'test-phases' was not told "
+                                          r"the run's length; call sp.start\(total_steps=N, optimizer=opt\) before "
+                                          r"training \(sw.fit and `sparsewrap train` do it\), or give end as a step "
+                                          r"count"):  # fmt: skip
+        sp.step()
+    with pytest.raises(
+        ConfigError, match=r"method 'test-phases' needs the run's length \(total_steps\); call sp.start"
+    ):
+        sp.method.total_steps()
+    with pytest.raises(ConfigError, match=r"method 'test-phases' needs the optimizer .*; call sp.start"):
+        sp.method.reset_optimizer_state(sp.targets[0].original, torch.ones(sp.targets[0].shape, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(total_steps=0), r"total_steps=0 must be a positive int"),
+        (dict(total_steps=True), r"total_steps=True must be a positive int"),
+        (dict(total_steps=10.0), r"total_steps=10.0 must be a positive int"),
+        (dict(optimizer="sgd"), r"optimizer must be a torch.optim.Optimizer, got str"),
+    ],
+)
+def test_start_checks_its_arguments(kwargs: dict, match: str) -> None:
+    sp = sw.sparsify(MLP(), "test-phases", end=2)
+    with pytest.raises(ConfigError, match=match):
+        sp.start(**kwargs)
+
+
+def test_step_options_are_step_counts_or_fractions_of_the_run() -> None:
+    assert resolve_steps(7, None, "end", "m") == 7
+    assert resolve_steps(0.75, 1000, "end", "m") == 750
+    assert resolve_steps(1.0, 37, "end", "m") == 37
+    assert resolve_steps(0.5, 5, "end", "m") == 3  # half up
+    for bad, match in [
+        (1.5, r"end=1.5 is a float outside \[0, 1\]; a float is a fraction of the run \(e.g. end=0.75\), an int a "
+              r"step count \(e.g. end=2\)"),
+        (150.0, r"end=150.0 is a float outside \[0, 1\].*an int a step count \(e.g. end=150\)"),
+        (-3, r"end=-3 is negative; give a step count >= 0 or a fraction of the run in \[0, 1\]"),
+        ("half", r"end='half' must be a step count \(int >= 0\) or a fraction of the run in \[0, 1\]"),
+        (True, r"end=True must be a step count"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            check_steps(bad, "end")
+    with pytest.raises(ConfigError, match=r"end=1.5 is a float outside"):
+        sw.sparsify(MLP(), "test-phases", end=1.5)  # checked when the config is built, before any run
+
+
+def test_a_schedule_given_in_fractions_is_resolved_against_the_run() -> None:
+    sched = Schedule("cubic", 0.1, 0.75, every=10)
+    with pytest.raises(ConfigError, match=r"fractions of the run; use schedule.resolved\(total_steps, method\)"):
+        sched.is_update_step(100)
+    with pytest.raises(ConfigError, match=r"start=0.1 is a fraction of the run, but method 'gmp' was not told"):
+        sched.resolved(None, "gmp")
+    steps = sched.resolved(1000, "gmp")
+    assert (steps.start, steps.end, steps.every) == (100, 750, 10)
+    odd = Schedule("cubic", 0, 0.75, every=100).resolved(1001, "gmp")  # 751 drops to the last whole interval
+    assert (odd.start, odd.end) == (0, 700) and odd.sparsity(700, 0.9) == pytest.approx(0.9)
+    assert Schedule("cubic", 0, 40, every=10).resolved(None, "gmp") == Schedule("cubic", 0, 40, every=10)
+    with pytest.raises(ConfigError, match=r"needs start < end, got start=0.8, end=0.5"):
+        Schedule("cubic", 0.8, 0.5)
+    with pytest.raises(ConfigError, match=r"give steps 10 and 10 of a 20-step run; end must come after start"):
+        Schedule("cubic", 10, 0.5).resolved(20, "gmp")
+
+
+# -- 2. the optimizer ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("given", [True, False], ids=["optimizer-given", "no-optimizer"])
+def test_magnitude_with_weight_decay_and_momentum_keeps_pruned_weights_at_exactly_zero(given: bool) -> None:
+    """Gradual magnitude prunes at steps 2, 4 and 6 with live momentum and weight decay: after every ``sp.step()``
+    every pruned original is exactly zero, through the optimizer's hooks (given) or the controller's pass (not)."""
+    torch.manual_seed(0)
+    sp = sw.sparsify(MLP(), "magnitude", target=0.8, schedule="cubic", start=2, end=6, every=2)
+    opt = torch.optim.SGD(sp.param_groups(lr=0.1, weight_decay=1e-2), momentum=0.9)
+    if given:
+        sp.start(total_steps=10, optimizer=opt)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        x, y = torch.randn(8, 12, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(sp.model(x), y).backward()
+        opt.step()
+        sp.step()
+        for t, m in zip(sp.targets, sp.method.masks):
+            assert torch.all(t.original[m.mask == 0] == 0), t.name  # the original itself, no forward between
+    assert sp.sparsity() == pytest.approx(0.8, abs=0.01)
+    buffers = [opt.state[t.original]["momentum_buffer"][m.mask == 0] for t, m in zip(sp.targets, sp.method.masks)]
+    if given:  # the controller's optimizer: its state is zeroed at pruned entries (so its steps keep them zero)
+        assert all(torch.all(b == 0) for b in buffers)
+    else:  # no process-wide hook: an optimizer sparsewrap was not given keeps its own state untouched
+        assert any(torch.any(b != 0) for b in buffers)
+        assert not masked.is_watched(opt)
+
+
+@pytest.mark.parametrize(
+    ("opt_cls", "kwargs", "keys"),
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9), ["momentum_buffer"]),
+        (torch.optim.Adam, dict(lr=0.01), ["exp_avg", "exp_avg_sq"]),
+        (torch.optim.AdamW, dict(lr=0.01, amsgrad=True), ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]),
+    ],
+    ids=["SGD", "Adam", "AdamW"],
+)
+def test_reset_optimizer_state_zeroes_the_chosen_entries_only(opt_cls, kwargs, keys) -> None:
+    w = nn.Parameter(torch.randn(4, 4))
+    opt = opt_cls([w], **kwargs)
+    for _ in range(3):
+        opt.zero_grad()
+        (w**2).sum().backward()
+        opt.step()
+    before = {k: opt.state[w][k].clone() for k in keys}
+    assert all(torch.all(v != 0) for v in before.values())
+    chosen = torch.zeros(4, 4, dtype=torch.bool)
+    chosen[1, 2] = chosen[3, 0] = True
+    reset_optimizer_state(opt, w, chosen)
+    for k in keys:
+        assert torch.all(opt.state[w][k][chosen] == 0)
+        assert torch.equal(opt.state[w][k][~chosen], before[k][~chosen])
+    reset_optimizer_state(opt, w, torch.tensor([True, False, False, False]).view(4, 1))  # broadcast: row 0
+    assert all(torch.all(opt.state[w][k][0] == 0) for k in keys)
+    fresh = nn.Parameter(torch.randn(3))
+    reset_optimizer_state(opt_cls([fresh], **kwargs), fresh, torch.ones(3, dtype=torch.bool))  # no state yet: no-op
+
+
+def test_reset_optimizer_state_refuses_what_it_does_not_know() -> None:
+    w = nn.Parameter(torch.randn(3))
+    with pytest.raises(ConfigError, match=r"cannot reset the state of optimizer RMSprop: .*; use one of 'Adam', "
+                                          r"'AdamW', 'SGD'"):  # fmt: skip
+        reset_optimizer_state(torch.optim.RMSprop([w]), w, torch.ones(3, dtype=torch.bool))
+    other = nn.Parameter(torch.randn(3))
+    with pytest.raises(ConfigError, match=r"the optimizer does not hold this parameter \(shape \(3,\)\)"):
+        reset_optimizer_state(torch.optim.SGD([w], lr=0.1), other, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ConfigError, match=r"index_mask must be a bool tensor .*got torch.float32"):
+        reset_optimizer_state(torch.optim.SGD([w], lr=0.1), w, torch.ones(3))
+    with pytest.raises(ConfigError, match=r"index_mask of shape \(2,\) does not broadcast to the parameter's \(3,\)"):
+        reset_optimizer_state(torch.optim.SGD([w], lr=0.1), w, torch.ones(2, dtype=torch.bool))
+
+
+# -- 3. the dense gradient on chosen steps --------------------------------------------------------------------------
+def _reference_dense_grads(sp: sw.Sparsifier, batches: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """dL/dW at the effective weights, computed on a plain copy whose weights are leaves (no sparsewrap)."""
+    plain = MLP()
+    plain.load_state_dict(sw.export(sp).state_dict())
+    for _x, _y in batches:
+        F.cross_entropy(plain(_x), _y).backward()
+    return {t.name: plain.get_submodule(t.name).weight.grad for t in sp.targets}
+
+
+def test_a_method_sees_the_dense_gradient_on_the_steps_it_asks_for_only() -> None:
+    torch.manual_seed(0)
+    sp = sw.sparsify(MLP(), "test-dense-every", every=3)
+    opt = torch.optim.Adam(sp.param_groups(lr=0.01))
+    sp.start(total_steps=9, optimizer=opt)
+    data = _loader(9, seed=4)
+    for t, (x, y) in enumerate(data):
+        capturing = sp.method.dense_grad_step(t)
+        assert all(p.capturing_dense_grad == capturing for _m, _mod, _t, p in wrapped_tensors(sp.model))
+        original = sp.targets[0].original
+        assert (sp.model.fc1.weight is original) != capturing  # other steps: the fast path, no view, no hook
+        batches = [(x, y), (x[:4], y[:4])] if t == 5 else [(x, y)]  # a step with gradient accumulation
+        reference = _reference_dense_grads(sp, batches) if capturing else None
+        opt.zero_grad()
+        for bx, by in batches:
+            F.cross_entropy(sp.model(bx), by).backward()
+        for target, m in zip(sp.targets, sp.method.masks):
+            assert torch.all(target.original.grad[m.mask == 0] == 0)  # what the optimizer sees stays masked
+        opt.step()
+        sp.step()
+        if capturing:
+            for target in sp.targets:
+                dense = sp.method.recorded[t][(target.name, "weight")]
+                torch.testing.assert_close(dense, reference[target.name], rtol=1e-5, atol=1e-6)
+                assert torch.any(dense[target.original.grad == 0] != 0)  # the pruned entries' gradient is there
+    assert sorted(sp.method.recorded) == [2, 5, 8]
+    assert all(p.dense_grad is None for _m, _mod, _t, p in wrapped_tensors(sp.model))
+
+
+def test_regrown_weights_start_at_zero_with_a_fresh_optimizer_state() -> None:
+    torch.manual_seed(0)
+    sp = sw.sparsify(MLP(), "test-dense-every", every=2)
+    opt = torch.optim.SGD(sp.param_groups(lr=0.05), momentum=0.9)
+    sp.start(total_steps=4, optimizer=opt)
+    for t, (x, y) in enumerate(_loader(2, seed=1)):
+        opt.zero_grad()
+        F.cross_entropy(sp.model(x), y).backward()
+        opt.step()
+        if t == 1:  # a stale state at the entry about to be regrown
+            for target in sp.targets:
+                opt.state[target.original]["momentum_buffer"].view(-1)[0] = 5.0
+        sp.step()
+    for target, m in zip(sp.targets, sp.method.masks):  # step 1 regrew flat index 0 of each layer
+        assert m.mask.view(-1)[0] == 1 and target.original.view(-1)[0] == 0
+        assert opt.state[target.original]["momentum_buffer"].view(-1)[0] == 0
+    with pytest.raises(ConfigError, match=r"cannot reset the state of optimizer Adagrad"):
+        sp.start(total_steps=4, optimizer=torch.optim.Adagrad(sp.param_groups(lr=0.05)))
+        for x, y in _loader(2, seed=2):
+            F.cross_entropy(sp.model(x), y).backward()
+            sp.step()
+
+
+def test_a_deepcopy_of_a_capturing_model_trains_on_its_own() -> None:
+    sp = sw.sparsify(MLP(), "test-dense-every", every=1)
+    twin = copy.deepcopy(sp.model)
+    x, y = _loader(1)[0]
+    F.cross_entropy(twin(x), y).backward()
+    assert twin.fc1.parametrizations.weight.original.grad is not None
