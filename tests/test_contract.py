@@ -468,7 +468,7 @@ def test_a_method_that_wraps_nothing_trains_and_is_baked_by_export(model_name: s
         zeros += int((got == 0).sum())
     assert zeros == round(0.6 * flat.numel())
     assert sp.report().exported == pytest.approx(zeros / flat.numel(), abs=1e-12)
-    live_vars, targeted = sp.model.state_dict(keep_vars=True), {id(w) for w in weights.values()}
+    live_vars, targeted = sp.model.state_dict(keep_vars=True), {id(t.original) for t in sp.targets}
     for key, value in plain.state_dict().items():  # every other tensor is the live one
         if id(live_vars[key]) not in targeted:
             assert torch.equal(value, live_state[key]), key
