@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from . import distributed
 from .errors import ConfigError, choices
 from .methods import Method, get_method, make_config
 from .parametrizations import Masked, SparseParametrization, wrapped_tensors
@@ -145,14 +146,22 @@ class Sparsifier:
     def step(self) -> None:
         """Advance schedules, multipliers and masks; call once after each ``optimizer.step()``.
 
-        Afterwards every pruned weight of a hard mask is exactly zero, whatever the optimizer wrote there.
+        Afterwards every pruned weight of a hard mask is exactly zero, whatever the optimizer wrote there
+        (:meth:`settle`; in a distributed run, :func:`sparsewrap.distributed.sync_sparsity` does it once rank 0's
+        masks have arrived, so that no rank zeroes weights under a mask of its own).
         """
         self.method.step(self.step_count)
         self.step_count += 1
+        if distributed.current() is None:
+            self.settle()
+        self._arm_dense_grad()
+
+    def settle(self) -> None:
+        """Zero the pruned entries of every hard-masked original that anything wrote to since it was last clean
+        (one in-place pass for those only; none after a step of the optimizer given to :meth:`start`)."""
         for _m, mod, t, p in wrapped_tensors(self.model):
             if isinstance(p, Masked):
                 p.settle(mod.parametrizations[t].original)
-        self._arm_dense_grad()
 
     def _arm_dense_grad(self) -> None:
         """Record the dense gradient in the coming step if the method asks for it; stop the last step's."""

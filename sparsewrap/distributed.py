@@ -183,7 +183,8 @@ def sparsity_tensors(model: nn.Module) -> list[Tensor]:
 def sync_sparsity(sp: Any, src: int = 0) -> None:
     """Give every rank rank ``src``'s masks, gates and method state (a no-op outside a distributed run).
 
-    Call on every rank at the same point, e.g. right after ``sp.step()``.
+    Call on every rank at the same point, e.g. right after ``sp.step()``; it ends with ``sp.settle()`` (pruned
+    weights re-zeroed under the received masks), which ``sp.step()`` leaves to it in a distributed run.
 
     Args:
         sp: the :class:`sparsewrap.Sparsifier`.
@@ -203,3 +204,4 @@ def sync_sparsity(sp: Any, src: int = 0) -> None:
         state_tensors = received
     if dist.get_rank() != src:
         sp.method.load_state_dict(_join_state(state_json, state_tensors))
+    sp.settle()  # pruned weights zero under the masks every rank now shares
