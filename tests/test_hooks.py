@@ -44,8 +44,11 @@ class Phases(sw.Method):
         self.end_step: int | None = None
         self.seen: list[int] = []
 
+    started: list[int | None] = []  # every run length this method was started with, in this process
+
     def on_start(self) -> None:
         self.end_step = self.resolve_steps(self.config.end, "end")
+        Phases.started.append(self.run.total_steps)
 
     def step(self, t: int) -> None:
         if self.end_step is None:  # sp.start() was never called: resolving a fraction raises, naming it
@@ -116,6 +119,19 @@ def test_fit_tells_the_method_the_run_length_and_the_optimizer() -> None:
     assert sp.total_steps == 12 and isinstance(sp.optimizer, torch.optim.SGD)
     assert sp.method.end_step == 6 and sp.method.seen == list(range(12))
     assert sp.sparsity() == pytest.approx(0.5, abs=0.01)  # pruned at step 6 of 12
+
+
+def test_sparsewrap_train_tells_the_method_the_run_length(tmp_path, capsys) -> None:
+    from sparsewrap.cli import main
+
+    Phases.started.clear()
+    argv = ["train", "--model", "sparsewrap.models:lenet5", "--method", "test-phases", "-O", "end=0.5",
+            "--limit", "128", "--val-limit", "64", "--batch-size", "64", "--epochs", "3",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    assert Phases.started == [6]  # 128 examples / 64 per batch x 3 epochs
 
 
 def test_a_hand_written_loop_passes_the_run_length_once() -> None:
