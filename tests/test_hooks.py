@@ -351,3 +351,32 @@ def test_a_deepcopy_of_a_capturing_model_trains_on_its_own() -> None:
     x, y = _loader(1)[0]
     F.cross_entropy(twin(x), y).backward()
     assert twin.fc1.parametrizations.weight.original.grad is not None
+
+
+def test_any_parametrization_records_the_gradient_of_its_effective_tensor() -> None:
+    """The capture is the parametrization base's: a soft mask (the plain product) records dL/dW_eff, not the
+    masked gradient of the original."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 3)
+    p = attach(layer, "weight", Masked(layer.weight.shape, layer.weight, hard=False))
+    p.mask.uniform_(0.2, 0.9)
+    x = torch.randn(4, 5)
+    effective = (layer.parametrizations.weight.original * p.mask).detach().requires_grad_()
+    (reference,) = torch.autograd.grad(F.linear(x, effective, layer.bias).square().sum(), effective)
+    p.start_dense_grad()
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(p.dense_grad, reference)
+    torch.testing.assert_close(layer.parametrizations.weight.original.grad, reference * p.mask)
+    p.stop_dense_grad()
+    assert p.dense_grad is None and not p.capturing_dense_grad
+    layer(x).sum().backward()  # no hook any more: nothing is recorded
+    assert p.dense_grad is None
+
+
+def test_unregister_method_removes_it_and_names_the_registered_ones_when_unknown() -> None:
+    assert "test-phases" in sw.list_methods()
+    assert unregister_method("test-phases") is Phases
+    assert "test-phases" not in sw.list_methods()
+    with pytest.raises(sw.UnknownNameError, match=r"unknown method 'test-phases'; registered methods: .*'magnitude'"):
+        unregister_method("test-phases")
+    sw.register_method(Phases)  # for the fixture's teardown
