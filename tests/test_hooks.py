@@ -1,6 +1,6 @@
 """The hooks of the method base that the coming methods build on (docs/methods-api.md), each used by a small
 method written here: the run's length, the optimizer and its state, the dense gradient on chosen steps.
-(A method that wraps nothing is a contract test: tests/test_contract.py.)"""
+(A method that wraps nothing has its contract test: tests/test_contract_unwrapped.py.)"""
 
 from __future__ import annotations
 
