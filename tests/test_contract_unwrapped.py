@@ -149,3 +149,16 @@ def test_export_refuses_a_baked_tensor_the_model_does_not_have(penalty_only: str
     monkeypatch.setattr(sp.method, "bake", lambda: {("fc1", "weight"): torch.zeros(3)})
     with pytest.raises(ConfigError, match=r"baked fc1.weight of shape \(3,\), but the model has shape \(32, 12\)"):
         sw.export(sp)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "resnet_tiny", "tied_lm"])
+def test_a_method_that_wraps_nothing_saves_loads_and_resumes(model_name: str, penalty_only: str, tmp_path) -> None:
+    x = _input(model_name)
+    sp = sw.sparsify(_build(model_name, seed=5), penalty_only, target=TARGET)
+    _train(sp, x)
+    path = sw.save(sp, tmp_path / "run.safetensors")
+    again = sw.load(path, model=_build(model_name, seed=1))  # another initialisation: all from the file
+    assert again.step_count == sp.step_count and not list(wrapped_tensors(again.model))
+    _assert_outputs_equal(_eval(again.model, x), _eval(sp.model, x))
+    for (k, a), (k2, b) in zip(sw.export(sp).state_dict().items(), sw.export(again).state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
