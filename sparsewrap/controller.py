@@ -148,11 +148,15 @@ class Sparsifier:
 
         Afterwards every pruned weight of a hard mask is exactly zero, whatever the optimizer wrote there
         (:meth:`settle`; in a distributed run, :func:`sparsewrap.distributed.sync_sparsity` does it once rank 0's
-        masks have arrived, so that no rank zeroes weights under a mask of its own).
+        masks have arrived, so that no rank zeroes weights under a mask of its own). In a distributed run the
+        dense gradients a method asked for are averaged over the ranks before ``method.step``.
         """
+        ctx = distributed.current()
+        if ctx is not None and self._capturing:  # every rank chooses from the whole batch's dense gradient
+            distributed.average_tensors([p.dense_grad for p in self._capturing if p.dense_grad is not None])
         self.method.step(self.step_count)
         self.step_count += 1
-        if distributed.current() is None:
+        if ctx is None:
             self.settle()
         self._arm_dense_grad()
 

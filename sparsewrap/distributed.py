@@ -133,6 +133,28 @@ def broadcast_tensors(tensors: list[Tensor], src: int = 0) -> None:
                 offset += n
 
 
+def average_tensors(tensors: list[Tensor]) -> None:
+    """Replace ``tensors`` in place by their mean over all ranks, in one all-reduce per dtype.
+
+    The controller applies it to the dense gradients a method asked for (``Method.dense_grad_step``), so that
+    every rank chooses from the gradient of the whole batch, as DDP's averaged weight gradients are.
+    """
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    comm, world = _comm_device(), dist.get_world_size()
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1).to(comm) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        with torch.no_grad():
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[offset : offset + n].view_as(t))
+                offset += n
+
+
 def broadcast_json(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s JSON-able ``obj`` on every rank (sent as bytes in a tensor)."""
     comm = _comm_device()

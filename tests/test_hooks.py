@@ -5,11 +5,15 @@ method written here: the run's length, the optimizer and its state, the dense gr
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -320,6 +324,37 @@ def test_a_method_sees_the_dense_gradient_on_the_steps_it_asks_for_only() -> Non
                 assert torch.any(dense[target.original.grad == 0] != 0)  # the pruned entries' gradient is there
     assert sorted(sp.method.recorded) == [2, 5, 8]
     assert all(p.dense_grad is None for _m, _mod, _t, p in wrapped_tensors(sp.model))
+
+
+def _dense_worker(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        sw.register_method(DenseEvery)  # in this process only
+        torch.manual_seed(0)  # the same model on every rank
+        sp = sw.sparsify(MLP(), "test-dense-every", every=1)
+        opt = torch.optim.SGD(sp.param_groups(lr=0.1))
+        sp.start(total_steps=1, optimizer=opt)
+        x, y = _loader(2, seed=9)[rank]  # each rank its own batch
+        local = _reference_dense_grads(sp, [(x, y)])
+        F.cross_entropy(sp.model(x), y).backward()
+        opt.step()
+        sp.step()
+        record = {"local": {k: v.tolist() for k, v in local.items()},
+                  "seen": {m: v.tolist() for (m, _t), v in sp.method.recorded[0].items()}}  # fmt: skip
+        Path(tmp, f"rank{rank}.json").write_text(json.dumps(record))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_under_ddp_every_rank_sees_the_dense_gradient_averaged_over_ranks(tmp_path) -> None:
+    mp.spawn(_dense_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    zero, one = (json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(2))
+    assert zero["seen"] == one["seen"] and zero["local"] != one["local"]
+    for name, seen in zero["seen"].items():
+        mean = (torch.tensor(zero["local"][name]) + torch.tensor(one["local"][name])) / 2
+        torch.testing.assert_close(torch.tensor(seen), mean, rtol=1e-5, atol=1e-7)
 
 
 def test_regrown_weights_start_at_zero_with_a_fresh_optimizer_state() -> None:
