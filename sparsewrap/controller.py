@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from . import distributed
 from .errors import ConfigError, choices
 from .methods import Method, get_method, make_config
-from .parametrizations import Masked, SparseParametrization, wrapped_tensors
+from .parametrizations import Masked, SparseParametrization, generation, wrapped_tensors
 from .parametrizations.masked import watch_optimizer
 from .report import LayerReport, Report, count_nonzero
 from .targets import Patterns, select_targets
@@ -90,6 +90,7 @@ class Sparsifier:
         self.spec = spec
         self.step_count = 0
         self._capturing: list[SparseParametrization] = []  # recording the dense gradient this step
+        self._masked: tuple[int, list[tuple[Masked, nn.Module]]] | None = None  # (generation, [(mask, its list)])
         self._arm_dense_grad()
 
     @property
@@ -163,9 +164,14 @@ class Sparsifier:
     def settle(self) -> None:
         """Zero the pruned entries of every hard-masked original that anything wrote to since it was last clean
         (one in-place pass for those only; none after a step of the optimizer given to :meth:`start`)."""
-        for _m, mod, t, p in wrapped_tensors(self.model):
-            if isinstance(p, Masked):
-                p.settle(mod.parametrizations[t].original)
+        gen = generation()
+        if self._masked is None or self._masked[0] != gen:  # walking the modules costs more than settling
+            found = [
+                (p, mod.parametrizations[t]) for _m, mod, t, p in wrapped_tensors(self.model) if isinstance(p, Masked)
+            ]
+            self._masked = (gen, found)
+        for p, plist in self._masked[1]:
+            p.settle(plist.original)
 
     def _arm_dense_grad(self) -> None:
         """Record the dense gradient in the coming step if the method asks for it; stop the last step's."""

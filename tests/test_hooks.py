@@ -212,6 +212,19 @@ def test_magnitude_with_weight_decay_and_momentum_keeps_pruned_weights_at_exactl
         assert not masked.is_watched(opt)
 
 
+def test_a_mask_attached_during_the_run_is_settled_too() -> None:
+    """A method may attach a mask mid-run (a penalty method's fine-tune): ``sp.step()`` finds it."""
+    sp = sw.sparsify(MLP(), "magnitude", target=0.5)
+    sp.step()  # the controller has looked for masks once
+    late = attach(sp.model.head, "weight", Masked(sp.model.head.weight.shape, sp.model.head.weight))
+    late.mask.view(-1)[::3] = 0
+    original = sp.model.head.parametrizations.weight.original
+    with torch.no_grad():
+        original.add_(1.0)  # a writer the mask has not seen (no forward since)
+    sp.step()
+    assert torch.all(original[late.mask == 0] == 0) and torch.all(original[late.mask == 1] != 0)
+
+
 @pytest.mark.parametrize(
     ("opt_cls", "kwargs", "keys"),
     [

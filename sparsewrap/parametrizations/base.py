@@ -104,11 +104,22 @@ class ParametrizationList(parametrize.ParametrizationList):
         return super().forward()
 
 
+_generation = 0  # bumped by attach() and detach_all(): see generation()
+
+
+def generation() -> int:
+    """A counter that changes whenever :func:`attach` or :func:`detach_all` adds or removes parametrizations,
+    so that callers may cache what :func:`wrapped_tensors` finds (a walk over every module) between changes."""
+    return _generation
+
+
 def attach(module: nn.Module, name: str, parametrization: SparseParametrization) -> SparseParametrization:
     """Register ``parametrization`` on ``module.name``; the original Parameter object is kept (optimizers
     that already hold it stay valid). The tensor's parametrization list becomes a :class:`ParametrizationList`.
     """
+    global _generation
     parametrize.register_parametrization(module, name, parametrization)
+    _generation += 1
     plist = module.parametrizations[name]
     if type(plist) is parametrize.ParametrizationList:
         plist.__class__ = ParametrizationList  # the same state and behaviour; a shorter forward
@@ -131,3 +142,5 @@ def detach_all(model: nn.Module) -> None:
     for _mname, module, tname, _p in list(wrapped_tensors(model)):
         if parametrize.is_parametrized(module, tname):
             parametrize.remove_parametrizations(module, tname, leave_parametrized=False)
+    global _generation
+    _generation += 1
