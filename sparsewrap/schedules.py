@@ -23,7 +23,10 @@ from .errors import ConfigError, choices
 SCHEDULES = ("oneshot", "cubic", "exponential")
 
 StepSpec = int | float  # a step count (int >= 0) or a fraction of the run (float in [0, 1])
-START_FIX = "call sp.start(total_steps=N, optimizer=opt) before training (sw.fit and `sparsewrap train` do it)"
+START_FIX = (
+    "call sp.start(total_steps=N, optimizer=opt) before training (sw.fit and `sparsewrap train` do it for a train "
+    "loader with a len())"
+)
 
 
 def check_steps(value: StepSpec, name: str) -> None:

@@ -151,10 +151,12 @@ def test_a_hand_written_loop_passes_the_run_length_once() -> None:
 
 def test_a_method_that_needs_the_run_length_and_was_not_given_it_names_the_fix() -> None:
     sp = sw.sparsify(MLP(), "test-phases", end=0.75)
-    with pytest.raises(ConfigError, match=r"end=0.75 is a fraction of the run, but method 'test-phases' was not told "
-                                          r"the run's length; call sp.start\(total_steps=N, optimizer=opt\) before "
-                                          r"training \(sw.fit and `sparsewrap train` do it\), or give end as a step "
-                                          r"count"):  # fmt: skip
+    expected = (
+        r"end=0.75 is a fraction of the run, but method 'test-phases' was not told the run's length; call "
+        r"sp.start\(total_steps=N, optimizer=opt\) before training \(sw.fit and `sparsewrap train` do it for a "
+        r"train loader with a len\(\)\), or give end as a step count"
+    )
+    with pytest.raises(ConfigError, match=expected):
         sp.step()
     with pytest.raises(
         ConfigError, match=r"method 'test-phases' needs the run's length \(total_steps\); call sp.start"
