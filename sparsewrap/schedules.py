@@ -47,7 +47,8 @@ def check_steps(value: StepSpec, name: str) -> None:
 
 
 def resolve_steps(value: StepSpec, total_steps: int | None, name: str, method: str) -> int:
-    """The step number a :data:`StepSpec` names: the int itself, or ``fraction * total_steps`` rounded half up.
+    """The step number a :data:`StepSpec` names: the int itself, or ``fraction * total_steps`` rounded half up
+    (at most ``total_steps - 1``, the last step: ``1.0`` names it).
 
     Args:
         value: a step count (int) or a fraction of the run (float in [0, 1]).
@@ -66,7 +67,7 @@ def resolve_steps(value: StepSpec, total_steps: int | None, name: str, method: s
             f"{name}={value!r} is a fraction of the run, but method {method!r} was not told the run's length; "
             f"{START_FIX}, or give {name} as a step count"
         )
-    return math.floor(value * total_steps + 0.5)
+    return min(math.floor(value * total_steps + 0.5), total_steps - 1)  # steps are numbered 0 .. total_steps - 1
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,8 @@ def test_sparsity_is_monotone_for_both_gradual_kinds() -> None:
 def test_step_options_are_step_counts_or_fractions_of_the_run() -> None:
     assert resolve_steps(7, None, "end", "m") == 7
     assert resolve_steps(0.75, 1000, "end", "m") == 750
-    assert resolve_steps(1.0, 37, "end", "m") == 37
+    assert resolve_steps(1.0, 37, "end", "m") == 36  # the last step (steps are numbered from 0)
+    assert resolve_steps(0.99, 37, "end", "m") == 36
     assert resolve_steps(0.5, 5, "end", "m") == 3  # half up
     for bad, match in [
         (1.5, r"end=1.5 is a float outside \[0, 1\]; a float is a fraction of the run \(e.g. end=0.75\), an int a "
