@@ -94,6 +94,8 @@ class Stepper:
         self.clock = time.process_time if clock == "cpu" else time.perf_counter
         params = sp.param_groups(lr=0.01) if sp is not None else [{"params": list(model.parameters()), "lr": 0.01}]
         self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=fused or None)
+        if sp is not None:
+            sp.start(optimizer=self.opt)  # hard masks follow this optimizer's steps (no pass per weight and step)
         self.faults: list[int] = []  # minor page faults of each step (the whole process)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:

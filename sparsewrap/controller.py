@@ -9,11 +9,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
+from . import distributed
 from .errors import ConfigError, choices
 from .inputs import InputRecord, watch_first_input
 from .methods import Method, get_method, make_config
-from .parametrizations import wrapped_tensors
+from .parametrizations import Masked, SparseParametrization, generation, wrapped_tensors
+from .parametrizations.masked import watch_optimizer
 from .report import LayerReport, Report, count_nonzero
 from .targets import Patterns, check_model, select_targets
 from .tracing import analyse
@@ -97,10 +100,55 @@ class Sparsifier:
         self.step_count = 0
         self.input: InputRecord | None = None  # the first forward's input (sparsewrap.inputs)
         self.input_recorder = None
+        self._capturing: list[SparseParametrization] = []  # recording the dense gradient this step
+        self._masked: tuple[int, list[tuple[Masked, nn.Module]]] | None = None  # (generation, [(mask, its list)])
+        self._arm_dense_grad()
 
     @property
     def targets(self) -> list:
         return self.method.targets
+
+    @property
+    def total_steps(self) -> int | None:
+        """The run's length given to :meth:`start` (``None`` until then)."""
+        return self.method.run.total_steps
+
+    @property
+    def optimizer(self) -> Optimizer | None:
+        """The optimizer given to :meth:`start` (``None`` until then)."""
+        return self.method.run.optimizer
+
+    def start(self, total_steps: int | None = None, optimizer: Optimizer | None = None) -> Sparsifier:
+        """Tell the controller about the training run, once before training (``sw.fit`` does it).
+
+        Methods with phases lay them over ``total_steps`` (options given as fractions of the run), methods that
+        regrow weights reset those entries' state in ``optimizer``, and hard masks follow the optimizer's steps
+        through hooks on it alone (without it, :meth:`step` re-zeroes pruned weights with one pass instead).
+        Calling it again (e.g. when resuming) replaces both.
+
+        Args:
+            total_steps: how many times :meth:`step` will be called in the whole run (epochs x batches).
+            optimizer: the optimizer that steps the model (built from :meth:`param_groups`).
+
+        Returns:
+            The controller itself.
+
+        Raises:
+            ConfigError: on a non-positive ``total_steps``, something that is not a ``torch.optim.Optimizer``,
+                or a method option that the run's length makes invalid.
+        """
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):  # fmt: skip
+            raise ConfigError(f"total_steps={total_steps!r} must be a positive int (epochs x batches per epoch)")
+        if optimizer is not None and not isinstance(optimizer, Optimizer):
+            raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        run = self.method.run
+        run.total_steps, run.optimizer = total_steps, optimizer
+        if optimizer is not None:
+            watch_optimizer(optimizer)
+        self.method.on_start()
+        self._arm_dense_grad()
+        return self
 
     def penalty(self) -> Tensor:
         """The method's loss term (a zero scalar for methods without one); add it to the task loss."""
@@ -108,9 +156,43 @@ class Sparsifier:
         return p if p is not None else self.method.zero(self.model)
 
     def step(self) -> None:
-        """Advance schedules, multipliers and masks; call once after each ``optimizer.step()``."""
+        """Advance schedules, multipliers and masks; call once after each ``optimizer.step()``.
+
+        Afterwards every pruned weight of a hard mask is exactly zero, whatever the optimizer wrote there
+        (:meth:`settle`; in a distributed run, :func:`sparsewrap.distributed.sync_sparsity` does it once rank 0's
+        masks have arrived, so that no rank zeroes weights under a mask of its own). In a distributed run the
+        dense gradients a method asked for are averaged over the ranks before ``method.step``.
+        """
+        ctx = distributed.current()
+        if ctx is not None and self._capturing:  # every rank chooses from the whole batch's dense gradient
+            distributed.average_tensors([p.dense_grad for p in self._capturing if p.dense_grad is not None])
         self.method.step(self.step_count)
         self.step_count += 1
+        if ctx is None:
+            self.settle()
+        self._arm_dense_grad()
+
+    def settle(self) -> None:
+        """Zero the pruned entries of every hard-masked original that anything wrote to since it was last clean
+        (one in-place pass for those only; none after a step of the optimizer given to :meth:`start`)."""
+        gen = generation()
+        if self._masked is None or self._masked[0] != gen:  # walking the modules costs more than settling
+            found = [
+                (p, mod.parametrizations[t]) for _m, mod, t, p in wrapped_tensors(self.model) if isinstance(p, Masked)
+            ]
+            self._masked = (gen, found)
+        for p, plist in self._masked[1]:
+            p.settle(plist.original)
+
+    def _arm_dense_grad(self) -> None:
+        """Record the dense gradient in the coming step if the method asks for it; stop the last step's."""
+        for p in self._capturing:
+            p.stop_dense_grad()
+        self._capturing = []
+        if self.method.dense_grad_step(self.step_count):
+            self._capturing = [p for _m, _mod, _t, p in wrapped_tensors(self.model)]
+            for p in self._capturing:
+                p.start_dense_grad()
 
     def param_groups(self, lr: float | None = None, **overrides: Any) -> list[dict[str, Any]]:
         """Parameter groups for any ``torch.optim`` optimizer.
@@ -180,6 +262,7 @@ class Sparsifier:
         self.step_count = int(state.get("step", 0))
         self.method.load_state_dict(state.get("method", {}))
         self.input = InputRecord.from_dict(state.get("input")) or self.input
+        self._arm_dense_grad()
 
     def __repr__(self) -> str:
         return (f"Sparsifier(method={self.spec.method!r}, target={self.spec.target!r}, "
@@ -224,7 +307,8 @@ def sparsify(model: nn.Module, method: str, target: Any = None, density: Any = N
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got {type(model).__name__}")
     check_model(model)
-    if any(True for _ in wrapped_tensors(model)):
+    previous = getattr(model, CONTROLLER_ATTR, None)  # a method that wraps nothing leaves only its controller
+    if any(True for _ in wrapped_tensors(model)) or (previous is not None and not previous.method.wraps_targets):
         raise ConfigError(
             f"{type(model).__name__} is already sparsified; export it first (sparsewrap.export) or start from a "
             "fresh model"

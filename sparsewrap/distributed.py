@@ -133,6 +133,28 @@ def broadcast_tensors(tensors: list[Tensor], src: int = 0) -> None:
                 offset += n
 
 
+def average_tensors(tensors: list[Tensor]) -> None:
+    """Replace ``tensors`` in place by their mean over all ranks, in one all-reduce per dtype.
+
+    The controller applies it to the dense gradients a method asked for (``Method.dense_grad_step``), so that
+    every rank chooses from the gradient of the whole batch, as DDP's averaged weight gradients are.
+    """
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    comm, world = _comm_device(), dist.get_world_size()
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1).to(comm) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        with torch.no_grad():
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[offset : offset + n].view_as(t))
+                offset += n
+
+
 def broadcast_json(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s JSON-able ``obj`` on every rank (sent as bytes in a tensor)."""
     comm = _comm_device()
@@ -183,7 +205,8 @@ def sparsity_tensors(model: nn.Module) -> list[Tensor]:
 def sync_sparsity(sp: Any, src: int = 0) -> None:
     """Give every rank rank ``src``'s masks, gates and method state (a no-op outside a distributed run).
 
-    Call on every rank at the same point, e.g. right after ``sp.step()``.
+    Call on every rank at the same point, e.g. right after ``sp.step()``; it ends with ``sp.settle()`` (pruned
+    weights re-zeroed under the received masks), which ``sp.step()`` leaves to it in a distributed run.
 
     Args:
         sp: the :class:`sparsewrap.Sparsifier`.
@@ -203,3 +226,4 @@ def sync_sparsity(sp: Any, src: int = 0) -> None:
         state_tensors = received
     if dist.get_rank() != src:
         sp.method.load_state_dict(_join_state(state_json, state_tensors))
+    sp.settle()  # pruned weights zero under the masks every rank now shares

@@ -93,6 +93,7 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: 
     baked = _baked(model, sp)
     was_training = model.training
     plain = _plain_copy(model, sp)
+    _write_unwrapped(plain, baked)
     for mname, module in plain.named_modules():
         if not parametrize.is_parametrized(module):
             continue
@@ -120,6 +121,28 @@ def export(obj: nn.Module | Sparsifier, purge: bool = False, *, example_inputs: 
 
         return fold_exported(plain, model, example_inputs)
     return plain
+
+
+def _write_unwrapped(plain: nn.Module, baked: dict[tuple[str, str], torch.Tensor]) -> None:
+    """Write the baked tensors of modules that are not parametrized (a method that wraps nothing, e.g. a penalty
+    method, prunes at bake time) into the plain copy's own parameters or buffers.
+
+    Raises:
+        ConfigError: if the method baked a tensor the model does not have, or of another shape.
+    """
+    for (mname, tname), value in baked.items():
+        module = plain.get_submodule(mname)
+        if parametrize.is_parametrized(module, tname):
+            continue  # written with the parametrized modules
+        table = module._parameters if module._parameters.get(tname) is not None else module._buffers
+        old = table.get(tname)
+        if old is None or tuple(old.shape) != tuple(value.shape):
+            have = f"has shape {tuple(old.shape)}" if old is not None else "has no such tensor"
+            raise ConfigError(
+                f"the method baked {mname}.{tname} of shape {tuple(value.shape)}, but the model {have}; fix its bake()"
+            )
+        value = value.detach().to(device=old.device, dtype=old.dtype).clone()
+        table[tname] = nn.Parameter(value, requires_grad=old.requires_grad) if table is module._parameters else value
 
 
 def export_program(plain: nn.Module, input_shape: Sequence[int]) -> torch.export.ExportedProgram:

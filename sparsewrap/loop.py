@@ -287,7 +287,9 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
         callback: Callback | None = None, handle_signals: bool = True) -> History:  # fmt: skip
     """Train a sparsified model (or a plain one), evaluating and checkpointing every epoch.
 
-    Each step: ``loss = loss_fn(model(x), y) + sp.penalty()``, backward, optimizer step, ``sp.step()``.
+    Each step: ``loss = loss_fn(model(x), y) + sp.penalty()``, backward, optimizer step, ``sp.step()``. Before
+    the first, ``sp.start(total_steps=epochs * len(train_loader), optimizer=...)`` tells the method the run's
+    length (unknown for a loader without ``len()``) and the optimizer.
 
     Args:
         obj: the :class:`Sparsifier` (or its model); a plain ``nn.Module`` trains densely (no checkpoints).
@@ -350,6 +352,7 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
     if ckpt is not None and run.main:
         remove_orphans(ckpt)  # temporary files of this run's interrupted writes
     if sp is not None:
+        sp.start(total_steps=epochs * batches if batches else None, optimizer=opt)
         distributed.sync_sparsity(sp)
     _loop(run, train_loader, val_loader, handle_signals)
     return history

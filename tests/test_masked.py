@@ -75,15 +75,18 @@ OPTIMIZERS = [
 ]
 
 
+@pytest.mark.parametrize("watched", [True, False], ids=["watched", "unwatched"])
 @pytest.mark.parametrize("opt_cls,kwargs", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
-def test_hard_mask_training_equals_the_plain_product(opt_cls, kwargs, grad_path) -> None:
+def test_hard_mask_training_equals_the_plain_product(opt_cls, kwargs, grad_path, watched) -> None:
     """Every step's effective weights and gradients equal those of ``w * mask``, through gradient clipping,
     gradient accumulation, gradient noise and a mask change in the middle of training (new zeros with live
-    optimizer state)."""
+    optimizer state), whether or not the optimizer is watched (:func:`masked.watch_optimizer`)."""
     runs = []
     for kind in ("fast", "reference"):
         net, masks = _net(kind)
         opt = opt_cls(net.parameters(), **kwargs)
+        if watched and kind == "fast":
+            masked.watch_optimizer(opt)
         runs.append((net, masks, opt))
     gen = torch.Generator().manual_seed(2)
     for step in range(24):
@@ -143,6 +146,7 @@ def test_a_zero_preserving_step_needs_no_projection_and_other_writers_do(monkeyp
     net, masks = _net("fast")
     calls = _count_projections(monkeypatch)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    masked.watch_optimizer(opt)  # the controller's start(optimizer=...) does this
     _train_step(net, opt)
     assert calls[0] == 3  # the first forward projects each weight once
     for _ in range(3):
@@ -169,6 +173,7 @@ def test_a_zero_preserving_step_needs_no_projection_and_other_writers_do(monkeyp
 def test_a_mask_change_zeroes_the_optimizer_state_at_pruned_entries() -> None:
     net, masks = _net("fast")
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    masked.watch_optimizer(opt)
     _train_step(net, opt)
     buf = opt.state[net[0].parametrizations.weight.original]["momentum_buffer"]
     with torch.no_grad():
@@ -205,6 +210,7 @@ def test_a_loaded_optimizer_state_is_zeroed_at_pruned_entries_before_it_is_used(
     """Resuming with an optimizer state saved elsewhere (non-zero momentum at pruned entries) stays exact."""
     net, masks = _net("fast")
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    masked.watch_optimizer(opt)
     _train_step(net, opt)
     _train_step(net, opt)
     state = opt.state_dict()

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from sparsewrap.errors import ConfigError
-from sparsewrap.schedules import Schedule
+from sparsewrap.schedules import Schedule, check_steps, resolve_steps
 
 
 def test_oneshot_is_the_target_at_every_step_and_never_updates() -> None:
@@ -92,3 +92,38 @@ def test_sparsity_is_monotone_for_both_gradual_kinds() -> None:
         values = [s.sparsity(t, 0.95) for t in range(0, 120)]
         assert all(b >= a for a, b in zip(values, values[1:]))
         assert math.isclose(values[-1], 0.95)
+
+
+def test_step_options_are_step_counts_or_fractions_of_the_run() -> None:
+    assert resolve_steps(7, None, "end", "m") == 7
+    assert resolve_steps(0.75, 1000, "end", "m") == 750
+    assert resolve_steps(1.0, 37, "end", "m") == 36  # the last step (steps are numbered from 0)
+    assert resolve_steps(0.99, 37, "end", "m") == 36
+    assert resolve_steps(0.5, 5, "end", "m") == 3  # half up
+    for bad, match in [
+        (1.5, r"end=1.5 is a float outside \[0, 1\]; a float is a fraction of the run \(e.g. end=0.75\), an int a "
+              r"step count \(e.g. end=2\)"),
+        (150.0, r"end=150.0 is a float outside \[0, 1\].*an int a step count \(e.g. end=150\)"),
+        (-3, r"end=-3 is negative; give a step count >= 0 or a fraction of the run in \[0, 1\]"),
+        ("half", r"end='half' must be a step count \(int >= 0\) or a fraction of the run in \[0, 1\]"),
+        (True, r"end=True must be a step count"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            check_steps(bad, "end")
+
+
+def test_a_schedule_given_in_fractions_is_resolved_against_the_run() -> None:
+    sched = Schedule("cubic", 0.1, 0.75, every=10)
+    with pytest.raises(ConfigError, match=r"fractions of the run; use schedule.resolved\(total_steps, method\)"):
+        sched.is_update_step(100)
+    with pytest.raises(ConfigError, match=r"start=0.1 is a fraction of the run, but method 'gmp' was not told"):
+        sched.resolved(None, "gmp")
+    steps = sched.resolved(1000, "gmp")
+    assert (steps.start, steps.end, steps.every) == (100, 750, 10)
+    odd = Schedule("cubic", 0, 0.75, every=100).resolved(1001, "gmp")  # 751 drops to the last whole interval
+    assert (odd.start, odd.end) == (0, 700) and odd.sparsity(700, 0.9) == pytest.approx(0.9)
+    assert Schedule("cubic", 0, 40, every=10).resolved(None, "gmp") == Schedule("cubic", 0, 40, every=10)
+    with pytest.raises(ConfigError, match=r"needs start < end, got start=0.8, end=0.5"):
+        Schedule("cubic", 0.8, 0.5)
+    with pytest.raises(ConfigError, match=r"give steps 10 and 10 of a 20-step run; end must come after start"):
+        Schedule("cubic", 10, 0.5).resolved(20, "gmp")

@@ -2,7 +2,8 @@
 
 A method is one file: a config dataclass and a :class:`Method` subclass registered with
 :func:`register_method`. The controller (:class:`sparsewrap.Sparsifier`) calls only the hooks below, so the
-loop, the CLI, save/load and export never change when a method is added.
+loop, the CLI, save/load and export never change when a method is added. ``docs/methods-api.md`` describes
+the hooks for the run's length, the optimizer, the dense gradient and methods that wrap nothing.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, UnknownNameError, choices
 from ..parametrizations import wrapped_tensors
+from ..schedules import StepSpec
 from ..targets import Target
 from ..tracing import ModelGraph
+from .run import RunContext
 
 TargetSpec = float | dict[str, float]
 
@@ -34,12 +37,20 @@ class Method:
         target: the requested sparsity: a float in (0, 1), a ``{pattern: sparsity}`` dict for methods that
             support layer-wise targets, or ``None`` for methods without a target.
         config: an instance of ``Config``.
+
+    Attributes:
+        run: what the controller knows of the training run (:class:`RunContext`: ``total_steps``,
+            ``optimizer``), filled in by ``sp.start(...)`` before training; use :meth:`total_steps`,
+            :meth:`resolve_steps` and :meth:`reset_optimizer_state` rather than reading it directly.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Config: ClassVar[type] = type(None)
     needs_target: ClassVar[bool] = True
+    # False for methods that parametrize nothing during training (penalty methods): their bake() names plain
+    # module tensors, which export writes all the same
+    wraps_targets: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, targets: list[Target], graph: ModelGraph, target: TargetSpec | None,
                  config: Any) -> None:  # fmt: skip
@@ -48,6 +59,7 @@ class Method:
         self.graph = graph
         self.target = target
         self.config = config
+        self.run = RunContext()
 
     # -- lifecycle hooks --------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -60,6 +72,48 @@ class Method:
 
     def step(self, t: int) -> None:
         """Called after each optimizer step; ``t`` counts the steps taken before this call."""
+
+    def on_start(self) -> None:
+        """Called by ``sp.start(...)`` once the run's length and optimizer are known (each time it is called):
+        resolve step options given as fractions of the run here, so that a bad value fails before training."""
+
+    def dense_grad_step(self, t: int) -> bool:
+        """Whether the method needs the dense gradient of step ``t`` (the backward before ``step(t)``).
+
+        On such steps every sparsewrap parametrization of the model records the gradient of its effective
+        tensor, unmasked (``dense_grads()`` in ``step(t)``); on the others nothing is recorded and nothing costs.
+        Must not depend on anything but ``t``, the config and the run's length.
+        """
+        return False
+
+    def dense_grads(self) -> dict[tuple[str, str], Tensor]:
+        """``{(module name, tensor name): dense gradient}`` recorded on this step (empty on other steps)."""
+        return {(m, t): p.dense_grad for m, _mod, t, p in wrapped_tensors(self.model) if p.dense_grad is not None}
+
+    # -- the run: its length and its optimizer ----------------------------------------------------------------
+    def total_steps(self) -> int:
+        """The run's length in steps.
+
+        Raises:
+            ConfigError: if the controller was not told it, naming the fix (``sp.start(total_steps=...)``).
+        """
+        return self.run.require_total_steps(self.name)
+
+    def resolve_steps(self, value: StepSpec, option: str) -> int:
+        """A step option (an int step count, or a float fraction of the run) as a step number.
+
+        Raises:
+            ConfigError: on an invalid value, or a fraction when the run's length is unknown.
+        """
+        return self.run.resolve_steps(value, option, self.name)
+
+    def reset_optimizer_state(self, param: Tensor, index_mask: Tensor) -> None:
+        """Zero the optimizer's per-weight state (momentum, Adam moments) of ``param`` where ``index_mask``.
+
+        Raises:
+            ConfigError: if the controller was not told the optimizer, or does not know its state.
+        """
+        self.run.reset_optimizer_state(param, index_mask, self.name)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimizer groups for the method's own parameters, each with a ``"name"`` and its defaults."""
@@ -118,6 +172,17 @@ def register_method(cls: type[Method]) -> type[Method]:
     if not dataclasses.is_dataclass(cls.Config):
         raise ConfigError(f"{cls.__qualname__}.Config must be a dataclass")
     _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister_method(name: str) -> type[Method]:
+    """Remove the method registered as ``name`` (plugins and tests that register one for a while).
+
+    Raises:
+        UnknownNameError: listing the registered names.
+    """
+    cls = get_method(name)
+    del _REGISTRY[name]
     return cls
 
 

@@ -4,8 +4,16 @@ Four kinds (DESIGN.md): *masked* (this package's :class:`Masked`), *gated*, *sof
 each is one file deriving from :class:`SparseParametrization`.
 """
 
-from .base import SparseParametrization, attach, detach_all, is_ours, wrapped_tensors
+from .base import SparseParametrization, attach, detach_all, generation, is_ours, wrapped_tensors
 from .gated import ChannelGate, ChannelGated, GatedWeight  # noqa: F401  (the gated kind)
 from .masked import Masked
 
-__all__ = ["SparseParametrization", "Masked", "attach", "detach_all", "is_ours", "wrapped_tensors"]
+__all__ = [
+    "SparseParametrization",
+    "Masked",
+    "attach",
+    "detach_all",
+    "generation",
+    "is_ours",
+    "wrapped_tensors",
+]

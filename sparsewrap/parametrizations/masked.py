@@ -14,11 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import (
-    Optimizer,
-    register_optimizer_step_post_hook,
-    register_optimizer_step_pre_hook,
-)
+from torch.optim.optimizer import Optimizer
 
 from .. import native
 from .base import SparseParametrization, version_key
@@ -41,7 +37,7 @@ _TRACKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(original) -> (or
 _STATE_MASKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> {id(param): mask key}
 # optimizer -> the (Masked, original) pairs its step in progress leaves clean (see Masked._ready_for_step)
 _STEPPING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_hooks_installed = False
+_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its two hook handles
 
 
 def _tracked(p: Tensor) -> Masked | None:
@@ -74,12 +70,24 @@ def _after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
         owner.__dict__["_clean"] = (version_key(p), version_key(owner._buffers["mask"]))
 
 
-def _install_hooks() -> None:
-    global _hooks_installed
-    if not _hooks_installed:
-        register_optimizer_step_pre_hook(_before_step)
-        register_optimizer_step_post_hook(_after_step)
-        _hooks_installed = True
+def watch_optimizer(optimizer: Optimizer) -> None:
+    """Let hard masks follow ``optimizer``'s steps (idempotent; the controller's ``start(optimizer=...)`` calls it).
+
+    Registers a step pre-hook and post-hook on this optimizer only (never on every optimizer of the process).
+    Before a step of a :data:`ZERO_PRESERVING` optimizer, its per-weight state is zeroed at pruned entries once
+    per mask change; after it, the originals it leaves zero at pruned entries are marked clean, so neither the
+    next forward nor ``sp.step()`` needs a pass over them. An optimizer that is not watched costs that one
+    in-place pass per weight instead, with the same values.
+    """
+    if optimizer not in _WATCHED:
+        pre = optimizer.register_step_pre_hook(_before_step)
+        post = optimizer.register_step_post_hook(_after_step)
+        _WATCHED[optimizer] = (pre, post)
+
+
+def is_watched(optimizer: Optimizer) -> bool:
+    """Whether :func:`watch_optimizer` was called on ``optimizer``."""
+    return optimizer in _WATCHED
 
 
 class _MaskGrad(torch.autograd.Function):
@@ -117,11 +125,12 @@ class Masked(SparseParametrization):
 
     - the forward zeroes the pruned entries in place whenever the original or the mask has changed since it
       was last known clean (tensor version counters tell; one in-place pass);
-    - after a step of a :data:`ZERO_PRESERVING` optimizer (SGD, Adam, AdamW, ...) the original is still
-      clean when it was clean before the step, its gradient is as the hook left it, and the optimizer's
-      per-weight state is zero at the pruned entries (zeroed once, in place, whenever the mask changes).
-      The forward then needs no pass at all. Any other writer (another optimizer, gradient clipping or
-      noise, ``load_state_dict``) just costs the in-place pass at the next forward.
+    - after a step of a :data:`ZERO_PRESERVING` optimizer (SGD, Adam, AdamW, ...) that the controller knows
+      (:func:`watch_optimizer`), the original is still clean when it was clean before the step, its gradient
+      is as the hook left it, and the optimizer's per-weight state is zero at the pruned entries (zeroed
+      once, in place, whenever the mask changes). The forward then needs no pass at all. Any other writer
+      (an optimizer the controller was not given, gradient clipping or noise, ``load_state_dict``) just costs
+      the in-place pass, at ``sp.step()`` (:meth:`settle`) or at the next forward.
 
     The hook masks every gradient that reaches ``original.grad``, also from a loss term that reads the
     original directly, so pruned weights stay frozen at zero. ``torch.autograd.grad`` with respect to the
@@ -172,6 +181,16 @@ class Masked(SparseParametrization):
         if hooked or not original.requires_grad:
             return original  # already original * mask; a gradient is masked where it accumulates
         return _MaskGrad.apply(original, mask)
+
+    def settle(self, original: Tensor) -> None:
+        """Zero ``original`` at pruned entries if anything wrote to it since it was last known clean (hard masks).
+
+        The controller's ``step()`` calls it after each optimizer step, so that pruned weights are exactly zero
+        between steps whatever the optimizer did (a no-op after a step that :func:`watch_optimizer` saw keep
+        them zero).
+        """
+        if self.hard and (version_key(original), version_key(self._buffers["mask"])) != self._clean:
+            self.project(original)
 
     def project(self, original: Tensor) -> None:
         """Zero ``original`` in place wherever the mask is zero (hard masks)."""
@@ -245,7 +264,6 @@ class Masked(SparseParametrization):
 
     # -- bookkeeping for the fast path ------------------------------------------------------------------------
     def _track(self, original: Tensor) -> None:
-        _install_hooks()
         self._original = weakref.ref(original)
         self._clean = self._grad_clean = None
         me = weakref.ref(self)
