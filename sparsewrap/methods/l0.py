@@ -32,8 +32,7 @@ Settings that worked on MNIST (``bench/l0_mnist.py``, 10 epochs, batch 128): Ada
 ``sp.param_groups(lr=1e-3)``, the defaults here (``gate_lr=0.05``, ``dual_lr=0.05``, ``droprate_init=0.5``,
 ``log_alpha_max=log(1000)``). The gates' group has its own learning rate because the weights' (say 1e-3 with
 Adam) moves ``log_alpha`` by about that much per step: far too slowly to close gates in a few epochs. On a
-pretrained model use ``droprate_init <= 0.15`` so that the eval gates start at exactly 1 (the model is unchanged
-until the gates move).
+pretrained model use ``droprate_init <= 0.15`` so that every learned eval gate starts at exactly 1.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ from ..errors import ConfigError, NoTargetsError, choices
 from ..macs import layer_macs
 from ..parametrizations import wrapped_tensors
 from ..parametrizations.base import version_key
-from ..parametrizations.gated import BETA, ChannelGate, GatedWeight, eval_gates, prob_nonzero
+from ..parametrizations.gated import BETA, GatedWeight, eval_gates, prob_nonzero
 from ..parametrizations.projection import EvalProjection
 from ..targets import _matcher
 from .base import Method, register_method
@@ -285,10 +284,9 @@ class L0(Method):
                     self._defect = dens - self._requested_densities(dens)
             self.duals.update(self._defect)
             self._defect = None
-        # fused optimizers (the gates' group asks for them) write the gates without bumping their version
-        # counters: bump them, so that the lazy clamp, a forward's cached expected count (a penalty computed
-        # before the next forward must not reuse it) and the eval projection all see the change
-        for p in self.gate_parameters():
+        # fused optimizers (the gates' group asks for them) do not bump the gates' version counters: bump them for
+        # the lazy clamp, the forward's cached expected count (not for a penalty written before the next forward)
+        for p in self.gate_parameters():  # and the eval projection
             torch.autograd.graph.increment_version(p)
         self.eval_projection.reset()
         self.steps = t + 1
@@ -325,14 +323,12 @@ class L0(Method):
                 version_key(t.original) for t in self.targets
             )
             if self._final is None or self._final[0] != key:
-                budgets = [self._budget(k) for k in range(len(self.densities))]
-                beta = self.config.temperature
-                if self.plan is None:
-                    final = project_weights(self.layers, budgets, beta)
-                else:
-                    final = project_channels(self.model, self.plan, self.layers, budgets, self.totals, beta)
-                self._final = (key, final)
-                self._record(final.learned, final.final)
+                budgets, beta = [self._budget(k) for k in range(len(self.densities))], self.config.temperature
+                final = (project_weights(self.layers, budgets, beta) if self.plan is None else
+                         project_channels(self.model, self.plan, self.layers, budgets, self.totals, beta))  # fmt: skip
+                self._final, total = (key, final), sum(self.totals)
+                self.last_projection = {"learned density (before projection)": final.learned / total,
+                                        "exported density": final.final / total}  # fmt: skip
         return self._final[1].factors
 
     def bake(self) -> dict[tuple[str, str], Tensor]:
@@ -340,10 +336,7 @@ class L0(Method):
         out = {}
         with torch.no_grad():
             for mname, module, tname, p in wrapped_tensors(self.model):
-                if p not in factors:
-                    continue
-                original = module.parametrizations[tname].original
-                f = factors[p]
+                original, f = module.parametrizations[tname].original, factors[p]
                 value = original * f.to(original.dtype) if isinstance(p, GatedWeight) else p.apply_gates(original, *f)
                 out[(mname, tname)] = value.detach().clone()
         return out
@@ -352,20 +345,13 @@ class L0(Method):
         d = self.densities[k]
         return None if d is None or self.config.lmbda is not None else d * self.totals[k]
 
-    def _spent(self, keep: dict[ChannelGate, Tensor]) -> float:
-        return sum(la.cost * la.count_for(keep) for la in self.layers)
-
-    def _record(self, learned: float, final: float) -> None:
-        total = sum(self.totals)
-        self.last_projection = {"learned density (before projection)": learned / total,
-                                "exported density": final / total}  # fmt: skip
-
     # -- reporting and state ----------------------------------------------------------------------------------
     def deterministic_density(self) -> float:
         """Overall density (budget units) of the eval-mode gates, without the final projection."""
         beta = self.config.temperature
         if self.plan is not None:
-            return self._spent({g: eval_gates(g.log_alpha, beta) > 0 for g in self.plan.gates}) / sum(self.totals)
+            keep = {g: eval_gates(g.log_alpha, beta) > 0 for g in self.plan.gates}
+            return sum(la.cost * la.count_for(keep) for la in self.layers) / sum(self.totals)
         self._clamp()
         kept = sum(la.cost * int((eval_gates(la.weight_gate.log_alpha, beta) > 0).sum()) for la in self.layers)
         return kept / sum(self.totals)
@@ -416,4 +402,7 @@ class L0(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "multipliers" in state:
             self.duals.load_state_dict(state)
-        self.steps = int(state.get("steps", self.steps))
+        steps = state.get("steps", self.steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"method state steps={steps!r} must be an int >= 0, as state_dict() saves it")
+        self.steps = steps
