@@ -6,7 +6,9 @@ one), so export keeps the units of highest ``log_alpha`` until the budget is met
 whose cost sums closest to the budget (exact to one weight); per channel, a greedy pass that drops the kept
 channels of lowest score while that brings every constraint closer to its budget, then restores dropped
 channels of highest score likewise, counting the cascade (a channel also removes its consumers' input slices).
-Every channel group keeps at least one channel.
+Every channel group keeps at least one channel. The result (:class:`Final`) gives, per gated tensor, the factors
+that export multiplies in; the parametrizations' eval-mode forward multiplies the same ones, so that the model one
+evaluates is the model one exports.
 """
 
 from __future__ import annotations

@@ -9,7 +9,13 @@ Hard concrete with stretch limits ``gamma = -0.1``, ``zeta = 1.1`` and temperatu
     P(z != 0) = 1 - clamp(sigmoid(beta * log(-gamma / zeta) - log_alpha), eps, 1 - eps)
 
 The eval gate divides by ``beta`` as in Gallego-Posada et al. 2022 (the gate is open when
-``log_alpha > beta * log(1/11) = -1.5986``); fractional eval gates are kept and folded into the weights.
+``log_alpha > beta * log(1/11) = -1.5986``); fractional eval gates are kept and folded into the weights. In eval
+mode a parametrization given an :class:`~sparsewrap.parametrizations.projection.EvalProjection` multiplies the
+method's final gates instead (its exact projection onto the budget: what export writes).
+
+``log_alpha`` is float32 at least (a half-precision weight gets float32 gates), and the samples, ``P(z != 0)`` and
+the expected counts are computed in float32 at least whatever its dtype: a float16 sum of a layer's probabilities
+overflows.
 
 Per-weight gates use one autograd function (``_GatedMul``) whose expected L0 count is a second output, so its
 gradient joins the gate gradient in one buffer; the backward needs only the weight, the sample and
@@ -473,11 +479,7 @@ class GatedWeight(SparseParametrization):
 
     def forward(self, original: Tensor) -> Tensor:
         if not self.training:
-            z = self.final.factors(self) if self.final is not None else None
-            if z is None:
-                self.ensure_clamped()
-                z = eval_gates(self.log_alpha, self.beta)
-            return original * (z if z.dtype == original.dtype else z.to(original.dtype))
+            return self._deterministic(original, self.final.factors(self) if self.final is not None else None)
         scratch = self._scratch if torch.is_grad_enabled() else None  # no backward: nothing to keep
         dirty = self.bound is not None and version_key(self.log_alpha) != self._clamped_at
         out, count = _GatedMul.apply(original, self.log_alpha, self.beta, scratch, self.bound if dirty else 0.0)
@@ -486,6 +488,18 @@ class GatedWeight(SparseParametrization):
         if count.requires_grad:
             self._count.value, self._count.version = count, self.log_alpha._version
         return out
+
+    def _deterministic(self, original: Tensor, z: Tensor | None = None) -> Tensor:
+        if z is None:
+            self.ensure_clamped()
+            z = eval_gates(self.log_alpha, self.beta)
+        return original * (z if z.dtype == original.dtype else z.to(original.dtype))
+
+    def bake(self, original: Tensor) -> Tensor:
+        """The *learned* deterministic tensor: the weight times its median gates, without the method's projection
+        (the report's figures "now", beside the exported ones; export takes the method's own ``bake``)."""
+        with torch.no_grad():
+            return self._deterministic(original).detach().clone()
 
     def expected_count(self) -> Tensor:
         """``sum(P(z != 0))`` (differentiable), from this step's forward when it ran with gradients."""
@@ -670,16 +684,25 @@ class ChannelGated(SparseParametrization):
             factors = self.final.factors(self)
             if factors is not None:
                 return self.apply_gates(original, *factors)
+        return self._gated(original, self.training)
+
+    def _gated(self, original: Tensor, training: bool) -> Tensor:
         out_gate, in_segs = self._gates
         z = None
         if out_gate is not None and not self.mask_only:
-            z = out_gate.gates(self.member, self.training)
-        elif out_gate is not None and not self.training:
+            z = out_gate.gates(self.member, training)
+        elif out_gate is not None and not training:
             z = out_gate.gates(0, False) > 0
         keep = None
-        if in_segs and not self.training:
+        if in_segs and not training:
             keep = self.input_keep({g: g.gates(0, False) > 0 for g, *_ in in_segs if g is not None})
         return self.apply_gates(original, z, keep)
+
+    def bake(self, original: Tensor) -> Tensor:
+        """The *learned* deterministic tensor: the eval gates, without the method's projection (the report's
+        figures "now", beside the exported ones; export takes the method's own ``bake``)."""
+        with torch.no_grad():
+            return self._gated(original, False).detach().clone()
 
     def input_keep(self, keeps: dict[ChannelGate, Tensor]) -> Tensor:
         """The 0/1 mask of dim 1 given a keep vector per gate."""
