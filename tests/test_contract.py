@@ -396,3 +396,59 @@ def test_register_method_refuses_bad_classes(monkeypatch) -> None:
     plain_config = type("PlainConfig", (sw.Method,), {"name": "test-plain", "Config": dict})
     with pytest.raises(ConfigError, match=r"PlainConfig.Config must be a dataclass"):
         sw.register_method(plain_config)
+
+
+# -- issue 14: the penalty in either order; the eval model is the exported model at every step -------------------
+def _train_in_order(sp: sw.Sparsifier, x: Tensor, steps: int, penalty_first: bool, seed: int = 7) -> None:
+    """``_train`` with the penalty written before (``sp.penalty() + loss(model(x))``) or after the forward."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(sp.param_groups(lr=0.05), momentum=0.9)
+    sp.model.train()
+    for _ in range(steps):
+        if penalty_first:
+            penalty = sp.penalty()
+            loss = penalty + _loss(sp.model(x))
+        else:
+            loss = _loss(sp.model(x)) + sp.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sp.step()
+
+
+@models
+@rows
+def test_penalty_is_valid_before_or_after_the_forward(model_name: str, row_id: str) -> None:
+    x = _input(model_name)
+    first, after = _sparsify(model_name, row_id, seed=5), _sparsify(model_name, row_id, seed=5)
+    _train_in_order(first, x, steps=3, penalty_first=True)  # per-weight L0 failed here on the second step
+    _train_in_order(after, x, steps=3, penalty_first=False)
+    # the same training either way: the penalty's value and gradient do not depend on when it is computed
+    for (name, a), b in zip(first.model.state_dict().items(), after.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(first.penalty(), after.penalty(), rtol=1e-5, atol=1e-7)
+
+
+# rows whose export is ahead of the live model mid-schedule: magnitude's bake() prunes to the final target while
+# the masks follow the schedule (sparsewrap/methods/magnitude.py); strict, so a fix shows up here
+EXPORT_AHEAD_OF_SCHEDULE: set[str] = {"magnitude-gradual"}
+
+
+@models
+@pytest.mark.parametrize(
+    "row_id",
+    [
+        pytest.param(r, marks=pytest.mark.xfail(strict=True, reason="export prunes to the final target mid-schedule"))
+        if r in EXPORT_AHEAD_OF_SCHEDULE
+        else r
+        for r in ROW_IDS
+    ],
+)
+def test_eval_outputs_equal_the_exported_models_at_every_step(model_name: str, row_id: str) -> None:
+    x = _input(model_name)
+    sp = _sparsify(model_name, row_id, seed=5)
+    for steps in (0, 1, 3):  # 0, 1 and 4 steps in all
+        _train(sp, x, steps=steps, seed=11 + steps)
+        live = _eval(sp.model, x)
+        _assert_outputs_equal(_eval(sw.export(sp), x), live, exact=True)
+        _assert_outputs_equal(_eval(sp.model, x), live, exact=True)  # export changed nothing in the live model

@@ -1,7 +1,8 @@
 """Constrained L0 on real MNIST: the constraint is met during training and the target exactly at export.
 
 The default test trains LeNet-300-100 briefly on a subset (seconds); the slow one trains LeNet-5 with channel
-gates at 90 % sparsity on the full set and checks the test error (``pytest -m slow``).
+gates at 90 % sparsity on the full set and checks the test error, and the README's quickstart with default options
+reaches 95 % at 90 % sparsity for both granularities (``pytest -m slow``).
 """
 
 from __future__ import annotations
@@ -78,3 +79,33 @@ def test_lenet5_channel_gates_at_90_percent(mnist):
     purged = sw.export(sp, purge=True, example_inputs=torch.zeros(1, 1, 28, 28))
     assert sum(p.numel() for p in purged.parameters()) < 0.15 * 431_080
     assert error(purged, test_set) == pytest.approx(error(plain, test_set), abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_the_quickstart_with_defaults_only_reaches_95_percent(mnist, granularity):
+    """The README's quickstart, nothing tuned: Adam with the weights' lr, the gates' group on its own default.
+
+    With the gates on the weights' lr (1e-3) the channel gates ended at 9.7 % eval accuracy (57 % exported) and
+    per-weight gates at 90 %; with the default gate lr: 97.1 % and 95.9 % (about 45 s each at one thread).
+    """
+    torch.manual_seed(0)
+    train_set, test_set = mnist
+    model = mlp_300_100()
+    sp = sw.sparsify(model, "l0", target=0.9, granularity=granularity)
+    opt = torch.optim.Adam(sp.param_groups(lr=1e-3))
+    x, y = train_set.tensors
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model.train()
+        for idx in torch.randperm(len(x), generator=gen).split(128):
+            loss = F.cross_entropy(model(x[idx]), y[idx]) + sp.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sp.step()
+    plain = sw.export(sp)
+    assert error(plain, test_set) <= 0.05
+    assert error(model, test_set) == error(plain, test_set)  # what one evaluates is what one exports
+    assert abs(exported_sparsity(plain, ["fc1", "fc2"]) - 0.9) <= (784 + 100) / (784 * 300 + 300 * 100)
+    assert sp.report().notes == []  # the expected density converged to the target

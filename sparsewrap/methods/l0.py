@@ -18,7 +18,10 @@ NeurIPS 2022 (https://arxiv.org/abs/2208.04425), on the gates of Louizos et al. 
   layers of the exported model; needs ``input_shape``). Note: ``target`` is a *sparsity*; the papers'
   "target density 0.1" is ``target=0.9``.
 - Export folds the deterministic gates into the weights (fractional gates kept), then projects exactly onto
-  the budget (:mod:`.l0_projection`); ``sp.report()`` says how far the learned gates were from it.
+  the budget (:mod:`.l0_projection`); ``sp.report()`` says how far the learned gates were from it, and adds a
+  note when the expected density ends far from the requested one. The eval-mode forward applies the same
+  final gates (recomputed only after a step or a change of the gates or weights), so the model one evaluates
+  is the model one exports, at any point of training.
 - ``granularity="channel"`` gates the exact channel groups of the traced graph whose producers are all
   targeted (see :mod:`.l0_layout`); give ``input_shape`` (timm models know theirs) so that flatten -> Linear
   is analysed. A conv whose only use is a gated BatchNorm is gated through the BatchNorm (``z * BN(x)``) and
@@ -26,9 +29,10 @@ NeurIPS 2022 (https://arxiv.org/abs/2208.04425), on the gates of Louizos et al. 
   are dropped from the targets and listed in ``sp.report().notes``.
 
 Settings that worked on MNIST (``bench/l0_mnist.py``, 10 epochs, batch 128): Adam,
-``sp.param_groups(lr=1e-3, gates={"lr": 0.05})``, the defaults here (``dual_lr=0.05``, ``droprate_init=0.5``,
-``log_alpha_max=log(1000)``). On a pretrained model use ``droprate_init <= 0.15`` so that the eval gates start
-at exactly 1 (the model is unchanged until the gates move).
+``sp.param_groups(lr=1e-3)``, the defaults here (``gate_lr=0.05``, ``dual_lr=0.05``, ``droprate_init=0.5``,
+``log_alpha_max=log(1000)``). The gates' group has its own learning rate because the weights' (say 1e-3 with
+Adam) moves ``log_alpha`` by about that much per step: far too slowly to close gates in a few epochs. On a
+pretrained model use ``droprate_init <= 0.15`` so that every learned eval gate starts at exactly 1.
 """
 
 from __future__ import annotations
@@ -44,14 +48,17 @@ from ..constraints import DualAscent
 from ..errors import ConfigError, NoTargetsError, choices
 from ..macs import layer_macs
 from ..parametrizations import wrapped_tensors
-from ..parametrizations.gated import BETA, ChannelGate, ChannelGated, eval_gates, mean_gates, prob_nonzero
+from ..parametrizations.base import version_key
+from ..parametrizations.gated import BETA, GatedWeight, eval_gates, prob_nonzero
+from ..parametrizations.projection import EvalProjection
 from ..targets import _matcher
 from .base import Method, register_method
-from .l0_layout import ExpectedCost, GatedLayer, attach_channel_gates, attach_weight_gates, channel_scores
-from .l0_projection import ChannelProjection, top_by_cost, weight_scores
+from .l0_layout import ExpectedCost, GatedLayer, attach_channel_gates, attach_weight_gates
+from .l0_projection import Final, project_channels, project_weights
 
 GRANULARITIES = ("weight", "channel")
 BUDGETS = ("params", "macs")
+FAR = 0.2  # the report notes an expected density more than 20 % (relative) away from the requested one
 
 
 @dataclass
@@ -65,7 +72,10 @@ class L0Config:
         input_shape: one input's shape without the batch dim, e.g. ``[3, 224, 224]`` (for ``budget="macs"``).
         dual_lr: learning rate of the multipliers' projected gradient ascent.
         dual_restarts: reset a multiplier to 0 when its constraint is satisfied.
-        gate_lr: learning rate of the gates' optimizer group (``None``: the weights' learning rate).
+        gate_lr: learning rate of the gates' optimizer group, whatever the weights' (``None``: the weights').
+            The default 0.05 is for Adam-type optimizers, whose step is about the learning rate whatever the
+            gradient's scale; with SGD the gates' gradients are small (per-weight gates: divided by the number of
+            weights) and the papers use 1 to 6.
         droprate_init: initial drop rate ``d`` of the gates (``log_alpha = log((1 - d) / d)``).
         temperature: hard-concrete temperature ``beta``.
         log_alpha_max: ``log_alpha`` is clamped to ``[-log_alpha_max, log_alpha_max]`` after each step. The
@@ -84,7 +94,7 @@ class L0Config:
     input_shape: list[int] | None = None
     dual_lr: float = 0.05
     dual_restarts: bool = True
-    gate_lr: float | None = None
+    gate_lr: float | None = 0.05
     droprate_init: float = 0.5
     temperature: float = BETA
     log_alpha_max: float = math.log(1000.0)
@@ -149,14 +159,17 @@ class L0(Method):
         costs = self._costs()
         self.notes_: list[str] = []
         self.plan = None
+        self.eval_projection = EvalProjection()  # the parametrizations' eval forward asks it for final_factors()
+        self._final: tuple[tuple, Final] | None = None
+        self.steps = 0
         if cfg.granularity == "weight":
-            gates = attach_weight_gates(self.targets, cfg.droprate_init, cfg.temperature, cfg.log_alpha_max)
+            gates = attach_weight_gates(self.targets, cfg.droprate_init, cfg.temperature, cfg.log_alpha_max,
+                                        self.eval_projection)  # fmt: skip
             self.layers = [GatedLayer(t, constraint_of[t.name], costs[t.name], weight_gate=g)
                            for t, g in zip(self.targets, gates)]  # fmt: skip
         else:
-            self.plan = attach_channel_gates(
-                self.model, self.graph, self.targets, cfg.droprate_init, cfg.temperature, cfg.input_shape
-            )
+            self.plan = attach_channel_gates(self.model, self.graph, self.targets, cfg.droprate_init,
+                                             cfg.temperature, cfg.input_shape, self.eval_projection)  # fmt: skip
             self.notes_ += self.plan.notes
             gated = set(self.plan.out_gates) | set(self.plan.in_segs)
             if not gated:
@@ -183,6 +196,12 @@ class L0(Method):
             self._check_floor()
         if cfg.budget == "macs":
             self.notes_.append("budget='macs': the requested sparsity is a fraction of the targeted layers' MACs")
+        self.eval_projection.bind(self.final_factors)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "eval_projection" in state:  # a copy (deepcopy, pickle): its parametrizations ask this copy
+            self.eval_projection.bind(self.final_factors)
 
     def _constraints(self) -> tuple[dict[str, int], list[float | None]]:
         if not isinstance(self.target, dict):
@@ -241,10 +260,10 @@ class L0(Method):
         return [la.weight_gate.log_alpha for la in self.layers if la.weight_gate is not None]
 
     def expected_densities(self) -> Tensor:
-        """``E[density_k]`` per constraint, in budget units (differentiable in the gates)."""
+        """``E[density_k]`` per constraint, in budget units (differentiable in the gates; float32 at least)."""
         like = next(iter(self.gate_parameters()), None)
         like = like if like is not None else self.zero(self.model)
-        return self._expected(like.device).to(like.dtype)
+        return self._expected(like.device).to(torch.promote_types(like.dtype, torch.float32))
 
     def _requested_densities(self, like: Tensor) -> Tensor:
         return torch.tensor([d if d is not None else 0.0 for d in self.densities], dtype=like.dtype, device=like.device)
@@ -265,6 +284,12 @@ class L0(Method):
                     self._defect = dens - self._requested_densities(dens)
             self.duals.update(self._defect)
             self._defect = None
+        # fused optimizers (the gates' group asks for them) do not bump the gates' version counters: bump them for
+        # the lazy clamp, the forward's cached expected count (not for a penalty written before the next forward)
+        for p in self.gate_parameters():  # and the eval projection
+            torch.autograd.graph.increment_version(p)
+        self.eval_projection.reset()
+        self.steps = t + 1
         self._clamp(lazy=True)
 
     def _clamp(self, lazy: bool = False) -> None:
@@ -287,80 +312,46 @@ class L0(Method):
         return [group]
 
     # -- export ---------------------------------------------------------------------------------------------
-    def bake(self) -> dict[tuple[str, str], Tensor]:
+    def final_factors(self) -> dict[torch.nn.Module, Any]:
+        """What export multiplies into each gated tensor, per parametrization (see :class:`.l0_projection.Final`):
+        the projection onto the budget, recomputed only when a gate or a targeted weight changed (the scores'
+        tie-breaks read the weights). The parametrizations' eval-mode forward uses it too."""
         with torch.no_grad():
             if self.plan is None:
-                return self._bake_weights()
-            return self._bake_channels()
+                self._clamp()
+            key = tuple(version_key(p) for p in self.gate_parameters()) + tuple(
+                version_key(t.original) for t in self.targets
+            )
+            if self._final is None or self._final[0] != key:
+                budgets, beta = [self._budget(k) for k in range(len(self.densities))], self.config.temperature
+                final = (project_weights(self.layers, budgets, beta) if self.plan is None else
+                         project_channels(self.model, self.plan, self.layers, budgets, self.totals, beta))  # fmt: skip
+                self._final, total = (key, final), sum(self.totals)
+                self.last_projection = {"learned density (before projection)": final.learned / total,
+                                        "exported density": final.final / total}  # fmt: skip
+        return self._final[1].factors
+
+    def bake(self) -> dict[tuple[str, str], Tensor]:
+        factors = self.final_factors()
+        out = {}
+        with torch.no_grad():
+            for mname, module, tname, p in wrapped_tensors(self.model):
+                original, f = module.parametrizations[tname].original, factors[p]
+                value = original * f.to(original.dtype) if isinstance(p, GatedWeight) else p.apply_gates(original, *f)
+                out[(mname, tname)] = value.detach().clone()
+        return out
 
     def _budget(self, k: int) -> float | None:
         d = self.densities[k]
         return None if d is None or self.config.lmbda is not None else d * self.totals[k]
-
-    def _final_gates(self, log_alpha: Tensor, keep: Tensor) -> Tensor:
-        z = eval_gates(log_alpha, self.config.temperature)
-        restored = keep & (z <= 0)
-        z = torch.where(keep, z, torch.zeros_like(z))
-        if restored.any():
-            z[restored] = mean_gates(log_alpha[restored], self.config.temperature)
-        return z
-
-    def _bake_weights(self) -> dict[tuple[str, str], Tensor]:
-        self._clamp()
-        keeps: dict[int, Tensor] = {}
-        for k in range(len(self.densities)):
-            mine = [la for la in self.layers if la.constraint == k]
-            budget = self._budget(k)
-            if budget is None:
-                chosen = [eval_gates(la.weight_gate.log_alpha, la.weight_gate.beta) > 0 for la in mine]
-            else:
-                scores = [weight_scores(la.target.original, la.weight_gate.log_alpha) for la in mine]
-                chosen = top_by_cost(scores, [la.cost for la in mine], budget)
-            keeps.update({id(la): c for la, c in zip(mine, chosen)})
-        out, learned, final = {}, 0.0, 0.0
-        for la in self.layers:
-            gate = la.weight_gate
-            z = self._final_gates(gate.log_alpha, keeps[id(la)])
-            out[(la.name, "weight")] = (la.target.original * z.to(la.target.original.dtype)).detach().clone()
-            learned += la.cost * int((eval_gates(gate.log_alpha, gate.beta) > 0).sum())
-            final += la.cost * int(keeps[id(la)].sum())
-        self._record(learned, final)
-        return out
-
-    def _bake_channels(self) -> dict[tuple[str, str], Tensor]:
-        beta = self.config.temperature
-        keep0 = {g: eval_gates(g.log_alpha, beta) > 0 for g in self.plan.gates}
-        keep = keep0
-        if all(self._budget(k) is not None for k in range(len(self.densities))):
-            budgets = [self._budget(k) for k in range(len(self.densities))]
-            projection = ChannelProjection(self.layers, budgets, self.totals)
-            keep = projection.run(channel_scores(self.plan, dict(self.model.named_modules())), keep0)
-        z = {g: self._final_gates(g.log_alpha, keep[g]) for g in self.plan.gates}
-        out = {}
-        for mname, module, tname, p in wrapped_tensors(self.model):
-            if not isinstance(p, ChannelGated):
-                continue
-            original = module.parametrizations[tname].original
-            zo = (keep if p.mask_only else z)[p.out_gate] if p.out_gate is not None else None
-            ki = p.input_keep(keep) if p.in_segs else None
-            out[(mname, tname)] = p.apply_gates(original, zo, ki).detach().clone()
-        self._record(self._spent(keep0), self._spent(keep))
-        return out
-
-    def _spent(self, keep: dict[ChannelGate, Tensor]) -> float:
-        return sum(la.cost * la.count_for(keep) for la in self.layers)
-
-    def _record(self, learned: float, final: float) -> None:
-        total = sum(self.totals)
-        self.last_projection = {"learned density (before projection)": learned / total,
-                                "exported density": final / total}  # fmt: skip
 
     # -- reporting and state ----------------------------------------------------------------------------------
     def deterministic_density(self) -> float:
         """Overall density (budget units) of the eval-mode gates, without the final projection."""
         beta = self.config.temperature
         if self.plan is not None:
-            return self._spent({g: eval_gates(g.log_alpha, beta) > 0 for g in self.plan.gates}) / sum(self.totals)
+            keep = {g: eval_gates(g.log_alpha, beta) > 0 for g in self.plan.gates}
+            return sum(la.cost * la.count_for(keep) for la in self.layers) / sum(self.totals)
         self._clamp()
         kept = sum(la.cost * int((eval_gates(la.weight_gate.log_alpha, beta) > 0).sum()) for la in self.layers)
         return kept / sum(self.totals)
@@ -381,7 +372,21 @@ class L0(Method):
         return out
 
     def notes(self) -> list[str]:
-        return list(self.notes_)
+        out = list(self.notes_)
+        if self.config.lmbda is not None or self.steps == 0:
+            return out
+        with torch.no_grad():
+            expected = self.expected_densities().double().cpu().tolist()
+        for k, (e, d) in enumerate(zip(expected, self.densities)):
+            if abs(e - d) > FAR * d:
+                where = "" if len(self.densities) == 1 else f" of {self._constraint_name(k)}"
+                out.append(
+                    f"expected density{where} {e:.3f} is far from the requested {d:.3f} after {self.steps} steps: "
+                    "the gates have not converged, and export's projection changes the model the more; train "
+                    "longer, or raise the gates' learning rate (param_groups(gates={'lr': ...}), default 0.05 "
+                    "for Adam) or dual_lr"
+                )
+        return out
 
     def requested_sparsity(self) -> float | None:
         if self.config.lmbda is not None:
@@ -392,8 +397,12 @@ class L0(Method):
         return 1.0 - sum(d * t for d, t in zip(self.densities, self.totals)) / total
 
     def state_dict(self) -> dict[str, Any]:
-        return self.duals.state_dict()
+        return {**self.duals.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "multipliers" in state:
             self.duals.load_state_dict(state)
+        steps = state.get("steps", self.steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"method state steps={steps!r} must be an int >= 0, as state_dict() saves it")
+        self.steps = steps

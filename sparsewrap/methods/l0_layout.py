@@ -27,7 +27,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..dependency import ChannelAnalysis, ChannelGroup, analyse_channels
 from ..parametrizations import attach
-from ..parametrizations.gated import ChannelGate, ChannelGated, GateBank, GatedWeight, InSeg, prob_nonzero
+from ..parametrizations.gated import ChannelGate, ChannelGated, GateBank, GatedWeight, InSeg, prob_nonzero, wide
+from ..parametrizations.projection import EvalProjection
 from ..targets import Target
 from ..tracing import ModelGraph, symbolic_trace
 
@@ -180,7 +181,7 @@ class ExpectedCost:
         if n:
             f = t["const"]
             if self.gates:
-                p = prob_nonzero(torch.cat([g.log_alpha for g in self.gates]), self.gates[0].beta).double()
+                p = prob_nonzero(wide(torch.cat([g.log_alpha for g in self.gates])), self.gates[0].beta).double()
                 cs = torch.nn.functional.pad(torch.cat([p, p * (1.0 - p)]).cumsum(0), (1, 0))
                 f = f.index_add(0, t["rows"], (cs[t["hi"]] - cs[t["lo"]]) * t["scale"])
             used = used.index_add(0, t["owner"], t["weights"] * (f[:n] * f[n : 2 * n] + f[2 * n :]))
@@ -190,10 +191,11 @@ class ExpectedCost:
         return used / t["totals"]
 
 
-def attach_weight_gates(targets: list[Target], droprate_init: float, beta: float,
-                        bound: float | None = None) -> list[GatedWeight]:  # fmt: skip
-    """One :class:`GatedWeight` on each target's weight (``log_alpha`` clamped to ``[-bound, bound]``)."""
-    return [attach(t.module, "weight", GatedWeight(t.original, droprate_init, beta, bound)) for t in targets]
+def attach_weight_gates(targets: list[Target], droprate_init: float, beta: float, bound: float | None = None,
+                        final: EvalProjection | None = None) -> list[GatedWeight]:  # fmt: skip
+    """One :class:`GatedWeight` on each target's weight (``log_alpha`` clamped to ``[-bound, bound]``; eval-mode
+    gates from ``final``)."""
+    return [attach(t.module, "weight", GatedWeight(t.original, droprate_init, beta, bound, final)) for t in targets]
 
 
 @dataclass
@@ -250,8 +252,10 @@ def _analysis(
 
 
 def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Target], droprate_init: float,
-                         beta: float, input_shape: Sequence[int] | None = None) -> ChannelPlan:  # fmt: skip
-    """Create one gate per exact, fully targeted channel group and attach the gated parametrizations.
+                         beta: float, input_shape: Sequence[int] | None = None,
+                         final: EvalProjection | None = None) -> ChannelPlan:  # fmt: skip
+    """Create one gate per exact, fully targeted channel group and attach the gated parametrizations (their
+    eval-mode gates from ``final``).
 
     Raises:
         TraceError: if the model could not be traced (channel groups unknown).
@@ -301,7 +305,7 @@ def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Targ
             plan.notes.append(f"{t.name}: no gated channel group on its output or input; left dense, not a target")
             continue
         own = out is not None and out not in owned
-        attach(t.module, "weight", ChannelGated(out, segs, owner=own, mask_only=t.name in normalized))
+        attach(t.module, "weight", ChannelGated(out, segs, owner=own, mask_only=t.name in normalized, final=final))
         owned.add(out)
     done: set[tuple[str, str]] = set()
     for index, gate in gate_of.items():
@@ -309,7 +313,7 @@ def attach_channel_gates(model: nn.Module, graph: ModelGraph, targets: list[Targ
             if (mname, tname) in done or getattr(modules[mname], tname, None) is None:
                 continue
             done.add((mname, tname))
-            attach(modules[mname], tname, ChannelGated(gate, mask_only=mname in normalized))
+            attach(modules[mname], tname, ChannelGated(gate, mask_only=mname in normalized, final=final))
     return plan
 
 

@@ -6,18 +6,23 @@ one), so export keeps the units of highest ``log_alpha`` until the budget is met
 whose cost sums closest to the budget (exact to one weight); per channel, a greedy pass that drops the kept
 channels of lowest score while that brings every constraint closer to its budget, then restores dropped
 channels of highest score likewise, counting the cascade (a channel also removes its consumers' input slices).
-Every channel group keeps at least one channel.
+Every channel group keeps at least one channel. The result (:class:`Final`) gives, per gated tensor, the factors
+that export multiplies in; the parametrizations' eval-mode forward multiplies the same ones, so that the model one
+evaluates is the model one exports.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..parametrizations.gated import ChannelGate
-from .l0_layout import GatedLayer
+from ..parametrizations import wrapped_tensors
+from ..parametrizations.gated import ChannelGate, ChannelGated, eval_gates, mean_gates
+from .l0_layout import ChannelPlan, GatedLayer, channel_scores
 
 
 def weight_scores(weight: Tensor, log_alpha: Tensor) -> Tensor:
@@ -133,3 +138,74 @@ class ChannelProjection:
                     for k, d in delta.items():
                         self.used[k] += d
         return {g: k.to(keep0[g].device) for g, k in keep.items()}
+
+
+# -- the final gates: what export multiplies in, and what the eval-mode forward uses --------------------------------
+def final_gates(log_alpha: Tensor, keep: Tensor, beta: float) -> Tensor:
+    """The final gate values: the eval gate where ``keep``, 0 elsewhere; a unit the projection restored (kept,
+    but with an eval gate of 0) gets its mean gate ``E[z]`` instead."""
+    z = eval_gates(log_alpha, beta)
+    restored = keep & (z <= 0)
+    z = torch.where(keep, z, torch.zeros_like(z))
+    if restored.any():
+        z[restored] = mean_gates(log_alpha[restored], beta)
+    return z
+
+
+@dataclass
+class Final:
+    """The result of a final projection.
+
+    Attributes:
+        factors: per gated parametrization, what export multiplies in: the gate tensor (per weight) or the pair
+            ``(gate values or keep-mask along dim 0, input keep-mask)`` of :meth:`ChannelGated.apply_gates`.
+        learned: budget units the eval-mode gates keep (before the projection).
+        final: budget units kept after it.
+    """
+
+    factors: dict[nn.Module, Any]
+    learned: float
+    final: float
+
+
+def project_weights(layers: list[GatedLayer], budgets: list[float | None], beta: float) -> Final:
+    """Per-weight gates: per constraint, the units of highest score whose cost is closest to its budget (``None``:
+    no projection, the eval gates' own choice)."""
+    keeps: dict[int, Tensor] = {}
+    for k, budget in enumerate(budgets):
+        mine = [la for la in layers if la.constraint == k]
+        if budget is None:
+            chosen = [eval_gates(la.weight_gate.log_alpha, beta) > 0 for la in mine]
+        else:
+            scores = [weight_scores(la.target.original, la.weight_gate.log_alpha) for la in mine]
+            chosen = top_by_cost(scores, [la.cost for la in mine], budget)
+        keeps.update({id(la): c for la, c in zip(mine, chosen)})
+    factors: dict[nn.Module, Any] = {}
+    learned, final = 0.0, 0.0
+    for la in layers:
+        log_alpha = la.weight_gate.log_alpha
+        factors[la.weight_gate] = final_gates(log_alpha, keeps[id(la)], beta)
+        learned += la.cost * int((eval_gates(log_alpha, beta) > 0).sum())
+        final += la.cost * int(keeps[id(la)].sum())
+    return Final(factors, learned, final)
+
+
+def project_channels(model: nn.Module, plan: ChannelPlan, layers: list[GatedLayer], budgets: list[float | None],
+                     totals: list[float], beta: float) -> Final:  # fmt: skip
+    """Channel gates: the greedy :class:`ChannelProjection` onto the budgets (when every constraint has one)."""
+    keep0 = {g: eval_gates(g.log_alpha, beta) > 0 for g in plan.gates}
+    keep = keep0
+    if all(b is not None for b in budgets):
+        scores = channel_scores(plan, dict(model.named_modules()))
+        keep = ChannelProjection(layers, budgets, totals).run(scores, keep0)
+    z = {g: final_gates(g.log_alpha, keep[g], beta) for g in plan.gates}
+    factors: dict[nn.Module, Any] = {}
+    for _mname, _module, _tname, p in wrapped_tensors(model):
+        if isinstance(p, ChannelGated):
+            zo = (keep if p.mask_only else z)[p.out_gate] if p.out_gate is not None else None
+            factors[p] = (zo, p.input_keep(keep) if p.in_segs else None)
+
+    def spent(keeps: dict[ChannelGate, Tensor]) -> float:
+        return sum(la.cost * la.count_for(keeps) for la in layers)
+
+    return Final(factors, spent(keep0), spent(keep))

@@ -9,7 +9,13 @@ Hard concrete with stretch limits ``gamma = -0.1``, ``zeta = 1.1`` and temperatu
     P(z != 0) = 1 - clamp(sigmoid(beta * log(-gamma / zeta) - log_alpha), eps, 1 - eps)
 
 The eval gate divides by ``beta`` as in Gallego-Posada et al. 2022 (the gate is open when
-``log_alpha > beta * log(1/11) = -1.5986``); fractional eval gates are kept and folded into the weights.
+``log_alpha > beta * log(1/11) = -1.5986``); fractional eval gates are kept and folded into the weights. In eval
+mode a parametrization given an :class:`~sparsewrap.parametrizations.projection.EvalProjection` multiplies the
+method's final gates instead (its exact projection onto the budget: what export writes).
+
+``log_alpha`` is float32 at least (a half-precision weight gets float32 gates), and the samples, ``P(z != 0)`` and
+the expected counts are computed in float32 at least whatever its dtype: a float16 sum of a layer's probabilities
+overflows.
 
 Per-weight gates use one autograd function (``_GatedMul``) whose expected L0 count is a second output, so its
 gradient joins the gate gradient in one buffer; the backward needs only the weight, the sample and
@@ -41,9 +47,11 @@ from torch import Tensor, nn
 
 from .. import native
 from .base import SparseParametrization, version_key
+from .projection import EvalProjection
 
 GAMMA, ZETA, EPS = -0.1, 1.1, 1e-6
 BETA = 2.0 / 3.0
+WIDE = (torch.float32, torch.float64)  # gate statistics are computed in these; half-precision gates are widened
 _STRETCH = ZETA - GAMMA
 if abs(ZETA + GAMMA - 1.0) > 1e-12:  # the fused backward below relies on it
     raise ImportError("hard-concrete limits must satisfy zeta + gamma = 1")
@@ -126,14 +134,22 @@ class _ExpectedCount(torch.autograd.Function):
     def forward(ctx, log_alpha: Tensor, beta: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(log_alpha)
         ctx.beta = beta
-        return _clamped_p(log_alpha, beta).sum()
+        return _clamped_p(wide(log_alpha), beta).sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (log_alpha,) = ctx.saved_tensors
-        p = _clamped_p(log_alpha, ctx.beta)
-        inside = torch.ops.aten.hardtanh_backward(grad.expand_as(p), p, EPS, 1.0 - EPS)
-        return torch.ops.aten.sigmoid_backward.grad_input(inside, p, grad_input=inside), None
+        p = _clamped_p(wide(log_alpha), ctx.beta)
+        inside = torch.ops.aten.hardtanh_backward(grad.to(p.dtype).expand_as(p), p, EPS, 1.0 - EPS)
+        out = torch.ops.aten.sigmoid_backward.grad_input(inside, p, grad_input=inside)
+        return out.to(log_alpha.dtype), None
+
+
+def wide(t: Tensor) -> Tensor:
+    """``t`` itself when float32/float64, else ``t`` in float32: a float16 sum of gate probabilities overflows at
+    65504 (a layer of 131 K gates at P = 1/2) and bfloat16's 8-bit mantissa rounds it, so statistics are taken in
+    float32 whatever the gates' dtype."""
+    return t if t.dtype in WIDE else t.float()
 
 
 def _clamped_p(log_alpha: Tensor, beta: float) -> Tensor:
@@ -142,7 +158,8 @@ def _clamped_p(log_alpha: Tensor, beta: float) -> Tensor:
 
 
 def expected_count(log_alpha: Tensor, beta: float = BETA) -> Tensor:
-    """``sum(prob_nonzero(log_alpha))``, the expected number of open gates, with a lean backward."""
+    """``sum(prob_nonzero(log_alpha))``, the expected number of open gates, with a lean backward (float32 at
+    least: see :func:`wide`)."""
     return _ExpectedCount.apply(log_alpha, beta)
 
 
@@ -185,9 +202,12 @@ def sample_gates_fused(log_alpha: Tensor, beta: float = BETA) -> Tensor:
 
 
 def init_log_alpha(shape: tuple[int, ...], droprate_init: float, like: Tensor) -> Tensor:
-    """``log_alpha ~ N(log((1 - d) / d), 0.01^2)`` as in the papers' code."""
+    """``log_alpha ~ N(log((1 - d) / d), 0.01^2)`` as in the papers' code, on ``like``'s device, in its dtype if that
+    is float32 or float64, else in float32 (the gates of a half-precision model stay float32, as a master copy
+    would: their optimizer moments and the expected-density statistics need the range)."""
     mean = math.log((1.0 - droprate_init) / droprate_init)
-    return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(mean, 1e-2)
+    dtype = like.dtype if like.dtype in WIDE else torch.float32
+    return torch.empty(shape, dtype=dtype, device=like.device).normal_(mean, 1e-2)
 
 
 # -- the fused per-weight path --------------------------------------------------------------------------------
@@ -221,11 +241,13 @@ class _GatedMul(torch.autograd.Function):
             return out, count
         if bound > 0:
             log_alpha.clamp_(-bound, bound)  # grad mode is off inside forward
-        z = _hard_concrete_(uniform_noise(log_alpha), log_alpha, beta)
-        p = torch.add(log_alpha, _shift(beta)).sigmoid_()
+        la = wide(log_alpha)  # the sample and the statistics in float32 at least (see wide)
+        z = _hard_concrete_(uniform_noise(la), la, beta)
+        p = torch.add(la, _shift(beta)).sigmoid_()
         count = p.sum()
         ctx.save_for_backward(w, z, p)
-        return w * z, count
+        ctx.la_dtype = log_alpha.dtype
+        return w * (z if z.dtype == w.dtype else z.to(w.dtype)), count
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, grad_count: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
@@ -237,8 +259,9 @@ class _GatedMul(torch.autograd.Function):
         grad_la, scratch = None, None
         if ctx.needs_input_grad[1] and grad is not None:
             # dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta) inside the clamp
-            scale = torch.zeros((), dtype=grad.dtype, device=grad.device)
-            scratch = torch.addcmul(scale, grad, w, value=1.0 / (_STRETCH * ctx.beta))
+            scale = torch.zeros((), dtype=z.dtype, device=grad.device)
+            g, wz = (grad, w) if grad.dtype == z.dtype else (grad.to(z.dtype), w.to(z.dtype))
+            scratch = torch.addcmul(scale, g, wz, value=1.0 / (_STRETCH * ctx.beta))
             grad_la = _through_gate(scratch, z)
         if ctx.needs_input_grad[1] and grad_count is not None:
             g = grad_count.to(p.dtype)
@@ -246,7 +269,11 @@ class _GatedMul(torch.autograd.Function):
                 grad_la = torch.ops.aten.sigmoid_backward(g, p)  # g p (1 - p)
             else:
                 grad_la.add_(torch.ops.aten.sigmoid_backward.grad_input(g, p, grad_input=scratch))
-        grad_w = grad * z if ctx.needs_input_grad[0] and grad is not None else None
+        if grad_la is not None and grad_la.dtype != ctx.la_dtype:
+            grad_la = grad_la.to(ctx.la_dtype)
+        grad_w = None
+        if ctx.needs_input_grad[0] and grad is not None:
+            grad_w = grad * (z if z.dtype == grad.dtype else z.to(grad.dtype))
         return grad_w, grad_la, None, None, None
 
 
@@ -420,18 +447,23 @@ class GatedWeight(SparseParametrization):
     :meth:`ensure_clamped`, which eval, :meth:`expected_count` and ``state_dict`` call. The values every
     forward, gradient and optimizer step see are those of clamping right after the step.
 
+    In eval mode the weight is multiplied by the final gates that ``final`` supplies (the method's projection onto
+    its budget, exactly what export multiplies in), or by the median gate when there is none.
+
     Args:
-        like: the weight (gives shape, dtype and device of ``log_alpha``).
+        like: the weight (gives shape, device and, float32 at least, dtype of ``log_alpha``).
         droprate_init: initial drop rate ``d`` (``log_alpha`` starts at ``log((1 - d) / d)``).
         beta: temperature.
         bound: the clamp of ``log_alpha``, or ``None``.
+        final: where the eval-mode gates come from (``None``: the median gates).
     """
 
     def __init__(self, like: Tensor, droprate_init: float = 0.5, beta: float = BETA,
-                 bound: float | None = None) -> None:  # fmt: skip
+                 bound: float | None = None, final: EvalProjection | None = None) -> None:  # fmt: skip
         super().__init__()
         self.beta = beta
         self.bound = bound
+        self.final = final
         self.log_alpha = nn.Parameter(init_log_alpha(tuple(like.shape), droprate_init, like))
         self._count = _Kept()
         self._scratch = _Scratch()
@@ -447,8 +479,7 @@ class GatedWeight(SparseParametrization):
 
     def forward(self, original: Tensor) -> Tensor:
         if not self.training:
-            self.ensure_clamped()
-            return original * eval_gates(self.log_alpha, self.beta)
+            return self._deterministic(original, self.final.factors(self) if self.final is not None else None)
         scratch = self._scratch if torch.is_grad_enabled() else None  # no backward: nothing to keep
         dirty = self.bound is not None and version_key(self.log_alpha) != self._clamped_at
         out, count = _GatedMul.apply(original, self.log_alpha, self.beta, scratch, self.bound if dirty else 0.0)
@@ -457,6 +488,18 @@ class GatedWeight(SparseParametrization):
         if count.requires_grad:
             self._count.value, self._count.version = count, self.log_alpha._version
         return out
+
+    def _deterministic(self, original: Tensor, z: Tensor | None = None) -> Tensor:
+        if z is None:
+            self.ensure_clamped()
+            z = eval_gates(self.log_alpha, self.beta)
+        return original * (z if z.dtype == original.dtype else z.to(original.dtype))
+
+    def bake(self, original: Tensor) -> Tensor:
+        """The *learned* deterministic tensor: the weight times its median gates, without the method's projection
+        (the report's figures "now", beside the exported ones; export takes the method's own ``bake``)."""
+        with torch.no_grad():
+            return self._deterministic(original).detach().clone()
 
     def expected_count(self) -> Tensor:
         """``sum(P(z != 0))`` (differentiable), from this step's forward when it ran with gradients."""
@@ -607,16 +650,21 @@ class ChannelGated(SparseParametrization):
     With ``mask_only`` dim 0 is multiplied by the 0/1 eval keep-mask only (identity in train mode): for a layer
     followed by a BatchNorm that carries the gate, whose normalization would cancel any scale anyway.
 
+    In eval mode, when ``final`` supplies them, the gate values and the input mask are the method's final ones
+    (its projection onto the budget, exactly what export applies) instead of the eval gates.
+
     Args:
         out_gate: gate of dim 0, or ``None``.
         in_segs: layout of the input dimension (empty: no input mask).
         owner: whether this parametrization holds ``out_gate`` in its ``state_dict`` (exactly one per gate).
         mask_only: scale dim 0 by the keep-mask (eval) instead of the gate.
+        final: where the eval-mode ``(gate values, input mask)`` come from (``None``: the eval gates).
     """
 
     def __init__(self, out_gate: ChannelGate | None, in_segs: tuple[InSeg, ...] = (), owner: bool = False,
-                 mask_only: bool = False) -> None:  # fmt: skip
+                 mask_only: bool = False, final: EvalProjection | None = None) -> None:  # fmt: skip
         super().__init__()
+        self.final = final
         if owner and out_gate is not None:
             self.gate = out_gate
         self._gates = (out_gate, tuple(in_segs))  # a tuple: not registered, so a shared gate is saved once
@@ -632,16 +680,29 @@ class ChannelGated(SparseParametrization):
         return self._gates[1]
 
     def forward(self, original: Tensor) -> Tensor:
+        if not self.training and self.final is not None:
+            factors = self.final.factors(self)
+            if factors is not None:
+                return self.apply_gates(original, *factors)
+        return self._gated(original, self.training)
+
+    def _gated(self, original: Tensor, training: bool) -> Tensor:
         out_gate, in_segs = self._gates
         z = None
         if out_gate is not None and not self.mask_only:
-            z = out_gate.gates(self.member, self.training)
-        elif out_gate is not None and not self.training:
+            z = out_gate.gates(self.member, training)
+        elif out_gate is not None and not training:
             z = out_gate.gates(0, False) > 0
         keep = None
-        if in_segs and not self.training:
+        if in_segs and not training:
             keep = self.input_keep({g: g.gates(0, False) > 0 for g, *_ in in_segs if g is not None})
         return self.apply_gates(original, z, keep)
+
+    def bake(self, original: Tensor) -> Tensor:
+        """The *learned* deterministic tensor: the eval gates, without the method's projection (the report's
+        figures "now", beside the exported ones; export takes the method's own ``bake``)."""
+        with torch.no_grad():
+            return self._gated(original, False).detach().clone()
 
     def input_keep(self, keeps: dict[ChannelGate, Tensor]) -> Tensor:
         """The 0/1 mask of dim 1 given a keep vector per gate."""
