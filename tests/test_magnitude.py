@@ -124,6 +124,22 @@ def test_export_before_the_schedule_ends_projects_onto_the_target_exactly() -> N
     assert sp.sparsity() == 0.0  # the live model is unchanged by the projection
 
 
+def test_eval_mode_shows_the_export_while_training_follows_the_schedule() -> None:
+    model = Two(SMALL_A, BIG_B)
+    sp = sw.sparsify(model, "magnitude", target=0.8, schedule="cubic", start=0, end=100, every=10)
+    sp.step()
+    model.train()
+    assert int((effective(model, "a") == 0).sum() + (effective(model, "b") == 0).sum()) == 0  # scheduled: 0 %
+    model.eval()  # the final projection, computed here from the weights: the two largest, 6 and -5, are kept
+    assert effective(model, "a").tolist() == [[0, 0], [0, 0]]
+    assert effective(model, "b").tolist() == [[0, 0], [0, 0], [-5.0, 6.0]]
+    with torch.no_grad():  # a weight that grows past the others is kept by the next eval, as by export
+        model.a.parametrizations.weight.original[0, 0] = 10.0
+    assert effective(model, "a").tolist() == [[10.0, 0], [0, 0]]
+    assert effective(model, "b").tolist() == [[0, 0], [0, 0], [0, 6.0]]
+    assert torch.equal(sw.export(sp).b.weight, effective(model, "b"))
+
+
 def test_pruned_weights_stay_pruned_through_training() -> None:
     torch.manual_seed(0)
     model = Two(torch.randn(8, 6).tolist(), torch.randn(5, 8).tolist())

@@ -21,11 +21,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..allocation import ALLOCATIONS, drop_lowest, largest_remainder, layer_sparsities
 from ..errors import ConfigError, choices
 from ..parametrizations import Masked, attach, wrapped_tensors
+from ..parametrizations.projection import EvalProjection
 from ..schedules import SCHEDULES, Schedule
 from .base import Method, register_method
 
@@ -105,6 +106,10 @@ class Magnitude(Method):
             self.masks = [attach(t.module, "weight", Masked(t.shape, t.original)) for t in self.targets]
         if self.schedule.kind == "oneshot":
             self._apply(self.target)
+        self.eval_projection = EvalProjection()  # eval mode shows the export until the schedule has reached it
+        self.eval_projection.bind(self.final_masks)
+        for m in self._all_masks():
+            m.final = self.eval_projection
 
     def _attach_channels(self) -> list[_Unit]:
         self.graph.require_traced("granularity='channel'")
@@ -237,11 +242,33 @@ class Magnitude(Method):
                     m.mask.copy_(k)
         self.current = sparsity
 
+    def _all_masks(self) -> list[Masked]:
+        if self.config.granularity == "channel":
+            return [m for unit in self.units for m in [m for _, m in unit.weights] + unit.companions]
+        return list(self.masks)
+
+    def final_masks(self) -> dict[nn.Module, Tensor]:
+        """The masks export applies (the plan at the target on the current weights), keyed by parametrization;
+        empty once the schedule has reached the target, where they are the live masks."""
+        if self.current == self.target:
+            return {}
+        keep = self._plan(self.target)
+        out: dict[nn.Module, Tensor] = {}
+        if self.config.granularity == "channel":
+            for unit, k in zip(self.units, keep):
+                for m in [m for _, m in unit.weights] + unit.companions:
+                    out[m] = k.view(m.mask.shape).to(m.mask.dtype)
+        else:
+            for m, k in zip(self.masks, keep):
+                out[m] = k.to(m.mask.dtype)
+        return out
+
     # -- hooks ------------------------------------------------------------------------------------------------
     def step(self, t: int) -> None:
         if self.schedule.is_update_step(t):
             self.check_finite(f"at step {t}")
             self._apply(self.schedule.sparsity(t, self.target))
+        self.eval_projection.reset()
 
     def bake(self) -> dict[tuple[str, str], Tensor]:
         self.check_finite("at the final projection (export, report)")

@@ -18,6 +18,7 @@ from torch.optim.optimizer import Optimizer
 
 from .. import native
 from .base import SparseParametrization, version_key
+from .projection import EvalProjection
 
 Key = tuple[int, int]  # a version_key
 # float32 CPU masks (full-size or per output channel) of weights with at least this many entries are also kept
@@ -164,10 +165,17 @@ class Masked(SparseParametrization):
         self._hooked = False  # the accumulation hook is on the tracked original
         self._bits: tuple[Tensor, int] | None = None  # the packed mask (see _packed) of the bound call
         self._call: tuple[tuple, Callable[[int], None] | None] | None = None  # (key, bound call): _zero_pruned
+        self.final: EvalProjection | None = None  # the method's final projection, applied in eval mode (below)
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, original: Tensor) -> Tensor:
         mask = self._buffers["mask"]  # not self.mask: Module.__getattr__ is a slow path, run at every forward
+        if self.final is not None and not self.training:
+            # what one evaluates is what export writes: a method whose export projects the masks (a gradual
+            # schedule exported before its end) hands its final mask here; None when it equals the live mask
+            final = self.final.factors(self)
+            if final is not None:
+                return original * final
         if not self.hard or torch.compiler.is_compiling():
             # torch.compile cannot trace the bookkeeping below (weak references, data pointers, hooks): the product
             # gives the same values and, through autograd, the same masked gradient, in one traceable graph
