@@ -1,0 +1,164 @@
+"""Soft Threshold Reparameterization (Kusupati et al. 2020, https://arxiv.org/abs/2002.03231), ``method="str"``.
+
+Each targeted weight becomes ``S(w, s_l) = sign(w) * relu(|w| - sigmoid(s_l))`` with one learnable scalar
+``s_l`` per layer (:class:`~sparsewrap.parametrizations.threshold.SoftThreshold`), in training and evaluation.
+The thresholds sit in their own optimizer group (``"thresholds"``, weight decay ``s_weight_decay``) and are
+trained by the weights' optimizer, so that momentum acts on them as in the paper.
+
+**Driving to the target** (``drive > 0``, the default; the paper has no target, its sparsity follows
+``s_init`` and the weight decay, tuned per run). After each optimizer step the exact current sparsity
+``z_t`` (the fraction of zeros of ``S(w, s)`` over the targeted layers) is measured and every layer's ``s_l``
+is moved by the same amount
+
+    s_l <- s_l + drive * (g_t - z_t)
+
+where ``g_t`` is the goal: the target, or with ``end > start`` a cubic ramp from 0 at ``start`` to the target
+at ``end`` (as ``gmp``). For ``s_l << 0``, ``sigmoid(s_l) ~ exp(s_l)``, so the shift multiplies every layer's
+threshold by the same factor: the overall sparsity is steered while the differences between the ``s_l``, which
+the task gradient and the decay learn, stay as learned (STR's non-uniform per-layer budgets). The shift is an
+integral controller; ``drive=0`` gives the paper's behaviour.
+
+**Export** writes the shrunk weights ``S(w, s)``, projected exactly onto the target: every layer's learned
+density is scaled by the same factor (:func:`~sparsewrap.methods.layer_budgets.rescaled_keep_counts`), and
+each layer keeps its largest ``|w|``. A layer that must drop more keeps ``S(w, s_l)`` on its survivors; one
+that must keep more lowers its threshold to just below the largest ``|w|`` it drops, so its survivors are
+``S(w, s'_l)`` with ``sigmoid(s'_l) < sigmoid(s_l)``. The report gives each layer's learned sparsity (the live
+model) next to the exported one, and ``summary()`` the learned overall sparsity and its gap to the target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..parametrizations import attach
+from ..parametrizations.threshold import SoftThreshold
+from ..parametrizations.topk import keep_largest
+from ..schedules import Schedule
+from .base import Method, register_method
+from .layer_budgets import rescaled_keep_counts
+
+
+@dataclass
+class STRConfig:
+    """Options of ``method="str"``.
+
+    Attributes:
+        s_init: initial value of every layer's threshold parameter (the threshold is ``sigmoid(s_init)``; the
+            paper's ImageNet configs use -3200, where ``sigmoid'`` is exactly 0 in float32 and only weight decay
+            moves ``s`` at first).
+        s_weight_decay: weight decay of the thresholds' optimizer group (the paper uses the weights' decay;
+            decay pulls ``s`` towards 0, i.e. raises the thresholds).
+        drive: gain of the controller that steers the measured sparsity to the target (``s`` units per unit of
+            sparsity gap per step); 0 turns it off (the paper's behaviour).
+        start: with ``end > start``, the controller's goal ramps (cubic) from 0 at step ``start``...
+        end: ...to the target at step ``end``; with ``end=0`` the goal is the target from the first step.
+    """
+
+    s_init: float = -10.0
+    s_weight_decay: float = 0.0
+    drive: float = 0.05
+    start: int = 0
+    end: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("s_init", "s_weight_decay", "drive"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r} must be a finite number, e.g. {name}={STRConfig.__dict__[name]}")
+        if self.s_weight_decay < 0:
+            raise ConfigError(f"s_weight_decay={self.s_weight_decay} is negative; give a decay >= 0, e.g. 5e-4")
+        if self.drive < 0:
+            raise ConfigError(f"drive={self.drive} is negative; give a gain >= 0 (0 turns the controller off)")
+        if self.end != 0 or self.start != 0:
+            Schedule("cubic", self.start, self.end, 1)
+
+
+@register_method
+class STR(Method):
+    """Soft Threshold Reparameterization (see the module docstring)."""
+
+    name = "str"
+    description = "STR: learned per-layer soft thresholds sign(w)*relu(|w|-sigmoid(s)), driven to the target."
+    Config = STRConfig
+
+    def attach(self) -> None:
+        if not isinstance(self.target, float):
+            raise ConfigError(
+                f"method 'str' learns its own per-layer budgets and takes one overall sparsity, got "
+                f"target={self.target!r}; give a float, or use method='dnw' with a per-layer dict"
+            )
+        cfg = self.config
+        self.layers = [attach(t.module, "weight", SoftThreshold(t.original, cfg.s_init)) for t in self.targets]
+        self.goal = Schedule("cubic", cfg.start, cfg.end, 1) if cfg.end > cfg.start else None
+        self.numel = sum(t.numel for t in self.targets)
+        self.shift = torch.zeros((), dtype=torch.float64)  # the controller's accumulated shift of every s_l
+
+    # -- the controller -------------------------------------------------------------------------------------------
+    def zeros(self) -> Tensor:
+        """The number of zeros of ``S(w, s)`` over the targeted layers (a tensor; no host transfer)."""
+        return sum(p.zeros(t.original).to(torch.float64) for t, p in zip(self.targets, self.layers))
+
+    def step(self, t: int) -> None:
+        if self.config.drive == 0:
+            return
+        goal = self.goal.sparsity(t, self.target) if self.goal is not None else self.target
+        with torch.no_grad():
+            delta = self.config.drive * (goal - self.zeros() / self.numel)
+            for p in self.layers:
+                p.s.add_(delta.to(device=p.s.device, dtype=p.s.dtype))
+            self.shift = self.shift.to(delta.device) + delta  # stays on the device: no synchronisation per step
+
+    def parameter_groups(self) -> list[dict]:
+        params = [p.s for p in self.layers]
+        return [{"name": "thresholds", "params": params, "weight_decay": self.config.s_weight_decay}]
+
+    # -- export ---------------------------------------------------------------------------------------------------
+    def bake(self) -> dict[tuple[str, str], Tensor]:
+        with torch.no_grad():
+            shrunk = [p.bake(t.original) for t, p in zip(self.targets, self.layers)]
+            kept = [int(v.count_nonzero()) for v in shrunk]
+            sizes = [t.numel for t in self.targets]
+            counts = rescaled_keep_counts(kept, sizes, self.numel - round(self.target * self.numel))
+            out = {}
+            for t, p, value, learned, keep in zip(self.targets, self.layers, shrunk, kept, counts):
+                out[(t.name, "weight")] = value if keep == learned else self._project(t.original, p, keep, learned)
+        return out
+
+    @staticmethod
+    def _project(w: Tensor, p: SoftThreshold, keep: int, learned: int) -> Tensor:
+        """``S(w, s')`` on the ``keep`` largest ``|w|`` of one layer, zero elsewhere (see the module docstring)."""
+        mask = keep_largest(w.abs(), keep)
+        t = p.threshold().to(w.dtype)
+        if keep > learned:  # lower the threshold to just below the largest dropped |w| (0 when nothing is dropped)
+            dropped = w.abs().masked_fill(mask, 0)
+            largest = dropped.max() if keep < w.numel() else torch.zeros((), dtype=w.dtype, device=w.device)
+            t = torch.nextafter(largest, torch.zeros_like(largest))
+        return torch.where(mask, w - torch.clamp(w, -t, t), torch.zeros((), dtype=w.dtype, device=w.device))
+
+    # -- report ---------------------------------------------------------------------------------------------------
+    def learned_sparsity(self) -> float:
+        """The overall sparsity of ``S(w, s)`` now, before the export's projection."""
+        return float(self.zeros()) / self.numel if self.numel else 0.0
+
+    def summary(self) -> dict[str, float]:
+        learned = self.learned_sparsity()
+        return {"learned sparsity": learned, "gap to target": learned - self.target,
+                "threshold shift": float(self.shift)}  # fmt: skip
+
+    def notes(self) -> list[str]:
+        learned = self.learned_sparsity()
+        return [
+            f"str learned sparsity {learned:.4f} before the export's projection onto {self.target:.4f} "
+            f"(gap {learned - self.target:+.4f}); per-layer learned sparsity is each layer's live sparsity"
+        ]
+
+    def state_dict(self) -> dict[str, float]:
+        return {"shift": float(self.shift)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shift = torch.tensor(float(state.get("shift", 0.0)), dtype=torch.float64)
