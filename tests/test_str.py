@@ -62,19 +62,25 @@ def test_one_threshold_per_layer_in_its_own_group() -> None:
     assert keys == {"a.parametrizations.weight.0.s", "b.parametrizations.weight.0.s"}
 
 
-def test_the_controller_moves_every_threshold_by_the_same_step() -> None:
+def test_the_controller_undoes_the_optimizers_common_move_and_shifts_every_threshold_alike() -> None:
     sp = sw.sparsify(Two(A, B), "str", target=0.7, s_init=0.0, drive=0.1)
     layers = sp.method.layers
-    with torch.no_grad():
-        layers[1].s.fill_(0.5)  # learned budgets differ between layers
-    # independent count: |w| <= sigmoid(s) per layer
-    t_b = torch.sigmoid(torch.tensor(0.5))
-    zeros = int((torch.tensor(A).abs() <= 0.5).sum()) + int((torch.tensor(B).abs() <= t_b).sum())
+    with torch.no_grad():  # as an optimizer step would: +0.3 and +0.1, a common move of +0.2
+        layers[0].s.add_(0.3)
+        layers[1].s.add_(0.1)
     sp.step()
+    # the common move is undone (s = 0.1, -0.1), the sparsity measured there, every s moved by the same step
+    t_a, t_b = torch.sigmoid(torch.tensor(0.1)), torch.sigmoid(torch.tensor(-0.1))
+    zeros = int((torch.tensor(A).abs() <= t_a).sum()) + int((torch.tensor(B).abs() <= t_b).sum())
+    assert zeros == 4
     delta = 0.1 * (0.7 - zeros / 10)
-    assert layers[0].s.item() == pytest.approx(delta)
-    assert layers[1].s.item() == pytest.approx(0.5 + delta)
+    assert layers[0].s.item() == pytest.approx(0.1 + delta)
+    assert layers[1].s.item() == pytest.approx(-0.1 + delta)
     assert sp.report(exported=False).extras["threshold shift"] == pytest.approx(delta)
+    sp.step()  # no move in between: only the controller's step
+    zeros = int((torch.tensor(A).abs() <= torch.sigmoid(torch.tensor(0.1 + delta))).sum())
+    zeros += int((torch.tensor(B).abs() <= torch.sigmoid(torch.tensor(-0.1 + delta))).sum())
+    assert layers[0].s.item() == pytest.approx(0.1 + delta + 0.1 * (0.7 - zeros / 10))
 
 
 def test_the_controller_reaches_the_target_and_keeps_the_layers_apart() -> None:
@@ -91,6 +97,26 @@ def test_the_controller_reaches_the_target_and_keeps_the_layers_apart() -> None:
     sp_off = sw.sparsify(Two(A, B), "str", target=0.8, drive=0.0)
     sp_off.step()
     assert [p.s.item() for p in sp_off.method.layers] == [-10.0, -10.0]  # drive=0: the paper's behaviour
+
+
+def test_training_with_adam_ends_at_the_target_before_the_projection() -> None:
+    # Adam moves every s by about its lr per step whatever the gradient's size (here all the same way, which
+    # would leave a lasting gap of lr / drive = 0.1); the controller undoes the common part of that move
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))
+    x, y = torch.randn(256, 20), torch.randn(256, 1)
+    sp = sw.sparsify(model, "str", target=0.9, include=["0", "2", "4"])
+    opt = torch.optim.Adam(sp.param_groups(lr=1e-2, thresholds={"lr": 0.05}))
+    for _ in range(150):
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sp.step()
+    extras = sp.report().extras
+    assert abs(extras["gap to target"]) < 0.01
+    layers = [la.sparsity for la in sp.report().layers]
+    assert max(layers) - min(layers) > 0.05  # the per-layer budgets are learned, not uniform
 
 
 def test_the_goal_ramps_up_to_the_target_at_end() -> None:

@@ -6,17 +6,20 @@ The thresholds sit in their own optimizer group (``"thresholds"``, weight decay 
 trained by the weights' optimizer, so that momentum acts on them as in the paper.
 
 **Driving to the target** (``drive > 0``, the default; the paper has no target, its sparsity follows
-``s_init`` and the weight decay, tuned per run). After each optimizer step the exact current sparsity
-``z_t`` (the fraction of zeros of ``S(w, s)`` over the targeted layers) is measured and every layer's ``s_l``
-is moved by the same amount
+``s_init`` and the weight decay, tuned per run). The controller owns the thresholds' common level and the
+optimizer their differences. After each optimizer step it
 
-    s_l <- s_l + drive * (g_t - z_t)
+1. undoes the mean move the optimizer gave the ``s_l`` since the controller's last step (task gradient and
+   decay alike): ``s_l <- s_l - mean_m(s_m - s_m^last)``, so the differences it learned stay;
+2. measures the exact sparsity ``z_t`` (the fraction of zeros of ``S(w, s)`` over the targeted layers);
+3. moves every ``s_l`` by the same amount, ``s_l <- s_l + drive * (g_t - z_t)``,
 
 where ``g_t`` is the goal: the target, or with ``end > start`` a cubic ramp from 0 at ``start`` to the target
-at ``end`` (as ``gmp``). For ``s_l << 0``, ``sigmoid(s_l) ~ exp(s_l)``, so the shift multiplies every layer's
-threshold by the same factor: the overall sparsity is steered while the differences between the ``s_l``, which
-the task gradient and the decay learn, stay as learned (STR's non-uniform per-layer budgets). The shift is an
-integral controller; ``drive=0`` gives the paper's behaviour.
+at ``end`` (as ``gmp``). For ``s_l << 0``, ``sigmoid(s_l) ~ exp(s_l)``, so a common shift multiplies every
+layer's threshold by the same factor: the overall sparsity is steered while the per-layer budgets stay STR's
+learned, non-uniform ones. Step 3 is an integral controller on the common level (without step 1 an optimizer
+that keeps lowering the thresholds, as Adam's normalised steps do, would leave a lasting gap of
+``lr / drive``). ``drive=0`` turns all of this off: the paper's behaviour.
 
 **Export** writes the shrunk weights ``S(w, s)``, projected exactly onto the target: every layer's learned
 density is scaled by the same factor (:func:`~sparsewrap.methods.layer_budgets.rescaled_keep_counts`), and
@@ -54,14 +57,15 @@ class STRConfig:
         s_weight_decay: weight decay of the thresholds' optimizer group (the paper uses the weights' decay;
             decay pulls ``s`` towards 0, i.e. raises the thresholds).
         drive: gain of the controller that steers the measured sparsity to the target (``s`` units per unit of
-            sparsity gap per step); 0 turns it off (the paper's behaviour).
+            sparsity gap per step; 0.5 reaches the target from ``s_init=-10`` in a few dozen steps and then
+            tracks it within a fraction of a point); 0 turns the controller off (the paper's behaviour).
         start: with ``end > start``, the controller's goal ramps (cubic) from 0 at step ``start``...
         end: ...to the target at step ``end``; with ``end=0`` the goal is the target from the first step.
     """
 
     s_init: float = -10.0
     s_weight_decay: float = 0.0
-    drive: float = 0.05
+    drive: float = 0.5
     start: int = 0
     end: int = 0
 
@@ -97,21 +101,33 @@ class STR(Method):
         self.goal = Schedule("cubic", cfg.start, cfg.end, 1) if cfg.end > cfg.start else None
         self.numel = sum(t.numel for t in self.targets)
         self.shift = torch.zeros((), dtype=torch.float64)  # the controller's accumulated shift of every s_l
+        self.last = self.levels()  # the s_l as the controller left them (the optimizer's moves are measured from)
 
     # -- the controller -------------------------------------------------------------------------------------------
     def zeros(self) -> Tensor:
         """The number of zeros of ``S(w, s)`` over the targeted layers (a tensor; no host transfer)."""
         return sum(p.zeros(t.original).to(torch.float64) for t, p in zip(self.targets, self.layers))
 
+    def levels(self) -> Tensor:
+        """Every layer's ``s_l`` (float64, one vector)."""
+        return torch.stack([p.s.detach().to(torch.float64) for p in self.layers])
+
     def step(self, t: int) -> None:
         if self.config.drive == 0:
             return
         goal = self.goal.sparsity(t, self.target) if self.goal is not None else self.target
         with torch.no_grad():
-            delta = self.config.drive * (goal - self.zeros() / self.numel)
-            for p in self.layers:
-                p.s.add_(delta.to(device=p.s.device, dtype=p.s.dtype))
-            self.shift = self.shift.to(delta.device) + delta  # stays on the device: no synchronisation per step
+            s = self.levels()
+            drift = (s - self.last.to(s.device)).mean()  # the optimizer's common move since the last step
+            self._set(s - drift)
+            delta = self.config.drive * (goal - self.zeros().to(s.device) / self.numel)
+            self._set(self.levels() + delta)
+            self.last = self.levels()  # as stored (in the parameters' dtype)
+            self.shift = self.shift.to(s.device) + delta  # tensors stay on the device: no synchronisation per step
+
+    def _set(self, values: Tensor) -> None:
+        for p, value in zip(self.layers, values):
+            p.s.copy_(value)
 
     def parameter_groups(self) -> list[dict]:
         params = [p.s for p in self.layers]
@@ -157,8 +173,10 @@ class STR(Method):
             f"(gap {learned - self.target:+.4f}); per-layer learned sparsity is each layer's live sparsity"
         ]
 
-    def state_dict(self) -> dict[str, float]:
-        return {"shift": float(self.shift)}
+    def state_dict(self) -> dict[str, float | list[float]]:
+        return {"shift": float(self.shift), "last": self.last.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         self.shift = torch.tensor(float(state.get("shift", 0.0)), dtype=torch.float64)
+        if "last" in state:
+            self.last = torch.tensor(state["last"], dtype=torch.float64)
