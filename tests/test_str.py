@@ -180,3 +180,30 @@ def test_bad_options_give_one_line_errors(options: dict, match: str) -> None:
     model = Two(A, B)
     with pytest.raises(ConfigError, match=match):
         sw.sparsify(model, "str", **options)
+
+
+def test_a_checkpoint_resumes_the_controller_identically(tmp_path) -> None:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    x = torch.randn(32, 8)
+
+    def train(sp: sw.Sparsifier, opt: torch.optim.Optimizer, steps: int) -> None:
+        for _ in range(steps):
+            loss = sp.model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sp.step()
+
+    sp = sw.sparsify(build(), "str", target=0.6, include=["0", "2"], end=6)
+    train(sp, torch.optim.SGD(sp.param_groups(lr=0.1), momentum=0.0), 3)
+    sw.save(sp, tmp_path / "str.safetensors")
+    again = sw.load(tmp_path / "str.safetensors", model=build())
+    assert again.method.state_dict() == sp.method.state_dict()
+    for s in (sp, again):
+        train(s, torch.optim.SGD(s.param_groups(lr=0.1), momentum=0.0), 4)
+    assert again.method.state_dict() == sp.method.state_dict()
+    for a, b in zip(sw.export(sp).state_dict().values(), sw.export(again).state_dict().values()):
+        assert torch.equal(a, b)
