@@ -33,7 +33,8 @@ def keep_largest(scores: Tensor, keep: int) -> Tensor:
     below = flat < threshold
     ties = flat == threshold
     need = drop - below.sum()  # how many entries equal to the threshold are dropped (at least 1)
-    dropped = below | (ties & (torch.cumsum(ties, 0) <= need))
+    counts = torch.cumsum(ties, 0, dtype=torch.int32 if n < 2**31 else torch.int64)  # int32: half the traffic
+    dropped = below | (ties & (counts <= need))
     return (~dropped).reshape(scores.shape)
 
 
@@ -42,7 +43,7 @@ class TopMagnitude(SparseParametrization):
 
     DNW (Wortsman et al. 2019, https://arxiv.org/abs/1906.00586): the forward value is exactly ``w * mask``
     with the ``keep`` largest ``|w|`` kept, and the backward treats the mask as the identity, so that pruned
-    weights keep learning and can re-enter. Computed as ``w - where(mask, 0, w).detach()``: exact zeros where
+    weights keep learning and can re-enter. Computed as ``w - w.detach().masked_fill(mask, 0)``: exact zeros where
     pruned (``x - x == 0``), ``w`` itself where kept, and the identity as the gradient, with no custom autograd
     function (the model still traces and compiles).
 
@@ -62,9 +63,7 @@ class TopMagnitude(SparseParametrization):
     def forward(self, original: Tensor) -> Tensor:
         if self.keep >= original.numel():
             return original
-        pruned = torch.where(self.mask(original), torch.zeros((), dtype=original.dtype, device=original.device),
-                             original.detach())  # fmt: skip
-        return original - pruned
+        return original - original.detach().masked_fill(self.mask(original), 0)
 
     def bake(self, original: Tensor) -> Tensor:
         with torch.no_grad():
