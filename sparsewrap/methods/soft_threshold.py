@@ -166,13 +166,6 @@ class STR(Method):
         return {"learned sparsity": learned, "gap to target": learned - self.target,
                 "threshold shift": float(self.shift)}  # fmt: skip
 
-    def notes(self) -> list[str]:
-        learned = self.learned_sparsity()
-        return [
-            f"str learned sparsity {learned:.4f} before the export's projection onto {self.target:.4f} "
-            f"(gap {learned - self.target:+.4f}); per-layer learned sparsity is each layer's live sparsity"
-        ]
-
     def state_dict(self) -> dict[str, float | list[float]]:
         return {"shift": float(self.shift), "last": self.last.tolist()}
 
