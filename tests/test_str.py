@@ -143,6 +143,14 @@ def test_export_writes_shrunk_weights_projected_with_the_learned_budgets() -> No
     assert report.exported == pytest.approx(0.7)
 
 
+def test_export_is_the_live_model_when_the_learned_sparsity_is_the_target() -> None:
+    sp = sw.sparsify(Two(A, B), "str", target=0.4, s_init=0.0, drive=0.0)
+    plain = sw.export(sp)
+    assert torch.equal(plain.a.weight, torch.tensor([[0.5, -0.25], [0.0, 0.0]]))
+    assert torch.equal(plain.b.weight, torch.tensor([[1.5, 2.5], [-3.5, 0.0], [0.0, 5.5]]))
+    assert torch.equal(plain.b.weight, sp.model.b.weight)
+
+
 def test_export_lowers_a_threshold_when_a_layer_must_keep_more() -> None:
     sp = sw.sparsify(Two(A, B), "str", target=0.3, s_init=0.0, drive=0.0)
     plain = sw.export(sp)  # keep 7: quotas 2.33 and 4.67 -> a keeps its 2, b keeps 5 (drops only 0.1)
