@@ -40,9 +40,13 @@ METHOD_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("magnitude-gradual", dict(schedule="cubic", start=0, end=4, every=2, target=0.8)),
     ("l0", dict()),
     ("l0-channel", dict(granularity="channel", target=0.3)),
+    ("dnw", dict()),
+    ("dnw-erk", dict(allocation="erk", target=0.7)),
+    ("str", dict(target=0.6)),
+    ("gmp", dict(start=0, end=4, every=2, target=0.8)),
 ]
-IDENTITY_AT_START: set[str] = {"magnitude-gradual"}
-PROJECTED_AT_EXPORT: set[str] = {"l0", "l0-channel"}
+IDENTITY_AT_START: set[str] = {"magnitude-gradual", "gmp"}
+PROJECTED_AT_EXPORT: set[str] = {"l0", "l0-channel", "str"}
 STEPS = 5
 
 ROW_IDS = [r[0] for r in METHOD_ROWS]

@@ -1,0 +1,191 @@
+"""Soft Threshold Reparameterization (Kusupati et al. 2020, https://arxiv.org/abs/2002.03231), ``method="str"``.
+
+Each targeted weight becomes ``S(w, s_l) = sign(w) * relu(|w| - sigmoid(s_l))`` with one learnable scalar
+``s_l`` per layer (:class:`~sparsewrap.parametrizations.threshold.SoftThreshold`), in training and evaluation.
+The thresholds sit in their own optimizer group (``"thresholds"``, weight decay ``s_weight_decay``) and are
+trained by the weights' optimizer, so that momentum acts on them as in the paper.
+
+**Driving to the target** (``drive > 0``, the default; the paper has no target, its sparsity follows
+``s_init`` and the weight decay, tuned per run). The controller owns the thresholds' common level and the
+optimizer their differences. After each optimizer step it
+
+1. undoes the mean move the optimizer gave the ``s_l`` since the controller's last step (task gradient and
+   decay alike): ``s_l <- s_l - mean_m(s_m - s_m^last)``, so the differences it learned stay;
+2. measures the exact sparsity ``z_t`` (the fraction of zeros of ``S(w, s)`` over the targeted layers);
+3. moves every ``s_l`` by the same amount, ``s_l <- s_l + drive * (g_t - z_t)``,
+
+where ``g_t`` is the goal: the target, or with ``end > start`` a cubic ramp from 0 at ``start`` to the target
+at ``end`` (as ``gmp``). For ``s_l << 0``, ``sigmoid(s_l) ~ exp(s_l)``, so a common shift multiplies every
+layer's threshold by the same factor: the overall sparsity is steered while the per-layer budgets stay STR's
+learned, non-uniform ones. Step 3 is an integral controller on the common level (without step 1 an optimizer
+that keeps lowering the thresholds, as Adam's normalised steps do, would leave a lasting gap of
+``lr / drive``). ``drive=0`` turns all of this off: the paper's behaviour.
+
+**Export** writes the shrunk weights ``S(w, s)``, projected exactly onto the target: every layer's learned
+density is scaled by the same factor (:func:`~sparsewrap.methods.layer_budgets.rescaled_keep_counts`), and
+each layer keeps its largest ``|w|``. A layer that must drop more keeps ``S(w, s_l)`` on its survivors; one
+that must keep more lowers its threshold to just below the largest ``|w|`` it drops, so its survivors are
+``S(w, s'_l)`` with ``sigmoid(s'_l) < sigmoid(s_l)``. The report gives each layer's learned sparsity (the live
+model) next to the exported one, and ``summary()`` the learned overall sparsity and its gap to the target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..parametrizations import attach
+from ..parametrizations.projection import EvalProjection
+from ..parametrizations.threshold import SoftThreshold, shrink_kept
+from ..parametrizations.topk import keep_largest
+from ..schedules import Schedule
+from .base import Method, register_method
+from .layer_budgets import rescaled_keep_counts
+
+
+@dataclass
+class STRConfig:
+    """Options of ``method="str"``.
+
+    Attributes:
+        s_init: initial value of every layer's threshold parameter (the threshold is ``sigmoid(s_init)``; the
+            paper's ImageNet configs use -3200, where ``sigmoid'`` is exactly 0 in float32 and only weight decay
+            moves ``s`` at first).
+        s_weight_decay: weight decay of the thresholds' optimizer group (the paper uses the weights' decay;
+            decay pulls ``s`` towards 0, i.e. raises the thresholds).
+        drive: gain of the controller that steers the measured sparsity to the target (``s`` units per unit of
+            sparsity gap per step; 0.5 reaches the target from ``s_init=-10`` in a few dozen steps and then
+            tracks it within a fraction of a point); 0 turns the controller off (the paper's behaviour).
+        start: with ``end > start``, the controller's goal ramps (cubic) from 0 at step ``start``...
+        end: ...to the target at step ``end``; with ``end=0`` the goal is the target from the first step.
+    """
+
+    s_init: float = -10.0
+    s_weight_decay: float = 0.0
+    drive: float = 0.5
+    start: int = 0
+    end: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("s_init", "s_weight_decay", "drive"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r} must be a finite number, e.g. {name}={STRConfig.__dict__[name]}")
+        if self.s_weight_decay < 0:
+            raise ConfigError(f"s_weight_decay={self.s_weight_decay} is negative; give a decay >= 0, e.g. 5e-4")
+        if self.drive < 0:
+            raise ConfigError(f"drive={self.drive} is negative; give a gain >= 0 (0 turns the controller off)")
+        if self.end != 0 or self.start != 0:
+            Schedule("cubic", self.start, self.end, 1)
+
+
+@register_method
+class STR(Method):
+    """Soft Threshold Reparameterization (see the module docstring)."""
+
+    name = "str"
+    description = "STR: learned per-layer soft thresholds sign(w)*relu(|w|-sigmoid(s)), driven to the target."
+    Config = STRConfig
+
+    def attach(self) -> None:
+        if not isinstance(self.target, float):
+            raise ConfigError(
+                f"method 'str' learns its own per-layer budgets and takes one overall sparsity, got "
+                f"target={self.target!r}; give a float, or use method='dnw' with a per-layer dict"
+            )
+        cfg = self.config
+        self.layers = [attach(t.module, "weight", SoftThreshold(t.original, cfg.s_init)) for t in self.targets]
+        self.eval_projection = EvalProjection()  # eval mode shows export's projection (recomputed after changes)
+        self.eval_projection.bind(self.final_factors)
+        for p in self.layers:
+            p.final = self.eval_projection
+        self.goal = Schedule("cubic", cfg.start, cfg.end, 1) if cfg.end > cfg.start else None
+        self.numel = sum(t.numel for t in self.targets)
+        self.shift = torch.zeros((), dtype=torch.float64)  # the controller's accumulated shift of every s_l
+        self.last = self.levels()  # the s_l as the controller left them (the optimizer's moves are measured from)
+
+    # -- the controller -------------------------------------------------------------------------------------------
+    def zeros(self) -> Tensor:
+        """The number of zeros of ``S(w, s)`` over the targeted layers (a tensor; no host transfer)."""
+        return sum(p.zeros(t.original).to(torch.float64) for t, p in zip(self.targets, self.layers))
+
+    def levels(self) -> Tensor:
+        """Every layer's ``s_l`` (float64, one vector)."""
+        return torch.stack([p.s.detach().to(torch.float64) for p in self.layers])
+
+    def step(self, t: int) -> None:
+        self.eval_projection.reset()
+        if self.config.drive == 0:
+            return
+        goal = self.goal.sparsity(t, self.target) if self.goal is not None else self.target
+        with torch.no_grad():
+            s = self.levels()
+            drift = (s - self.last.to(s.device)).mean()  # the optimizer's common move since the last step
+            self._set(s - drift)
+            delta = self.config.drive * (goal - self.zeros().to(s.device) / self.numel)
+            self._set(self.levels() + delta)
+            self.last = self.levels()  # as stored (in the parameters' dtype)
+            self.shift = self.shift.to(s.device) + delta  # tensors stay on the device: no synchronisation per step
+
+    def _set(self, values: Tensor) -> None:
+        for p, value in zip(self.layers, values):
+            p.s.copy_(value)
+
+    def parameter_groups(self) -> list[dict]:
+        params = [p.s for p in self.layers]
+        return [{"name": "thresholds", "params": params, "weight_decay": self.config.s_weight_decay}]
+
+    # -- export ---------------------------------------------------------------------------------------------------
+    def final_factors(self) -> dict[nn.Module, tuple[Tensor, Tensor]]:
+        """Export's projection, per layer whose learned count of kept weights it changes: ``(kept, threshold)``,
+        with ``kept`` the ``keep`` largest ``|w|`` (bool) and the threshold ``S`` applies to them."""
+        with torch.no_grad():
+            kept = [t.numel - int(p.zeros(t.original)) for t, p in zip(self.targets, self.layers)]
+            sizes = [t.numel for t in self.targets]
+            counts = rescaled_keep_counts(kept, sizes, self.numel - round(self.target * self.numel))
+            return {
+                p: self._cut(t.original, p, keep, learned)
+                for t, p, learned, keep in zip(self.targets, self.layers, kept, counts)
+                if keep != learned
+            }
+
+    def bake(self) -> dict[tuple[str, str], Tensor]:
+        cuts = self.final_factors()
+        with torch.no_grad():
+            return {
+                (t.name, "weight"): shrink_kept(t.original, *cuts[p]) if p in cuts else p.bake(t.original)
+                for t, p in zip(self.targets, self.layers)
+            }
+
+    @staticmethod
+    def _cut(w: Tensor, p: SoftThreshold, keep: int, learned: int) -> tuple[Tensor, Tensor]:
+        """The ``keep`` largest ``|w|`` of one layer and the threshold for them (see the module docstring)."""
+        mask = keep_largest(w.abs(), keep)
+        t = p.threshold().detach().to(w.dtype)
+        if keep > learned:  # lower the threshold to just below the largest dropped |w| (0 when nothing is dropped)
+            dropped = w.abs().masked_fill(mask, 0)
+            largest = dropped.max() if keep < w.numel() else torch.zeros((), dtype=w.dtype, device=w.device)
+            t = torch.nextafter(largest, torch.zeros_like(largest))
+        return mask, t
+
+    # -- report ---------------------------------------------------------------------------------------------------
+    def learned_sparsity(self) -> float:
+        """The overall sparsity of ``S(w, s)`` now, before the export's projection."""
+        return float(self.zeros()) / self.numel if self.numel else 0.0
+
+    def summary(self) -> dict[str, float]:
+        learned = self.learned_sparsity()
+        return {"learned sparsity": learned, "gap to target": learned - self.target,
+                "threshold shift": float(self.shift)}  # fmt: skip
+
+    def state_dict(self) -> dict[str, float | list[float]]:
+        return {"shift": float(self.shift), "last": self.last.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shift = torch.tensor(float(state.get("shift", 0.0)), dtype=torch.float64)
+        if "last" in state:
+            self.last = torch.tensor(state["last"], dtype=torch.float64)
