@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from runfiles import run_stem, write_new
 
 import sparsewrap as sw
-from sparsewrap.data import load_mnist
-from sparsewrap.macs import total_macs
-from sparsewrap.models import lenet5, mlp_300_100
+from sparsewrap.analysis.macs import total_macs
+from sparsewrap.demo.data import load_mnist
+from sparsewrap.demo.models import lenet5, mlp_300_100
 
 MODELS = {"mlp": mlp_300_100, "lenet5": lenet5}
 # METHODS.md §1.9 (structured, model-wise constraint; Params/MACs of the purged model in % of dense).

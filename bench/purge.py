@@ -30,7 +30,7 @@ import torch
 from runfiles import run_stem, write_new
 
 import sparsewrap as sw
-from sparsewrap.macs import total_macs
+from sparsewrap.analysis.macs import total_macs
 from sparsewrap.purge import fold_batchnorm, purge
 from sparsewrap.purge.compare import paired_latency
 

@@ -90,7 +90,7 @@ def run_one(name: str) -> dict:
     import torch
 
     import sparsewrap as sw
-    from sparsewrap.macs import total_macs
+    from sparsewrap.analysis.macs import total_macs
     from sparsewrap.purge import purge_report
 
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """The sparsewrap demo (what `make demo` runs): LeNet-5 on the built-in MNIST, 90 % channel sparsity, purge.
 
-Same as `sparsewrap demo [--epochs N] [--out DIR]`; see sparsewrap/demo.py for the steps. In Python:
+Same as `sparsewrap demo [--epochs N] [--out DIR]`; see sparsewrap/demo/run.py for the steps. In Python:
 
     from sparsewrap.demo import DemoConfig, run_demo
     result = run_demo(DemoConfig(epochs=3))

@@ -14,36 +14,34 @@ line's ``--help`` do not import torch.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "load": "checkpoint", "save": "checkpoint",
+    "load": "io.checkpoint", "save": "io.checkpoint",
     "Sparsifier": "controller", "sparsify": "controller",
     "CheckpointError": "errors", "ConfigError": "errors", "NoTargetsError": "errors", "SparsewrapError": "errors",
     "TraceError": "errors", "UnknownNameError": "errors",
-    "export": "export", "save_plain": "export",
-    "fit": "loop",
+    "export": "bake", "save_plain": "bake",
+    "fit": "train.loop",
     "Method": "methods", "list_methods": "methods", "register_method": "methods",
     "load_purged": "purge.io",
-    "ModelRecipe": "recipe", "create_model": "recipe",
-    "register_factory": "trust",
+    "ModelRecipe": "io.recipe", "create_model": "io.recipe",
+    "register_factory": "io.trust",
 }  # fmt: skip
 
 if TYPE_CHECKING:
-    from .checkpoint import load, save
+    from .bake import export, save_plain
     from .controller import Sparsifier, sparsify
     from .errors import CheckpointError, ConfigError, NoTargetsError, SparsewrapError, TraceError, UnknownNameError
-    from .export import export, save_plain
-    from .loop import fit as fit
+    from .io.checkpoint import load, save
+    from .io.recipe import ModelRecipe, create_model
+    from .io.trust import register_factory
     from .methods import Method, list_methods, register_method
     from .purge.io import load_purged
-    from .recipe import ModelRecipe, create_model
-    from .trust import register_factory
+    from .train.loop import fit as fit
 
 
 def __getattr__(name: str) -> Any:
@@ -63,22 +61,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
-
-
-class _Package(types.ModuleType):
-    """The package's module type: ``sparsewrap.export`` stays the function when its submodule is imported.
-
-    The import system sets ``sparsewrap.<sub>`` to each submodule it loads; for a public name that is also the
-    name of its submodule (``export``), that would replace the function by the module.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

@@ -11,15 +11,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import distributed
+from .analysis.inputs import InputRecord, watch_first_input
+from .analysis.targets import Patterns, check_model, select_targets
+from .analysis.tracing import analyse
 from .errors import ConfigError, choices
-from .inputs import InputRecord, watch_first_input
 from .methods import Method, get_method, make_config
 from .parametrizations import Masked, SparseParametrization, generation, wrapped_tensors
 from .parametrizations.masked import watch_optimizer
 from .report import LayerReport, Report, count_nonzero
-from .targets import Patterns, check_model, select_targets
-from .tracing import analyse
+from .train import distributed
 
 CONTROLLER_ATTR = "_sparsewrap_controller"
 # dtypes of the method's own parameters that get torch's fused optimizer update by default (see param_groups)
@@ -98,7 +98,7 @@ class Sparsifier:
         self.method = method
         self.spec = spec
         self.step_count = 0
-        self.input: InputRecord | None = None  # the first forward's input (sparsewrap.inputs)
+        self.input: InputRecord | None = None  # the first forward's input (sparsewrap.analysis.inputs)
         self.input_recorder = None
         self._capturing: list[SparseParametrization] = []  # recording the dense gradient this step
         self._masked: tuple[int, list[tuple[Masked, nn.Module]]] | None = None  # (generation, [(mask, its list)])
@@ -159,7 +159,7 @@ class Sparsifier:
         """Advance schedules, multipliers and masks; call once after each ``optimizer.step()``.
 
         Afterwards every pruned weight of a hard mask is exactly zero, whatever the optimizer wrote there
-        (:meth:`settle`; in a distributed run, :func:`sparsewrap.distributed.sync_sparsity` does it once rank 0's
+        (:meth:`settle`; in a distributed run, :func:`sparsewrap.train.distributed.sync_sparsity` does it once rank 0's
         masks have arrived, so that no rank zeroes weights under a mask of its own). In a distributed run the
         dense gradients a method asked for are averaged over the ranks before ``method.step``.
         """

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsewrap.allocation import drop_lowest, erk_densities, largest_remainder, layer_sparsities
 from sparsewrap.errors import ConfigError
+from sparsewrap.methods.allocation import drop_lowest, erk_densities, largest_remainder, layer_sparsities
 
 
 def test_erk_densities_match_a_hand_computation() -> None:

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import sparsewrap as sw
-from sparsewrap import checkpoint
 from sparsewrap.errors import CheckpointError, ConfigError
-from sparsewrap.recipe import ModelRecipe, recipe_for
+from sparsewrap.io import checkpoint
+from sparsewrap.io.recipe import ModelRecipe, recipe_for
 
 from .forging import digest
 from .zoo import ResNetTiny
@@ -73,12 +73,14 @@ def test_a_plain_timm_model_gets_an_inferred_recipe(tmp_path: Path) -> None:
 
 
 def test_round_trip_of_a_factory_model_mid_schedule(tmp_path: Path) -> None:
-    model = sw.create_model("sparsewrap.models:lenet5", num_classes=7)
+    model = sw.create_model("sparsewrap.demo.models:lenet5", num_classes=7)
     sp = sw.sparsify(model, "magnitude", target=0.8, schedule="exponential", start=0, end=6, every=2)
     x = torch.randn(4, 1, 28, 28)
     train_steps(sp, x, 3)
     sp2 = sw.load(sw.save(sp, tmp_path / "lenet.safetensors"))
-    assert recipe_for(sp2.model) == ModelRecipe("factory", "sparsewrap.models:lenet5", {"num_classes": 7}, [1, 28, 28])
+    assert recipe_for(sp2.model) == ModelRecipe(
+        "factory", "sparsewrap.demo.models:lenet5", {"num_classes": 7}, [1, 28, 28]
+    )
     assert_same_run(sp, sp2, x)
     for _ in range(4):
         sp.step(), sp2.step()
@@ -86,7 +88,7 @@ def test_round_trip_of_a_factory_model_mid_schedule(tmp_path: Path) -> None:
 
 
 def test_input_shape_is_recorded_in_the_recipe(tmp_path: Path) -> None:
-    sp = sw.sparsify(sw.create_model("sparsewrap.models:mlp_300_100"), "magnitude", target=0.5)
+    sp = sw.sparsify(sw.create_model("sparsewrap.demo.models:mlp_300_100"), "magnitude", target=0.5)
     header, _ = checkpoint.read(sw.save(sp, tmp_path / "m.safetensors", input_shape=(1, 28, 28)))
     assert header["model"]["input_shape"] == [1, 28, 28]
     assert header["method"] == "magnitude" and header["target"] == 0.5
@@ -133,7 +135,7 @@ def test_no_pickle_the_file_is_plain_safetensors(tmp_path: Path) -> None:
 # -- damaged and foreign files -----------------------------------------------------------------------------------
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
-    sp = sw.sparsify(sw.create_model("sparsewrap.models:mlp_300_100"), "magnitude", target=0.5)
+    sp = sw.sparsify(sw.create_model("sparsewrap.demo.models:mlp_300_100"), "magnitude", target=0.5)
     return sw.save(sp, tmp_path / "mlp.safetensors")
 
 
@@ -209,7 +211,7 @@ def test_checkpoint_errors_are_value_errors(tmp_path: Path) -> None:
 # -- atomic writes -------------------------------------------------------------------------------------------------
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(saved: Path, monkeypatch) -> None:
     before = saved.read_bytes()
-    sp = sw.sparsify(sw.create_model("sparsewrap.models:mlp_300_100"), "magnitude", target=0.9)
+    sp = sw.sparsify(sw.create_model("sparsewrap.demo.models:mlp_300_100"), "magnitude", target=0.9)
 
     def half_then_crash(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
@@ -227,12 +229,12 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(saved: Path, m
 
 
 def test_a_loaded_model_trains_and_exports(tmp_path: Path) -> None:
-    sp = sw.sparsify(sw.create_model("sparsewrap.models:lenet5"), "magnitude", target=0.7)
+    sp = sw.sparsify(sw.create_model("sparsewrap.demo.models:lenet5"), "magnitude", target=0.7)
     sp2 = sw.load(sw.save(sp, tmp_path / "l.safetensors"))
     x = torch.randn(4, 1, 28, 28)
     train_steps(sp2, x, 2)
     plain = sw.export(sp2)
-    fresh = sw.create_model("sparsewrap.models:lenet5")
+    fresh = sw.create_model("sparsewrap.demo.models:lenet5")
     fresh.load_state_dict(plain.state_dict(), strict=True)
     sp2.model.eval()
     torch.testing.assert_close(fresh.eval()(x), sp2.model(x))
@@ -242,8 +244,8 @@ def test_a_loaded_model_trains_and_exports(tmp_path: Path) -> None:
 # -- recipes -------------------------------------------------------------------------------------------------------
 def test_recipe_parse_and_its_errors() -> None:
     assert ModelRecipe.parse("timm:resnet18", num_classes=3) == ModelRecipe("timm", "resnet18", {"num_classes": 3})
-    assert ModelRecipe.parse("sparsewrap.models:lenet5").source == "factory"
-    for bad in ("resnet18", ":lenet5", "sparsewrap.models:"):
+    assert ModelRecipe.parse("sparsewrap.demo.models:lenet5").source == "factory"
+    for bad in ("resnet18", ":lenet5", "sparsewrap.demo.models:"):
         with pytest.raises(
             ConfigError, match=f"model {bad!r} is not understood; accepted forms: 'timm:<architecture>'"
         ):
@@ -255,8 +257,11 @@ def test_recipe_parse_and_its_errors() -> None:
     [
         ("timm:resnet_nope", r"timm has no architecture 'resnet_nope'"),
         ("sparsewrap.nope:f", r"cannot import factory 'sparsewrap.nope:f'"),
-        ("sparsewrap.models:nope", r"cannot import factory 'sparsewrap.models:nope'"),
-        ("sparsewrap.recipe:recipe_for", r"factory 'sparsewrap.recipe:recipe_for' returned NoneType, not an nn.Module"),
+        ("sparsewrap.demo.models:nope", r"cannot import factory 'sparsewrap.demo.models:nope'"),
+        (
+            "sparsewrap.io.recipe:recipe_for",
+            r"factory 'sparsewrap.io.recipe:recipe_for' returned NoneType, not an nn.Module",
+        ),
     ],
 )
 def test_create_model_errors_name_the_spec(spec: str, match: str) -> None:
@@ -269,7 +274,7 @@ def test_default_input_shapes() -> None:
     assert ModelRecipe("timm", "resnet18").default_input_shape() == [3, 224, 224]
     assert ModelRecipe("timm", "resnet18", {"in_chans": 1}).default_input_shape() == [1, 224, 224]
     assert ModelRecipe("timm", "vit_tiny_patch16_224", {"img_size": 64}).default_input_shape() == [3, 64, 64]
-    assert ModelRecipe("factory", "sparsewrap.models:lenet5").default_input_shape() is None
+    assert ModelRecipe("factory", "sparsewrap.demo.models:lenet5").default_input_shape() is None
     assert ModelRecipe("factory", "x:y", input_shape=[1, 28, 28]).default_input_shape() == [1, 28, 28]
 
 
@@ -283,7 +288,7 @@ def test_a_broken_recipe_in_a_checkpoint_is_a_checkpoint_error(tmp_path: Path) -
 
 
 def lenet() -> nn.Module:
-    from sparsewrap.models import lenet5
+    from sparsewrap.demo.models import lenet5
 
     return lenet5()
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import sparsewrap as sw
 from sparsewrap import cli
 from sparsewrap.cli import main
-from sparsewrap.models import lenet5
+from sparsewrap.demo.models import lenet5
 
 # LeNet-5 targets (head fc2 excluded): conv1 20*1*5*5 + conv2 50*20*5*5 + fc1 800*500 weights
 TARGETED = 500 + 25_000 + 400_000
@@ -36,7 +36,7 @@ def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
 
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
-    sp = sw.sparsify(sw.create_model("sparsewrap.models:lenet5"), "magnitude", target=0.7)
+    sp = sw.sparsify(sw.create_model("sparsewrap.demo.models:lenet5"), "magnitude", target=0.7)
     return sw.save(sp, tmp_path / "run.safetensors")
 
 
@@ -81,7 +81,7 @@ def test_export_pt2_with_an_explicit_input_shape(ckpt: Path, tmp_path: Path, cap
 
 
 def test_export_pt2_uses_the_recorded_input_shape(tmp_path: Path, capsys) -> None:
-    sp = sw.sparsify(sw.create_model("sparsewrap.models:mlp_300_100"), "magnitude", target=0.5)
+    sp = sw.sparsify(sw.create_model("sparsewrap.demo.models:mlp_300_100"), "magnitude", target=0.5)
     ckpt = sw.save(sp, tmp_path / "mlp.safetensors", input_shape=(784,))
     code, _, _ = run(["export", str(ckpt), "--format", "pt2"], capsys)
     assert code == 0
@@ -242,9 +242,9 @@ def test_an_input_shape_with_x_separators_still_works(ckpt: Path, tmp_path: Path
 def test_the_package_imports_its_public_names_on_first_use() -> None:
     code = (
         "import sys\nimport sparsewrap as sw\nprint('torch' in sys.modules)\n"
-        "import sparsewrap.export\n"  # the submodule of the same name must not replace the function
-        "print(callable(sw.export), sw.export is sys.modules['sparsewrap.export'].export, sw.fit.__module__)\n"
+        "import sparsewrap.bake\n"
+        "print(callable(sw.export), sw.export is sys.modules['sparsewrap.bake'].export, sw.fit.__module__)\n"
         "print(hasattr(sw, 'no_such_name'), sorted(set(sw.__all__) - set(dir(sw))))"
     )
     done = run_python(code)
-    assert done.stdout.split("\n")[:3] == ["False", "True True sparsewrap.loop", "False []"], done.stderr
+    assert done.stdout.split("\n")[:3] == ["False", "True True sparsewrap.train.loop", "False []"], done.stderr

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import sparsewrap as sw
+from sparsewrap.analysis.tracing import analyse, symbolic_trace
 from sparsewrap.errors import ConfigError
 from sparsewrap.parametrizations import wrapped_tensors
-from sparsewrap.tracing import analyse, symbolic_trace
 
 from .zoo import ZOO, outputs
 

@@ -2,7 +2,7 @@
 
 The workers run in spawned processes (``torch.multiprocessing``); they write what they saw to files that the
 test compares. A test-only method makes a *rank-dependent random* mask decision at every step, so identical
-masks can only come from :func:`sparsewrap.distributed.sync_sparsity`, not from luck or determinism.
+masks can only come from :func:`sparsewrap.train.distributed.sync_sparsity`, not from luck or determinism.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsewrap as sw
-from sparsewrap.data import build_data, make_loaders
+from sparsewrap.demo.data import build_data, make_loaders
 from sparsewrap.methods import Method, register_method
 from sparsewrap.parametrizations import Masked, attach
 
@@ -151,7 +151,7 @@ def test_validation_is_sharded_without_padding_and_summed(ranks):
 def test_torchrun_train_two_processes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "sparsewrap", "train", "--model", "sparsewrap.models:mlp_300_100", "--method", "magnitude", "--target",
+           "sparsewrap", "train", "--model", "sparsewrap.demo.models:mlp_300_100", "--method", "magnitude", "--target",
            "0.8", "-O", "granularity=channel", "--epochs", "1", "--limit", "512", "--val-limit", "200",
            "--batch-size", "32", "--device", "cpu", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -30,7 +30,7 @@ def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
 
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
-    sp = sw.sparsify(sw.create_model("sparsewrap.models:lenet5"), "magnitude", target=0.5)
+    sp = sw.sparsify(sw.create_model("sparsewrap.demo.models:lenet5"), "magnitude", target=0.5)
     return sw.save(sp, tmp_path / "run.safetensors")
 
 
@@ -69,12 +69,12 @@ def test_model_os_system_names_the_factory(capsys, tmp_path: Path) -> None:
 
 
 def test_model_kw_that_is_not_an_integer_is_named(capsys, tmp_path: Path) -> None:
-    argv = ["train", "--model", "sparsewrap.models:lenet5", "--model-kw", "num_classes=abc", "--limit", "64",
+    argv = ["train", "--model", "sparsewrap.demo.models:lenet5", "--model-kw", "num_classes=abc", "--limit", "64",
             "--val-limit", "64", "--epochs", "1", "--out", tmp_path]  # fmt: skip
     code, text = run(argv, capsys)
     assert code == 1 and "model keyword num_classes='abc' must be a non-negative integer, e.g. num_classes=10" in text
     with pytest.raises(ConfigError, match=r"in_chans=1\.5"):
-        sw.create_model("sparsewrap.models:lenet5", in_chans=1.5)
+        sw.create_model("sparsewrap.demo.models:lenet5", in_chans=1.5)
     assert not (tmp_path / "last.safetensors").exists()
 
 
@@ -88,7 +88,7 @@ def test_export_onto_its_own_checkpoint_is_refused(ckpt: Path, capsys) -> None:
 
 
 def test_export_never_replaces_another_checkpoint_even_with_force(ckpt: Path, tmp_path: Path, capsys) -> None:
-    other = sw.save(sw.sparsify(sw.create_model("sparsewrap.models:lenet5"), "magnitude", target=0.9),
+    other = sw.save(sw.sparsify(sw.create_model("sparsewrap.demo.models:lenet5"), "magnitude", target=0.9),
                     tmp_path / "other.safetensors")  # fmt: skip
     before = other.read_bytes()
     code, text = run(["export", ckpt, "-o", other, "--force"], capsys)
@@ -178,7 +178,7 @@ def test_resume_with_other_settings_is_refused_naming_the_change(tmp_path: Path,
 
 
 def test_cli_resume_with_another_limit_and_lr_names_both(tmp_path: Path, capsys) -> None:
-    base = ["train", "--model", "sparsewrap.models:mlp_300_100", "--method", "magnitude", "--target", "0.5",
+    base = ["train", "--model", "sparsewrap.demo.models:mlp_300_100", "--method", "magnitude", "--target", "0.5",
             "--val-limit", "64", "--batch-size", "32", "--out", tmp_path]  # fmt: skip
     code, text = run([*base, "--limit", "64", "--epochs", "1"], capsys)
     assert code == 0, text

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 import sparsewrap as sw
 from sparsewrap.errors import ConfigError
 from sparsewrap.methods import reset_optimizer_state, unregister_method
+from sparsewrap.methods.schedules import StepSpec, check_steps
 from sparsewrap.parametrizations import Masked, attach, masked, wrapped_tensors
-from sparsewrap.schedules import StepSpec, check_steps
 
 from .zoo import MLP
 
@@ -129,7 +129,7 @@ def test_sparsewrap_train_tells_the_method_the_run_length(tmp_path, capsys) -> N
     from sparsewrap.cli import main
 
     Phases.started.clear()
-    argv = ["train", "--model", "sparsewrap.models:lenet5", "--method", "test-phases", "-O", "end=0.5",
+    argv = ["train", "--model", "sparsewrap.demo.models:lenet5", "--method", "test-phases", "-O", "end=0.5",
             "--limit", "128", "--val-limit", "64", "--batch-size", "64", "--epochs", "3",
             "--out", str(tmp_path / "run")]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import sparsewrap as sw
+from sparsewrap.analysis.inputs import InputRecord
 from sparsewrap.errors import ConfigError
-from sparsewrap.inputs import InputRecord
 from sparsewrap.purge import purge, purge_report
 
 from .zoo import ZOO, ConvBN, TiedLM

@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import sparsewrap as sw
+from sparsewrap.analysis.macs import layer_macs
 from sparsewrap.errors import ConfigError, NoTargetsError
-from sparsewrap.macs import layer_macs
 from sparsewrap.parametrizations.gated import ChannelGated, GatedWeight
 
 from .test_l0_math import TwoLayer
@@ -414,7 +414,7 @@ def test_module_count_stays_small():
 
 
 def test_top_k_selection_is_exact_with_ties():
-    from sparsewrap.methods.l0_projection import _top_k, top_by_cost
+    from sparsewrap.methods.l0.projection import _top_k, top_by_cost
 
     torch.manual_seed(0)
     x = torch.randint(0, 4, (200,)).double()  # many ties

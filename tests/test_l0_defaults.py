@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import sparsewrap as sw
 from sparsewrap.controller import controller_of
-from sparsewrap.methods import l0 as l0_module
-from sparsewrap.models import mlp_300_100
+from sparsewrap.demo.models import mlp_300_100
+from sparsewrap.methods.l0 import method as l0_module
 from sparsewrap.parametrizations.gated import GAMMA, ZETA, prob_nonzero
 
 from .zoo import ZOO, outputs

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import sparsewrap as sw
-from sparsewrap.constraints import DualAscent
 from sparsewrap.errors import ConfigError
+from sparsewrap.methods.dual import DualAscent
 from sparsewrap.parametrizations.gated import (
     BETA,
     EPS,

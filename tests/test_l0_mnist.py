@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import sparsewrap as sw
-from sparsewrap.data import load_mnist
-from sparsewrap.models import lenet5, mlp_300_100
+from sparsewrap.demo.data import load_mnist
+from sparsewrap.demo.models import lenet5, mlp_300_100
 
 
 @pytest.fixture(scope="module")

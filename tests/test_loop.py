@@ -13,12 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import sparsewrap as sw
-from sparsewrap import rng
-from sparsewrap.data import load_mnist
+from sparsewrap.demo.data import load_mnist
 from sparsewrap.errors import CheckpointError, ConfigError
-from sparsewrap.history import Callback
-from sparsewrap.loop import TrainingError, evaluate
-from sparsewrap.loopstate import StopSignal
+from sparsewrap.train import rng
+from sparsewrap.train.history import Callback
+from sparsewrap.train.loop import TrainingError, evaluate
+from sparsewrap.train.state import StopSignal
 
 
 class DropMLP(nn.Module):
@@ -165,7 +165,7 @@ def test_cosine_schedule_decays_the_weights_group_only(mnist):
 
 
 def test_checkpoint_holds_the_optimizer_groups_and_state(mnist, tmp_path):
-    from sparsewrap.checkpoint import read_extra
+    from sparsewrap.io.checkpoint import read_extra
 
     train, _ = loaders(mnist, batch=256)
     torch.manual_seed(0)

@@ -276,7 +276,7 @@ def test_state_dict_round_trip_restores_the_schedule_position() -> None:
 
 @pytest.mark.parametrize("allocation", ["uniform", "erk"])
 def test_layer_wise_channel_allocations_stay_within_one_channel_of_each_quota(allocation: str) -> None:
-    from sparsewrap.allocation import layer_sparsities
+    from sparsewrap.methods.allocation import layer_sparsities
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sparsewrap as sw
+from sparsewrap.analysis.tracing import analyse
 from sparsewrap.errors import ConfigError
 from sparsewrap.purge import purge, purge_report
 from sparsewrap.purge.plan import Planner
-from sparsewrap.tracing import analyse
 
 from .zoo import ZOO, ResNetTiny, outputs
 

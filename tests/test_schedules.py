@@ -7,7 +7,7 @@ import math
 import pytest
 
 from sparsewrap.errors import ConfigError
-from sparsewrap.schedules import Schedule, check_steps, resolve_steps
+from sparsewrap.methods.schedules import Schedule, check_steps, resolve_steps
 
 
 def test_oneshot_is_the_target_at_every_step_and_never_updates() -> None:

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import sparsewrap as sw
+from sparsewrap.analysis.targets import Target, select_targets
+from sparsewrap.analysis.tracing import analyse
 from sparsewrap.errors import ConfigError, NoTargetsError
-from sparsewrap.targets import Target, select_targets
-from sparsewrap.tracing import analyse
 
 from .zoo import ConvBN, ResNetTiny, TiedLM
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import sparsewrap as sw
+from sparsewrap.analysis.tracing import SparseTracer, analyse, original_class, symbolic_trace
 from sparsewrap.errors import TraceError
-from sparsewrap.tracing import SparseTracer, analyse, original_class, symbolic_trace
 
 from .zoo import ZOO, DepthwiseGrouped, ResNetTiny
 

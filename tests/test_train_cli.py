@@ -14,11 +14,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import sparsewrap as sw
-from sparsewrap import data as swdata
 from sparsewrap.cli import main
-from sparsewrap.loop import evaluate
+from sparsewrap.demo import data as swdata
+from sparsewrap.train.loop import evaluate
 
-COMMON = ["train", "--model", "sparsewrap.models:lenet5", "-O", "granularity=channel", "--limit", "512",
+COMMON = ["train", "--model", "sparsewrap.demo.models:lenet5", "-O", "granularity=channel", "--limit", "512",
           "--val-limit", "256", "--batch-size", "64"]  # fmt: skip
 BASE = [*COMMON, "--method", "magnitude"]
 TRAIN = [*BASE, "--target", "0.9"]
@@ -90,7 +90,7 @@ def test_out_dir_is_not_overwritten_without_force(capsys, tmp_path):
     ],
 )
 def test_bad_inputs_name_the_accepted_forms(capsys, tmp_path, args, message):
-    argv = ["train", "--model", "sparsewrap.models:lenet5", "--method", "magnitude", "--target", "0.9", "--limit",
+    argv = ["train", "--model", "sparsewrap.demo.models:lenet5", "--method", "magnitude", "--target", "0.9", "--limit",
             "64", "--out", str(tmp_path / "run"), *args]  # fmt: skip
     code, out, err = run(capsys, *argv)
     assert code != 0 and message in err + " ".join(out.split())
@@ -191,7 +191,7 @@ def test_cheap_arguments_fail_before_any_data_is_loaded(capsys, tmp_path, monkey
         raise AssertionError("data loaded before the arguments were checked")
 
     monkeypatch.setattr(swdata, "build_data", no_data)
-    argv = ["train", "--model", "sparsewrap.models:lenet5", "--method", "magnitude", "--target", "0.9", "--out",
+    argv = ["train", "--model", "sparsewrap.demo.models:lenet5", "--method", "magnitude", "--target", "0.9", "--out",
             tmp_path / "run", *args]  # fmt: skip
     code, out, err = run(capsys, *argv)
     assert code in (1, 2) and message in err, err
@@ -241,7 +241,7 @@ def test_the_hint_after_training_depends_on_the_granularity():
 
 def test_the_epoch_line_shows_task_loss_and_penalty_apart_under_120_characters():
     from sparsewrap.cli.train import epoch_line
-    from sparsewrap.history import EpochRecord
+    from sparsewrap.train.history import EpochRecord
 
     method = {"expected density": 0.1023, "deterministic density": 0.0998, "requested density": 0.1,
               "multiplier": 12.5, "projection error": 0.003, "a very long figure name indeed": 1.0}  # fmt: skip
@@ -262,7 +262,7 @@ def test_the_epoch_line_shows_task_loss_and_penalty_apart_under_120_characters()
 
 def test_the_choices_of_optimizer_and_schedule_are_the_loops():
     from sparsewrap.cli.train import LRSchedule, Optimizer
-    from sparsewrap.loop import LR_SCHEDULES, OPTIMIZERS
+    from sparsewrap.train.loop import LR_SCHEDULES, OPTIMIZERS
 
     assert tuple(o.value for o in Optimizer) == OPTIMIZERS
     assert tuple(s.value for s in LRSchedule) == LR_SCHEDULES

@@ -23,7 +23,7 @@ def system_recipe(marker: Path) -> dict:
 
 @pytest.fixture
 def forged(tmp_path: Path) -> tuple[Path, Path]:
-    sp = sw.sparsify(sw.create_model("sparsewrap.models:lenet5"), "magnitude", target=0.5)
+    sp = sw.sparsify(sw.create_model("sparsewrap.demo.models:lenet5"), "magnitude", target=0.5)
     marker = tmp_path / "MARKER"
     return forge(sw.save(sp, tmp_path / "forged.safetensors"), system_recipe(marker)), marker
 
@@ -55,7 +55,7 @@ def test_the_forged_file_is_valid_so_trusting_it_does_run_its_factory(forged) ->
 
 def test_load_with_model_ignores_the_forged_factory(forged) -> None:
     path, marker = forged
-    from sparsewrap.models import lenet5
+    from sparsewrap.demo.models import lenet5
 
     assert sw.load(path, model=lenet5()).spec.target == 0.5
     assert not marker.exists()
@@ -84,7 +84,7 @@ def test_train_resume_never_runs_the_factory_of_the_file(forged, capsys) -> None
     out = path.parent / "run"
     out.mkdir()
     path.rename(out / "last.safetensors")
-    argv = ["train", "--model", "sparsewrap.models:lenet5", "--method", "magnitude", "--target", "0.5",
+    argv = ["train", "--model", "sparsewrap.demo.models:lenet5", "--method", "magnitude", "--target", "0.5",
             "--limit", "64", "--val-limit", "64", "--epochs", "1", "--out", str(out), "--resume"]  # fmt: skip
     code, text = run(argv, capsys)
     assert code == 1 and not marker.exists()
@@ -92,7 +92,7 @@ def test_train_resume_never_runs_the_factory_of_the_file(forged, capsys) -> None
 
 
 def test_load_purged_of_a_forged_factory_runs_nothing(tmp_path: Path) -> None:
-    sp = sw.sparsify(sw.create_model("sparsewrap.models:lenet5"), "magnitude", target=0.5, granularity="channel")
+    sp = sw.sparsify(sw.create_model("sparsewrap.demo.models:lenet5"), "magnitude", target=0.5, granularity="channel")
     small = sw.export(sp, purge=True, example_inputs=torch.randn(2, 1, 28, 28))
     marker = tmp_path / "MARKER"
     path = save_purged(small, tmp_path / "small.safetensors")

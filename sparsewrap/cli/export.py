@@ -48,7 +48,7 @@ def check_output(checkpoint: Path, out: Path, fmt: str, force: bool) -> None:
     Raises:
         typer.BadParameter: naming the path and what to do instead.
     """
-    from ..checkpoint import is_checkpoint
+    from ..io.checkpoint import is_checkpoint
 
     suffix = SUFFIX[fmt]
     if out.suffix != suffix:
@@ -119,7 +119,7 @@ def check_input_shape(model, shape: list[int]) -> None:
 
 
 def _write(model, path: Path, fmt: str, shape: list[int] | None, purged: bool) -> Path:
-    from ..export import save_plain
+    from ..bake import save_plain
     from ..purge.io import save_onnx, save_purged
 
     if purged:
@@ -176,12 +176,12 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing output file (never a checkpoint)."),
 ) -> None:
     """Bake the sparsity into a plain model for the original architecture and write it atomically."""
-    from ..checkpoint import load
-    from ..export import export
+    from ..bake import export
+    from ..io.checkpoint import load
+    from ..io.recipe import recipe_for
     from ..purge import fold_report, purge_report
     from ..purge.compare import compare, file_size
     from ..purge.io import example_batch
-    from ..recipe import recipe_for
 
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not a format; valid: {', '.join(FORMATS)}", param_hint="--format")

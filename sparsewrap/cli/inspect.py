@@ -50,7 +50,7 @@ def report_cmd(
     trust_factory: bool = typer.Option(False, "--trust-factory", help=TRUST_HELP),
 ) -> None:
     """Per-layer shape, params, nonzeros and sparsity; totals; requested vs achieved."""
-    from ..checkpoint import load
+    from ..io.checkpoint import load
 
     sp = load(checkpoint, trust_factory=trust_factory)
     report = sp.report()

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from typer.core import TyperCommand
 
-from ..history import Callback, EpochRecord, LoopState
+from ..train.history import Callback, EpochRecord, LoopState
 from . import app, console
 from .checks import check_count, check_number, check_out_dir, check_patterns, group_rates
 
@@ -136,7 +136,7 @@ def model_recipe(spec: str, num_classes: int, input_shape: tuple[int, ...], kwar
     Raises:
         ConfigError: for a spec that is neither ``timm:<arch>`` nor ``package.module:factory``.
     """
-    from ..recipe import ModelRecipe
+    from ..io.recipe import ModelRecipe
 
     recipe = ModelRecipe.parse(spec)
     fitted = {"num_classes": num_classes, "in_chans": input_shape[0]}
@@ -147,7 +147,7 @@ def model_recipe(spec: str, num_classes: int, input_shape: tuple[int, ...], kwar
 
 
 class Optimizer(str, enum.Enum):  # noqa: UP042  (enum.StrEnum needs Python 3.11)
-    """``--optimizer`` choices (``sparsewrap.loop.OPTIMIZERS``, kept here so that no torch import is needed)."""
+    """``--optimizer`` choices (``sparsewrap.train.loop.OPTIMIZERS``, kept here so that no torch import is needed)."""
 
     adam = "adam"
     adamw = "adamw"
@@ -155,7 +155,7 @@ class Optimizer(str, enum.Enum):  # noqa: UP042  (enum.StrEnum needs Python 3.11
 
 
 class LRSchedule(str, enum.Enum):  # noqa: UP042
-    """``--lr-schedule`` choices (``sparsewrap.loop.LR_SCHEDULES``)."""
+    """``--lr-schedule`` choices (``sparsewrap.train.loop.LR_SCHEDULES``)."""
 
     constant = "constant"
     cosine = "cosine"
@@ -236,15 +236,15 @@ def train_cmd(
     check_patterns(exclude, "--exclude")
     check_out_dir(out)
 
-    from .. import distributed
     from ..controller import resolve_target, sparsify
-    from ..data import build_data, make_loaders
-    from ..fileio import write_atomic
-    from ..loop import fit
-    from ..loopstate import CHECKPOINT_NAME, refuse_overwrite
+    from ..demo.data import build_data, make_loaders
+    from ..io.atomic import write_atomic
+    from ..io.recipe import ModelRecipe
     from ..methods import get_method, make_config
-    from ..recipe import ModelRecipe
-    from ..rng import seed_all
+    from ..train import distributed
+    from ..train.loop import fit
+    from ..train.rng import seed_all
+    from ..train.state import CHECKPOINT_NAME, refuse_overwrite
     from .inspect import render_report
     from .options import check_options
 
@@ -331,7 +331,7 @@ def demo_cmd(
     import torch
     from rich.table import Table
 
-    from ..demo import DemoConfig, run_demo
+    from ..demo.run import DemoConfig, run_demo
     from .inspect import render_report
 
     if threads > 0:  # LeNet-5's layers are too small to gain from more threads; on a busy machine they lose a lot

@@ -14,12 +14,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..analysis.targets import Target
+from ..analysis.tracing import ModelGraph
 from ..errors import ConfigError, UnknownNameError, choices
 from ..parametrizations import wrapped_tensors
-from ..schedules import StepSpec
-from ..targets import Target
-from ..tracing import ModelGraph
 from .run import RunContext
+from .schedules import StepSpec
 
 TargetSpec = float | dict[str, float]
 

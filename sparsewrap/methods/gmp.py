@@ -1,7 +1,7 @@
 """``method="gmp"``: gradual magnitude pruning under the name the STR repository uses.
 
 An alias of ``magnitude`` with ``schedule="cubic"`` and a per-layer rate (``allocation="uniform"``), for users
-of that repository (``GMPConv``). The rate at step ``t`` is Zhu & Gupta's cubic (:mod:`sparsewrap.schedules`):
+of that repository (``GMPConv``). The rate at step ``t`` is Zhu & Gupta's cubic (:mod:`sparsewrap.methods.schedules`):
 
     s_t = s_f * (1 - (1 - k/n)^3),     k = floor((t - start) / every),  n = (end - start) / every
 

@@ -1,7 +1,7 @@
 """Per-layer budgets for the methods that prune each layer to its own count (DNW, STR's export projection).
 
 A budget is the number of weights each layer drops. It comes from one overall sparsity split over the layers
-(``"uniform"`` or ``"erk"``, :mod:`sparsewrap.allocation`), from a ``{layer pattern: sparsity}`` dict, or, for
+(``"uniform"`` or ``"erk"``, :mod:`sparsewrap.methods.allocation`), from a ``{layer pattern: sparsity}`` dict, or, for
 STR, from the per-layer densities the training learned, rescaled to the requested total.
 """
 
@@ -13,9 +13,9 @@ import math
 import re
 from collections.abc import Sequence
 
-from ..allocation import largest_remainder, layer_sparsities
+from ..analysis.targets import Target
 from ..errors import ConfigError, NoTargetsError, choices
-from ..targets import Target
+from .allocation import largest_remainder, layer_sparsities
 
 LAYER_ALLOCATIONS = ("uniform", "erk")
 

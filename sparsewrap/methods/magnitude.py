@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..allocation import ALLOCATIONS, drop_lowest, largest_remainder, layer_sparsities
 from ..errors import ConfigError, choices
 from ..parametrizations import Masked, attach, wrapped_tensors
 from ..parametrizations.projection import EvalProjection
-from ..schedules import SCHEDULES, Schedule
+from .allocation import ALLOCATIONS, drop_lowest, largest_remainder, layer_sparsities
 from .base import Method, register_method
+from .schedules import SCHEDULES, Schedule
 
 GRANULARITIES = ("weight", "channel")
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..errors import ConfigError, choices
-from ..schedules import START_FIX, StepSpec, resolve_steps
+from .schedules import START_FIX, StepSpec, resolve_steps
 
 # per-weight state entries each optimizer keeps, by exact type (a subclass may keep others)
 OPTIMIZER_STATE: dict[type[Optimizer], tuple[str, ...]] = {

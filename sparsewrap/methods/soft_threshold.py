@@ -42,9 +42,9 @@ from ..parametrizations import attach
 from ..parametrizations.projection import EvalProjection
 from ..parametrizations.threshold import SoftThreshold, shrink_kept
 from ..parametrizations.topk import keep_largest
-from ..schedules import Schedule
 from .base import Method, register_method
 from .layer_budgets import rescaled_keep_counts
+from .schedules import Schedule
 
 
 @dataclass

@@ -17,7 +17,7 @@ def keep_largest(scores: Tensor, keep: int) -> Tensor:
     """A bool mask (same shape) keeping exactly ``keep`` of the largest ``scores``.
 
     Ties at the threshold are broken by position: the earliest tied entries are dropped first (the rule of
-    :func:`sparsewrap.allocation.drop_lowest`). One ``kthvalue`` and one cumulative count, and no transfer of a
+    :func:`sparsewrap.methods.allocation.drop_lowest`). One ``kthvalue`` and one cumulative count, and no transfer of a
     value to the host, so it does not synchronise a GPU stream.
     """
     flat = scores.reshape(-1)

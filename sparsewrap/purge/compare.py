@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..macs import total_macs
+from ..analysis.macs import total_macs
 
 
 @dataclass

@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
-from ..dependency import analyse_channels
-from ..dependency_rules import BLOCK_RULES
+from ..analysis.channels import analyse_channels
+from ..analysis.inputs import check_example_inputs
+from ..analysis.rules import BLOCK_RULES
+from ..analysis.tracing import SparseTracer
 from ..errors import ConfigError, TraceError
-from ..inputs import check_example_inputs
-from ..tracing import SparseTracer
 from .plan import Ops, Planner, Unit
 from .shrink import apply_ops
 

@@ -48,7 +48,7 @@ def _example_inputs(plain: nn.Module, source: nn.Module, example_inputs: Any, wh
     Raises:
         ConfigError: if there is no shape to build one from and ``why`` says what needs it.
     """
-    from ..recipe import recipe_for
+    from ..io.recipe import recipe_for
 
     if example_inputs is not None:
         return example_inputs
@@ -73,7 +73,7 @@ def example_batch(shape: Sequence[int], like: nn.Module) -> Tensor:
 
 
 def _new_record(plain: nn.Module, source: nn.Module, round_to: int) -> dict[str, Any]:
-    from ..recipe import recipe_for
+    from ..io.recipe import recipe_for
 
     recipe = recipe_for(source)
     return {
@@ -189,8 +189,8 @@ def save_purged(model: nn.Module, path: str | os.PathLike, fmt: str = "safetenso
         ConfigError: on an unknown format, a model that was not purged (safetensors), a missing input shape
             (pt2, onnx) or a missing ``onnx`` package.
     """
-    from ..export import _unshare, save_plain
-    from ..fileio import write_atomic
+    from ..bake import _unshare, save_plain
+    from ..io.atomic import write_atomic
 
     if fmt not in FORMATS:
         raise ConfigError(f"format {fmt!r} is unknown; valid: {choices(FORMATS)}")
@@ -213,7 +213,7 @@ def save_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[i
     Raises:
         ConfigError: without an input shape or without the ``onnx`` package.
     """
-    from ..fileio import write_atomic
+    from ..io.atomic import write_atomic
 
     if not input_shape:
         raise ConfigError("format 'onnx' needs an input shape, e.g. --input-shape 3,224,224")
@@ -288,7 +288,7 @@ def load_purged(path: str | os.PathLike, model: nn.Module | None = None, trust_f
     if model is None:
         if not plan.get("recipe"):
             raise CheckpointError(f"{path} records no model recipe; pass model=<a fresh instance of the architecture>")
-        from ..recipe import ModelRecipe
+        from ..io.recipe import ModelRecipe
 
         try:
             model = ModelRecipe.from_dict(plan["recipe"]).build(trust_factory, origin=str(path))

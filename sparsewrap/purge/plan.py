@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..dependency import ChannelAnalysis, Seg, Use, weight_support
+from ..analysis.channels import ChannelAnalysis, Seg, Use, weight_support
 from .heads import head_rule
 from .shrink import shrinker_for
 

@@ -2,7 +2,7 @@
 
 A shrink function takes a module and ``{role: kept indices}`` and replaces the module's tensors by their kept
 slices, updating the attributes its ``forward`` reads (``out_channels``, ``groups``, ``num_heads`` ...). Roles
-(see :class:`sparsewrap.dependency.Use`): ``"out"`` (output rows and bias), ``"in"`` (input dimension),
+(see :class:`sparsewrap.analysis.channels.Use`): ``"out"`` (output rows and bias), ``"in"`` (input dimension),
 ``"dw"`` (a depthwise conv's channels), ``"norm"`` (a per-channel norm), ``"heads"`` (attention heads).
 Per-channel tensor attributes (``"param:<name>:<dim>"``) are sliced generically for any module.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .fileio import write_atomic
+from ..io.atomic import write_atomic
 
 INK, GRID, BLUE, ORANGE, GREEN, GREY = "#222222", "#dddddd", "#1f77b4", "#ff7f0e", "#2ca02c", "#888888"
 

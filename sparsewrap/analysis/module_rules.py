@@ -1,4 +1,4 @@
-"""How the channel walk (:mod:`sparsewrap.dependency`) treats modules: layers, norms and known blocks.
+"""How the channel walk (:mod:`sparsewrap.analysis.channels`) treats modules: layers, norms and known blocks.
 
 Conv/Linear layers open a new channel space (their output rows) and consume their input's channels; a
 depthwise conv and the norms pass their input's layout through; a registered block (attention) reads with its
@@ -12,13 +12,13 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from . import dependency_rules as R
-from .dependency_groups import State
-from .dependency_rules import NORMS, SPARSIFIABLE
+from . import rules as R
+from .groups import State
+from .rules import NORMS, SPARSIFIABLE
 
 
 class ModuleVisitor:
-    """Mixin of :class:`~sparsewrap.dependency.Walker` with the rules for ``call_module`` nodes."""
+    """Mixin of :class:`~sparsewrap.analysis.channels.Walker` with the rules for ``call_module`` nodes."""
 
     # -- modules ---------------------------------------------------------------------------------------------
     def visit_module(self, node: fx.Node, name: str, module: nn.Module) -> object:

@@ -8,7 +8,7 @@ every RNG state and the position in the epoch, so ``resume=True`` continues exac
 same batches, same random draws, same losses.
 
 Under ``torchrun`` (an initialised process group) the model is wrapped in ``DistributedDataParallel``, the
-sparsity state is broadcast from rank 0 after every ``sp.step()`` (:mod:`sparsewrap.distributed`), metrics are
+sparsity state is broadcast from rank 0 after every ``sp.step()`` (:mod:`sparsewrap.train.distributed`), metrics are
 averaged over ranks, and only rank 0 writes checkpoints and calls the callback.
 """
 
@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..controller import Sparsifier, controller_of
+from ..errors import ConfigError, SparsewrapError, choices
+from ..io.atomic import remove_orphans
 from . import distributed, rng
-from .controller import Sparsifier, controller_of
-from .errors import ConfigError, SparsewrapError, choices
-from .fileio import remove_orphans
 from .history import Callback, EpochRecord, History, LoopState
-from .loopstate import CHECKPOINT_NAME, StopSignal, refuse_overwrite, restore, run_settings, save_state
+from .state import CHECKPOINT_NAME, StopSignal, refuse_overwrite, restore, run_settings, save_state
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine")

@@ -161,7 +161,7 @@ def check_example_inputs(model: nn.Module, example_inputs: Any, expected: str | 
     Raises:
         ConfigError: one line naming the inputs given, the model's error and the expected input.
     """
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     was_training = model.training

@@ -1,8 +1,8 @@
-"""How the channel walk (:mod:`sparsewrap.dependency`) treats functions and tensor methods.
+"""How the channel walk (:mod:`sparsewrap.analysis.channels`) treats functions and tensor methods.
 
 Split from the walker so that each file stays one concept: this one is the op-by-op rulebook (per-channel ops,
 reshapes and permutes, ``cat``/``split``/slicing, broadcasting binary ops). Each rule returns the output's
-:class:`~sparsewrap.dependency.State`, or blocks the spaces it cannot follow and returns ``None``.
+:class:`~sparsewrap.analysis.channels.State`, or blocks the spaces it cannot follow and returns ``None``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from . import dependency_rules as R
-from .dependency_groups import Seg, State
+from . import rules as R
+from .groups import Seg, State
 
 _SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax"}
 _CLAMP = {torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clamp_min", "clamp_min_", "clamp_max"}
@@ -43,7 +43,7 @@ def _arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
 
 
 class FunctionVisitor:
-    """Mixin of :class:`~sparsewrap.dependency.Walker` with the rules for ``call_function``/``call_method``."""
+    """Mixin of :class:`~sparsewrap.analysis.channels.Walker` with the rules for ``call_function``/``call_method``."""
 
     def visit_function(self, node: fx.Node, target: Any) -> object:
         if target in R.META_METHODS or target is getattr:

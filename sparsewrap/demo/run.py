@@ -21,19 +21,19 @@ from typing import Any
 
 from torch import nn
 
-from .controller import sparsify
+from ..analysis.macs import total_macs
+from ..bake import export, save_plain
+from ..controller import sparsify
+from ..io.recipe import ModelRecipe
+from ..purge.compare import latency
+from ..report import Report
+from ..train.history import Callback, History
+from ..train.loop import evaluate, fit
+from ..train.rng import seed_all
 from .data import build_data, make_loaders
-from .export import export, save_plain
 from .figure import training_figure
-from .history import Callback, History
-from .loop import evaluate, fit
-from .macs import total_macs
-from .purge.compare import latency
-from .recipe import ModelRecipe
-from .report import Report
-from .rng import seed_all
 
-MODEL = "sparsewrap.models:lenet5"
+MODEL = "sparsewrap.demo.models:lenet5"
 METHOD_NAMES = {"l0": "constrained L0 gates", "magnitude": "magnitude (L1) pruning"}
 INPUT_SHAPE = (1, 28, 28)
 

@@ -1,4 +1,4 @@
-"""The tables and shape arithmetic behind the channel analysis (:mod:`sparsewrap.dependency`).
+"""The tables and shape arithmetic behind the channel analysis (:mod:`sparsewrap.analysis.channels`).
 
 An op is *per-channel* when output channel ``c`` depends only on input channel ``c`` (activations, pooling,
 resizing, reductions over other axes): removing a channel from its input removes it from its output and

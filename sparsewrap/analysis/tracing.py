@@ -18,9 +18,9 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .dependency import channel_groups
-from .dependency_rules import NORMS, SPARSIFIABLE
-from .errors import TraceError
+from ..errors import TraceError
+from .channels import channel_groups
+from .rules import NORMS, SPARSIFIABLE
 
 
 def original_class(module: nn.Module) -> type[nn.Module]:
@@ -79,7 +79,7 @@ class ModelGraph:
         order: names of every module called in the forward, in execution order (first call).
         graph: the traced FX graph module, or ``None`` when tracing failed.
         trace_error: why tracing failed (empty when it succeeded).
-        groups: channel groups (see :mod:`sparsewrap.dependency`); empty when untraced.
+        groups: channel groups (see :mod:`sparsewrap.analysis.channels`); empty when untraced.
     """
 
     order: list[str]

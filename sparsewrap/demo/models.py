@@ -1,4 +1,4 @@
-"""Small reference models of the papers, usable as ``--model sparsewrap.models:<name>``.
+"""Small reference models of the papers, usable as ``--model sparsewrap.demo.models:<name>``.
 
 - :func:`mlp_300_100`: LeNet-300-100 (784-300-100-10, ReLU), as in Louizos et al. 2018.
 - :func:`lenet5`: LeNet-5-Caffe (conv 20, conv 50, both 5×5 with 2×2 max-pooling; fc 500; fc 10).

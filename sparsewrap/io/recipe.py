@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, SparsewrapError
+from ..errors import CheckpointError, ConfigError, SparsewrapError
 from .trust import check_timm_kwargs, register_factory, resolve_factory
 
 RECIPE_ATTR = "_sparsewrap_recipe"
@@ -51,7 +51,7 @@ class ModelRecipe:
     def build(self, trust_factory: bool = False, origin: str = "this recipe") -> nn.Module:
         """Build a fresh model (random init; never downloads weights).
 
-        A recipe read from a file is untrusted input (see :mod:`sparsewrap.trust`): a timm architecture is
+        A recipe read from a file is untrusted input (see :mod:`sparsewrap.io.trust`): a timm architecture is
         built only with allow-listed kwargs, and a ``pkg.mod:fn`` factory is imported only if it is registered
         or ``trust_factory`` is true.
 
@@ -156,7 +156,7 @@ def _call(name: str, make: Callable[[], Any], kwargs: dict[str, Any]) -> Any:
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    from .parametrizations import wrapped_tensors
+    from ..parametrizations import wrapped_tensors
 
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for mname, _mod, tname, _p in wrapped_tensors(model):

@@ -1,6 +1,6 @@
 """The data of the channel analysis: segments of a channel axis, channel groups, their uses, the walk's state.
 
-:mod:`sparsewrap.dependency` fills them in; the rule modules and the purge read them.
+:mod:`sparsewrap.analysis.channels` fills them in; the rule modules and the purge read them.
 """
 
 from __future__ import annotations

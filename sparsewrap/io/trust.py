@@ -20,7 +20,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -139,5 +139,5 @@ def check_timm_kwargs(name: str, kwargs: dict[str, Any], trusted: bool) -> dict[
     return out
 
 
-register_factory("sparsewrap.models:mlp_300_100")
-register_factory("sparsewrap.models:lenet5")
+register_factory("sparsewrap.demo.models:mlp_300_100")
+register_factory("sparsewrap.demo.models:lenet5")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .errors import ConfigError, NoTargetsError
+from ..errors import ConfigError, NoTargetsError
 from .tracing import SPARSIFIABLE, ModelGraph
 
 Pattern = str | Callable[[str, nn.Module], bool]

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..parametrizations import wrapped_tensors
-from ..parametrizations.gated import ChannelGate, ChannelGated, eval_gates, mean_gates
-from .l0_layout import ChannelPlan, GatedLayer, channel_scores
+from ...parametrizations import wrapped_tensors
+from ...parametrizations.gated import ChannelGate, ChannelGated, eval_gates, mean_gates
+from .layout import ChannelPlan, GatedLayer, channel_scores
 
 
 def weight_scores(weight: Tensor, log_alpha: Tensor) -> Tensor:

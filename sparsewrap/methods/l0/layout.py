@@ -3,7 +3,7 @@
 Per weight: one :class:`GatedWeight` per targeted weight. Per channel: one :class:`ChannelGate` per *exact*
 channel group whose producers are all targeted, shared by the producers' weights (dim 0), their biases and
 the BatchNorm affine terms of the group; each targeted layer that reads gated channels (through concatenations and
-flattens, as laid out by :func:`sparsewrap.dependency.analyse_channels`) also counts them on its input,
+flattens, as laid out by :func:`sparsewrap.analysis.channels.analyse_channels`) also counts them on its input,
 because removing a channel removes the consumer's input slice too (the cascade). A layer with output gate
 probabilities ``p`` (``C_out`` channels) and input columns kept with probabilities ``q`` (``D_in`` columns) has
 
@@ -25,12 +25,12 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..dependency import ChannelAnalysis, ChannelGroup, analyse_channels
-from ..parametrizations import attach
-from ..parametrizations.gated import ChannelGate, ChannelGated, GateBank, GatedWeight, InSeg, prob_nonzero, wide
-from ..parametrizations.projection import EvalProjection
-from ..targets import Target
-from ..tracing import ModelGraph, symbolic_trace
+from ...analysis.channels import ChannelAnalysis, ChannelGroup, analyse_channels
+from ...analysis.targets import Target
+from ...analysis.tracing import ModelGraph, symbolic_trace
+from ...parametrizations import attach
+from ...parametrizations.gated import ChannelGate, ChannelGated, GateBank, GatedWeight, InSeg, prob_nonzero, wide
+from ...parametrizations.projection import EvalProjection
 
 
 @dataclass(eq=False)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .errors import ConfigError, choices
+from ..errors import ConfigError, choices
 
 SCHEDULES = ("oneshot", "cubic", "exponential")
 

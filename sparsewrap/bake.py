@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .analysis.inputs import check_example_inputs, recorder_detached
 from .controller import CONTROLLER_ATTR, Sparsifier, controller_of
 from .errors import ConfigError, choices
-from .fileio import write_atomic
-from .inputs import check_example_inputs, recorder_detached
+from .io.atomic import write_atomic
+from .io.recipe import RECIPE_ATTR
 from .parametrizations import SparseParametrization, wrapped_tensors
-from .recipe import RECIPE_ATTR
 
 FORMATS = ("safetensors", "pt2")
 

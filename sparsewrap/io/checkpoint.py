@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import __version__
-from .controller import Sparsifier, controller_of, sparsify
-from .errors import CheckpointError, ConfigError
-from .export import _unshare
-from .fileio import write_atomic
+from .. import __version__
+from ..bake import _unshare
+from ..controller import Sparsifier, controller_of, sparsify
+from ..errors import CheckpointError, ConfigError
+from .atomic import write_atomic
 from .recipe import ModelRecipe, recipe_for
 
 FORMAT_VERSION = 1
@@ -230,7 +230,7 @@ def load(
 ) -> Sparsifier:  # fmt: skip
     """Rebuild a sparsified model and its controller from :func:`save`'s file.
 
-    Loading runs no code named in the file unless allowed (see :mod:`sparsewrap.trust`): a ``pkg.mod:fn``
+    Loading runs no code named in the file unless allowed (see :mod:`sparsewrap.io.trust`): a ``pkg.mod:fn``
     factory in the recipe is called only if the program registered it (:func:`sparsewrap.register_factory`)
     or ``trust_factory`` is true; otherwise pass ``model=``.
 

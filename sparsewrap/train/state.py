@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..errors import CheckpointError, ConfigError
+from ..io.checkpoint import CTRL, EXTRA, MODEL, _join_state, load_controller, read, save
+from ..io.recipe import recipe_for
 from . import distributed, rng
-from .checkpoint import CTRL, EXTRA, MODEL, _join_state, load_controller, read, save
-from .errors import CheckpointError, ConfigError
 from .history import EpochRecord
-from .recipe import recipe_for
 
 if TYPE_CHECKING:
-    from .controller import Sparsifier
+    from ..controller import Sparsifier
     from .loop import _Run
 
 CHECKPOINT_NAME = "last.safetensors"

@@ -21,10 +21,10 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .dependency_groups import ChannelAnalysis, ChannelGroup, Seg, State, Use
-from .dependency_modules import ModuleVisitor, weight_support
-from .dependency_ops import FunctionVisitor
-from .dependency_rules import NORMS
+from .groups import ChannelAnalysis, ChannelGroup, Seg, State, Use
+from .module_rules import ModuleVisitor, weight_support
+from .op_rules import FunctionVisitor
+from .rules import NORMS
 
 
 class Walker(ModuleVisitor, FunctionVisitor):

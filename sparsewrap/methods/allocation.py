@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, choices
+from ..errors import ConfigError, choices
 
 ALLOCATIONS = ("global", "uniform", "erk")
 

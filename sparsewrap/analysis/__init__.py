@@ -1,0 +1,1 @@
+"""Model analysis: tracing, channel groups and their rules, MACs, target selection."""

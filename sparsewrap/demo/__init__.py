@@ -1,0 +1,1 @@
+"""The built-in demo: MNIST data, small models, the figure."""

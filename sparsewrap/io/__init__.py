@@ -1,0 +1,1 @@
+"""Files: one-file checkpoints, model recipes, atomic writes."""

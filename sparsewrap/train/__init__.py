@@ -1,0 +1,1 @@
+"""Training: the loop, its resumable state, history, distributed helpers, RNG state."""
