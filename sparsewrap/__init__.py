@@ -24,7 +24,7 @@ _EXPORTS = {
     "Sparsifier": "controller", "sparsify": "controller",
     "CheckpointError": "errors", "ConfigError": "errors", "NoTargetsError": "errors", "SparsewrapError": "errors",
     "TraceError": "errors", "UnknownNameError": "errors",
-    "export": "bake", "save_plain": "bake",
+    "export": "bake", "save_plain": "io.plain",
     "fit": "train.loop",
     "Method": "methods", "list_methods": "methods", "register_method": "methods",
     "load_purged": "purge.io",
@@ -33,10 +33,11 @@ _EXPORTS = {
 }  # fmt: skip
 
 if TYPE_CHECKING:
-    from .bake import export, save_plain
+    from .bake import export
     from .controller import Sparsifier, sparsify
     from .errors import CheckpointError, ConfigError, NoTargetsError, SparsewrapError, TraceError, UnknownNameError
     from .io.checkpoint import load, save
+    from .io.plain import save_plain
     from .io.recipe import ModelRecipe, create_model
     from .io.trust import register_factory
     from .methods import Method, list_methods, register_method

@@ -9,10 +9,6 @@ model (PEERS.md §6).
 from __future__ import annotations
 
 import copy
-import os
-import warnings
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,12 +17,9 @@ from torch.nn.utils import parametrize
 
 from .analysis.inputs import check_example_inputs, recorder_detached
 from .controller import CONTROLLER_ATTR, Sparsifier, controller_of
-from .errors import ConfigError, choices
-from .io.atomic import write_atomic
+from .errors import ConfigError
 from .io.recipe import RECIPE_ATTR
 from .parametrizations import SparseParametrization, wrapped_tensors
-
-FORMATS = ("safetensors", "pt2")
 
 
 def _baked(model: nn.Module, sp: Sparsifier | None) -> dict[tuple[str, str], torch.Tensor]:
@@ -143,57 +136,3 @@ def _write_unwrapped(plain: nn.Module, baked: dict[tuple[str, str], torch.Tensor
             )
         value = value.detach().to(device=old.device, dtype=old.dtype).clone()
         table[tname] = nn.Parameter(value, requires_grad=old.requires_grad) if table is module._parameters else value
-
-
-def export_program(plain: nn.Module, input_shape: Sequence[int]) -> torch.export.ExportedProgram:
-    """``torch.export`` the plain model in eval mode for inputs ``(batch, *input_shape)``, any batch size.
-
-    The batch dimension is dynamic (``torch.export.Dim``), so the program runs at batch 1 as at batch 64. A
-    model whose code fixes its batch size (e.g. a ``view(2, -1)``) cannot be exported so: it is exported at
-    batch 1, with a warning naming the reason.
-    """
-    plain = plain.eval()
-    p = next(plain.parameters())
-    gen = torch.Generator().manual_seed(0)
-    # batch 2: torch.export specializes a dimension whose example size is 0 or 1
-    example = torch.randn(2, *input_shape, generator=gen).to(device=p.device, dtype=p.dtype)
-    try:
-        return torch.export.export(plain, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    except Exception as exc:  # torch raises several types (constraint violations, guard failures, user errors)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.warn(
-            f"{type(plain).__name__} does not export with a dynamic batch size ({reason}); exported at batch 1 only",
-            stacklevel=2,
-        )
-    return torch.export.export(plain, (example[:1],))
-
-
-def save_plain(plain: nn.Module, path: str | os.PathLike, fmt: str = "safetensors",
-               input_shape: Sequence[int] | None = None) -> Path:  # fmt: skip
-    """Write an exported model atomically: its ``state_dict`` (safetensors) or a ``torch.export`` program.
-
-    Raises:
-        ConfigError: on an unknown format, or ``pt2`` without an input shape.
-    """
-    if fmt not in FORMATS:
-        raise ConfigError(f"format {fmt!r} is unknown; valid: {choices(FORMATS)}")
-    if fmt == "pt2":
-        if not input_shape:
-            raise ConfigError("format 'pt2' needs an input shape, e.g. --input-shape 3,224,224")
-        program = export_program(plain, input_shape)
-        return write_atomic(path, lambda tmp: torch.export.save(program, str(tmp)))
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous() for k, v in plain.state_dict().items()}
-    return write_atomic(path, lambda tmp: save_file(_unshare(state), str(tmp), metadata={"format": "pt"}))
-
-
-def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors sharing memory (tied weights): give later ones their own copy."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for k, v in state.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
-        out[k] = v.clone() if key in seen else v
-        seen.add(key)
-    return out

@@ -205,9 +205,8 @@ class Sparsifier:
 
         The method's groups also ask for torch's fused update (``"fused": True``) when their parameters are
         float32/float64 CPU tensors: SGD, Adam, AdamW and Adagrad then update them in one pass per tensor
-        instead of their default loop of several (per-weight L0 gates are as many values as the weights: on
-        ResNet-18's 11 M gates, SGD with momentum takes 22 ms in the loop and 13 ms fused, Adam 90 and 17;
-        ``bench/gate_update.py``), with the same formulas. Other optimizers ignore the key;
+        instead of their default loop of several (per-weight L0 gates are as many values as the weights;
+        ``bench/gate_update.py`` measures the difference), with the same formulas. Other optimizers ignore the key;
         ``gates={"fused": False}`` turns it off. The weights group is left to the optimizer's own settings.
 
         Raises:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import sparsewrap as sw
 from sparsewrap import cli
+from sparsewrap.cli import common as cli_common
 from sparsewrap.cli import main
 from sparsewrap.demo.models import lenet5
 
@@ -200,7 +201,7 @@ def test_train_help_lists_the_registered_methods(capsys) -> None:
 
 
 def test_methods_shows_each_options_type_choices_and_default(capsys, monkeypatch) -> None:
-    monkeypatch.setattr(cli.console, "width", 200)
+    monkeypatch.setattr(cli_common.console, "width", 200)
     code, out, _ = run(["methods"], capsys)
     assert code == 0
     for line in ("schedule: oneshot|cubic|exponential = oneshot", "start: int = 0", "every: int = 1",

@@ -16,7 +16,8 @@ from torch.nn.utils import parametrize
 import sparsewrap as sw
 from sparsewrap.analysis.macs import layer_macs
 from sparsewrap.errors import ConfigError, NoTargetsError
-from sparsewrap.parametrizations.gated import ChannelGated, GatedWeight
+from sparsewrap.parametrizations.gated import ChannelGated
+from sparsewrap.parametrizations.gated_weight import GatedWeight
 
 from .test_l0_math import TwoLayer
 from .zoo import ZOO, ConvBN, outputs

@@ -14,7 +14,7 @@ import sparsewrap as sw
 from sparsewrap.controller import controller_of
 from sparsewrap.demo.models import mlp_300_100
 from sparsewrap.methods.l0 import method as l0_module
-from sparsewrap.parametrizations.gated import GAMMA, ZETA, prob_nonzero
+from sparsewrap.parametrizations.hard_concrete import GAMMA, ZETA, prob_nonzero
 
 from .zoo import ZOO, outputs
 

@@ -15,18 +15,15 @@ from torch import nn
 import sparsewrap as sw
 from sparsewrap.errors import ConfigError
 from sparsewrap.methods.dual import DualAscent
-from sparsewrap.parametrizations.gated import (
+from sparsewrap.parametrizations.gated import ChannelGate, ChannelGated, GateBank
+from sparsewrap.parametrizations.gated_weight import GatedMul, gated_mul
+from sparsewrap.parametrizations.hard_concrete import (
     BETA,
     EPS,
     GAMMA,
     ZETA,
-    ChannelGate,
-    ChannelGated,
-    GateBank,
-    _GatedMul,
     eval_gates,
     expected_count,
-    gated_mul,
     mean_gates,
     open_threshold,
     prob_nonzero,
@@ -141,7 +138,7 @@ def test_fused_gate_with_its_expected_count_output():
     la = (3 * torch.randn(64, 70, dtype=torch.float64)).clamp(-12, 12).requires_grad_()
     g = torch.randn(64, 70, dtype=torch.float64)
     torch.manual_seed(9)
-    out, count = _GatedMul.apply(w, la, BETA)
+    out, count = GatedMul.apply(w, la, BETA)
     ((out * g).sum() + 3.0 * count).backward()
     grads = w.grad.clone(), la.grad.clone()
     w.grad = la.grad = None
@@ -152,7 +149,7 @@ def test_fused_gate_with_its_expected_count_output():
     torch.testing.assert_close(grads[0], w.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads[1], la.grad, rtol=1e-12, atol=1e-12)
     la.grad = None
-    _GatedMul.apply(w, la, BETA)[1].backward()  # the count alone
+    GatedMul.apply(w, la, BETA)[1].backward()  # the count alone
     torch.testing.assert_close(la.grad, prob_nonzero(la) * (1 - prob_nonzero(la)))
 
 

@@ -6,22 +6,14 @@ import pytest
 import torch
 
 from sparsewrap import native
-from sparsewrap.parametrizations import gated
-from sparsewrap.parametrizations.gated import (
-    BETA,
-    EPS,
-    _GatedMul,
-    _shift,
-    native_keys,
-    native_sample,
-    native_uniform,
-    sample_gates,
-)
+from sparsewrap.parametrizations import gated_weight
+from sparsewrap.parametrizations.gated_weight import GatedMul, gate_shift, native_keys, native_sample, native_uniform
+from sparsewrap.parametrizations.hard_concrete import BETA, EPS, sample_gates
 
 pytestmark = pytest.mark.skipif(native.kernels() is None, reason="no C compiler: the eager path is used")
 
 SHAPE = (64, 32, 4, 4)  # 32768 weights: the smallest tensor that takes the native path
-assert SHAPE[0] * SHAPE[1] * SHAPE[2] * SHAPE[3] >= gated.NATIVE_MIN_NUMEL
+assert SHAPE[0] * SHAPE[1] * SHAPE[2] * SHAPE[3] >= gated_weight.NATIVE_MIN_NUMEL
 
 
 def test_uniforms_are_reproducible_per_key_inside_the_clamp_and_look_uniform() -> None:
@@ -73,7 +65,7 @@ def test_the_sample_is_the_reference_formula_at_the_same_uniforms(beta) -> None:
 def _reference(w, la, beta, u, grad, count_weight):
     w, la = w.detach().clone().requires_grad_(), la.detach().clone().requires_grad_()
     out = w * sample_gates(la, beta, u)
-    count = torch.sigmoid(la + _shift(beta)).sum()
+    count = torch.sigmoid(la + gate_shift(beta)).sum()
     loss = (0 if grad is None else (out * grad).sum()) + count_weight * count
     loss.backward()
     return out.detach(), count.detach(), w.grad, la.grad
@@ -87,7 +79,7 @@ def test_forward_and_backward_equal_autograd_of_the_reference(beta, use_out) -> 
     la = (torch.randn(SHAPE) * 3).clamp(-11, 11).requires_grad_()
     grad = torch.randn(SHAPE) if use_out else None
     state = torch.get_rng_state()
-    out, count = _GatedMul.apply(w, la, beta)
+    out, count = GatedMul.apply(w, la, beta)
     loss = 0.7 * count + ((out * grad).sum() if use_out else 0)
     loss.backward()
     torch.set_rng_state(state)
@@ -107,9 +99,9 @@ def test_count_term_and_its_gradient_match_float64_over_the_log_alpha_range() ->
     sum(sigmoid(log_alpha + shift)) and its gradient p (1 - p), over log_alpha in [-14, 14] (the L0 method keeps
     it within +-ln 1000 by default)."""
     la = torch.linspace(-14.0, 14.0, 70001).requires_grad_()
-    _out, count = _GatedMul.apply(torch.randn(70001), la, BETA)
+    _out, count = GatedMul.apply(torch.randn(70001), la, BETA)
     (0.7 * count).backward()  # no gradient reaches the gated weight: the count-only backward
-    p = torch.sigmoid(la.detach().double() + _shift(BETA))
+    p = torch.sigmoid(la.detach().double() + gate_shift(BETA))
     torch.testing.assert_close(count.double(), p.sum(), rtol=1e-6, atol=0)
     ref = 0.7 * p * (1 - p)
     low = p < 0.5  # p (1 - p) is relatively exact here; where p is near 1, 1 - p has the float error of 1
@@ -127,7 +119,7 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
         for n in (1, 3):
             torch.set_num_threads(n)
             torch.manual_seed(5)
-            out, count = _GatedMul.apply(w, la, BETA)
+            out, count = GatedMul.apply(w, la, BETA)
             outs.append((out, count))
     finally:
         torch.set_num_threads(threads)
@@ -140,8 +132,8 @@ def test_disabled_by_environment_falls_back_to_the_eager_path(monkeypatch) -> No
     monkeypatch.setattr(native, "_state", {})
     assert native.kernels() is None
     w, la = torch.randn(SHAPE, requires_grad=True), torch.randn(SHAPE, requires_grad=True)
-    out, count = _GatedMul.apply(w, la, BETA)  # eager: the same expected count, a different noise stream
-    torch.testing.assert_close(count, torch.sigmoid(la + _shift(BETA)).sum(), rtol=1e-6, atol=0)
+    out, count = GatedMul.apply(w, la, BETA)  # eager: the same expected count, a different noise stream
+    torch.testing.assert_close(count, torch.sigmoid(la + gate_shift(BETA)).sum(), rtol=1e-6, atol=0)
     out.sum().backward()
     assert la.grad is not None and w.grad is not None
 
@@ -164,12 +156,12 @@ def _pattern(use_scratch: bool, retain: bool):
     torch.manual_seed(3)
     w = torch.randn(SHAPE, requires_grad=True)
     la = (torch.randn(SHAPE) * 2).requires_grad_()
-    scratch = gated._Scratch() if use_scratch else None
-    out1, c1 = _GatedMul.apply(w, la, BETA, scratch)
+    scratch = gated_weight.Scratch() if use_scratch else None
+    out1, c1 = GatedMul.apply(w, la, BETA, scratch)
     loss1 = (out1 * out1).sum() + c1
     if retain:
         loss1.backward(retain_graph=True)
-    out2, c2 = _GatedMul.apply(w, la, BETA, scratch)  # must not overwrite the sample graph 1 still holds
+    out2, c2 = GatedMul.apply(w, la, BETA, scratch)  # must not overwrite the sample graph 1 still holds
     loss2 = (out2 * out2).sum() + c2
     if retain:
         loss2.backward()
@@ -187,14 +179,14 @@ def test_the_reused_sample_buffer_never_changes_a_gradient(retain) -> None:
 
 def test_the_sample_buffer_is_reused_once_the_backward_released_it() -> None:
     w, la = torch.randn(SHAPE, requires_grad=True), torch.randn(SHAPE, requires_grad=True)
-    scratch = gated._Scratch()
-    out, count = _GatedMul.apply(w, la, BETA, scratch)
+    scratch = gated_weight.Scratch()
+    out, count = GatedMul.apply(w, la, BETA, scratch)
     first, first_out = scratch.sample.buf, scratch.out.buf
     (out.sum() + count).backward()
     del out
-    out, count = _GatedMul.apply(w, la, BETA, scratch)
+    out, count = GatedMul.apply(w, la, BETA, scratch)
     assert scratch.sample.buf is first and scratch.out.buf is first_out  # reused: no new full-size tensors
-    out2, _ = _GatedMul.apply(w, la, BETA, scratch)
+    out2, _ = GatedMul.apply(w, la, BETA, scratch)
     assert scratch.sample.buf is not first  # the first sample is still held by the pending graph
     assert scratch.out.buf is not first_out  # and the first gated weight by `out`
 
@@ -222,7 +214,7 @@ def _l0_run(eager_clamp: bool, steps: int = 6):
 
 def test_the_lazy_clamp_inside_the_kernel_equals_clamping_after_every_step() -> None:
     (lazy_sp, lazy), (eager_sp, eager) = _l0_run(False), _l0_run(True)
-    assert lazy.log_alpha.numel() >= gated.NATIVE_MIN_NUMEL
+    assert lazy.log_alpha.numel() >= gated_weight.NATIVE_MIN_NUMEL
     assert lazy.log_alpha.detach().abs().max() > 0.3  # the last step moved it past the bound: not yet clamped
     torch.testing.assert_close(lazy_sp.model[0].parametrizations.weight.original,
                                eager_sp.model[0].parametrizations.weight.original, rtol=0, atol=0)  # fmt: skip
@@ -345,10 +337,10 @@ def test_loading_the_library_leaves_the_process_floating_point_mode_alone(tmp_pa
 
 def test_the_gate_gradient_buffer_comes_back_only_after_zero_grad_dropped_it() -> None:
     w, la = torch.randn(SHAPE, requires_grad=True), torch.randn(SHAPE, requires_grad=True)
-    scratch = gated._Scratch()
+    scratch = gated_weight.Scratch()
 
     def step() -> None:
-        out, count = _GatedMul.apply(w, la, BETA, scratch)
+        out, count = GatedMul.apply(w, la, BETA, scratch)
         (out.square().sum() + count).backward()
 
     step()
@@ -369,7 +361,7 @@ def test_the_gate_gradient_buffer_comes_back_only_after_zero_grad_dropped_it() -
     torch.manual_seed(0)
     step()
     reused = la.grad.clone()
-    la.grad, scratch = None, gated._Scratch()  # fresh buffers give the same gradient for the same noise
+    la.grad, scratch = None, gated_weight.Scratch()  # fresh buffers give the same gradient for the same noise
     torch.manual_seed(0)
     step()
     assert torch.equal(la.grad, reused) and not torch.equal(expected, reused)

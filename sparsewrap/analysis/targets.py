@@ -50,7 +50,8 @@ class Target:
         return self.numel // self.shape[0]
 
 
-def _matcher(pattern: Pattern) -> Callable[[str, nn.Module], bool]:
+def matcher(pattern: Pattern) -> Callable[[str, nn.Module], bool]:
+    """A predicate ``(name, module) -> bool`` for a glob, ``"re:<regex>"`` or callable pattern."""
     if callable(pattern):
         return pattern
     if not isinstance(pattern, str):
@@ -141,7 +142,7 @@ def select_targets(
     inc, exc = _as_list(include), _as_list(exclude)
     for kind, pats in (("include", inc), ("exclude", exc)):
         for pat in pats:
-            fn = _matcher(pat)
+            fn = matcher(pat)
             if not any(fn(n, modules[n]) for n in candidates):
                 raise NoTargetsError(
                     f"{kind} pattern {pat!r} matches no Conv/Linear layer; layers are named like "
@@ -149,11 +150,11 @@ def select_targets(
                     "(globs match the full name; use 're:<regex>' for a regular expression)"
                 )
     if inc:
-        chosen = [n for n in candidates if any(_matcher(p)(n, modules[n]) for p in inc)]
+        chosen = [n for n in candidates if any(matcher(p)(n, modules[n]) for p in inc)]
     else:
         head = find_head(model, candidates)
         chosen = [n for n in candidates if n != head]
-    chosen = [n for n in chosen if not any(_matcher(p)(n, modules[n]) for p in exc)]
+    chosen = [n for n in chosen if not any(matcher(p)(n, modules[n]) for p in exc)]
     shared = _shared_weights(model)
     targets = []
     for n in chosen:

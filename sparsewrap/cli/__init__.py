@@ -10,7 +10,6 @@ import sys
 import traceback
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 try:  # typer >= 0.20 vendors its own click: its usage errors are not click.ClickException
@@ -18,34 +17,7 @@ try:  # typer >= 0.20 vendors its own click: its usage errors are not click.Clic
 except ImportError:  # pragma: no cover - older typer runs on click itself
     from click.exceptions import ClickException
 
-app = typer.Typer(
-    name="sparsewrap",
-    help="Make any PyTorch model sparse with published methods, then export a plain, compact model.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
-console = Console()
-err_console = Console(stderr=True)
-_state = {"debug": False}
-
-
-def show_version(value: bool) -> None:
-    """Print ``sparsewrap <version>`` and exit (the eager ``--version`` option)."""
-    if value:
-        from .. import __version__
-
-        console.print(f"sparsewrap {__version__}", highlight=False)
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
-    version: bool = typer.Option(
-        False, "--version", callback=show_version, is_eager=True, help="Show the version and exit."
-    ),
-) -> None:
-    _state["debug"] = debug
+from .common import app, err_console, settings
 
 
 def _one_line(exc: BaseException) -> str:
@@ -68,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     from . import train as _train  # noqa: F401
 
     args = list(sys.argv[1:] if argv is None else argv)
-    _state["debug"] = "--debug" in args
+    settings["debug"] = "--debug" in args
     try:
         code = app(args=args, prog_name="sparsewrap", standalone_mode=False)
     except ClickException as exc:
@@ -78,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # every other error: one line, or the traceback with --debug
-        if _state["debug"]:
+        if settings["debug"]:
             traceback.print_exc()
         else:
             message = f"[bold red]error:[/] {error_name(exc)}: {escape(_one_line(exc))}"

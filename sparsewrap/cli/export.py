@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from . import app, console
+from .common import app, console
 from .inspect import TRUST_HELP
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def check_input_shape(model, shape: list[int]) -> None:
 
 
 def _write(model, path: Path, fmt: str, shape: list[int] | None, purged: bool) -> Path:
-    from ..bake import save_plain
+    from ..io.plain import save_plain
     from ..purge.io import save_onnx, save_purged
 
     if purged:

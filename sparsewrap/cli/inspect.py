@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from . import app, console
+from .common import app, console
 
 TRUST_HELP = "Import and call the model factory the file names (only for files you trust: it runs their code)."
 

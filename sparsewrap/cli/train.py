@@ -20,8 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperCommand
 
 from ..train.history import Callback, EpochRecord, LoopState
-from . import app, console
 from .checks import check_count, check_number, check_out_dir, check_patterns, group_rates
+from .common import app, console
 
 
 class RichProgress(Callback):

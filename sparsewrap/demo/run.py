@@ -22,8 +22,9 @@ from typing import Any
 from torch import nn
 
 from ..analysis.macs import total_macs
-from ..bake import export, save_plain
+from ..bake import export
 from ..controller import sparsify
+from ..io.plain import save_plain
 from ..io.recipe import ModelRecipe
 from ..purge.compare import latency
 from ..report import Report

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..bake import _unshare
 from ..controller import Sparsifier, controller_of, sparsify
 from ..errors import CheckpointError, ConfigError
 from .atomic import write_atomic
 from .recipe import ModelRecipe, recipe_for
+from .tensors import join_tensors, split_tensors, unshare_storage
 
 FORMAT_VERSION = 1
 MODEL, CTRL, EXTRA = "model.", "controller.", "extra."
@@ -46,33 +46,6 @@ def _digest(tensors: dict[str, Tensor], header: str = "") -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-def _split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Separate tensors (stored as safetensors) from JSON values in a nested controller state."""
-    tensors: dict[str, Tensor] = {}
-
-    def walk(obj: Any, path: str) -> Any:
-        if isinstance(obj, Tensor):
-            tensors[path] = obj.detach()
-            return {"__tensor__": path}
-        if isinstance(obj, dict):
-            return {str(k): walk(v, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]
-        return obj
-
-    return walk(state, ""), tensors
-
-
-def _join_state(obj: Any, tensors: dict[str, Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {"__tensor__"}:
-            return tensors[obj["__tensor__"]]
-        return {k: _join_state(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_join_state(v, tensors) for v in obj]
-    return obj
 
 
 def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelRecipe | None = None,
@@ -103,12 +76,12 @@ def save(obj: nn.Module | Sparsifier, path: str | os.PathLike, recipe: ModelReci
         input_shape = sp.input.shape
     if recipe is not None and input_shape is not None:
         recipe = ModelRecipe(recipe.source, recipe.name, recipe.kwargs, [int(d) for d in input_shape])
-    controller_json, controller_tensors = _split_state(sp.state_dict())
+    controller_json, controller_tensors = split_tensors(sp.state_dict())
     tensors = {MODEL + k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors.update({CTRL + k: v.contiguous() for k, v in controller_tensors.items()})
-    extra_json, extra_tensors = _split_state(extra or {})
+    extra_json, extra_tensors = split_tensors(extra or {})
     tensors.update({EXTRA + k: v.contiguous() for k, v in extra_tensors.items()})
-    tensors = _unshare({k: v.cpu() for k, v in tensors.items()})
+    tensors = unshare_storage({k: v.cpu() for k, v in tensors.items()})
     packed = pack_masks(tensors)
     header = {
         "format_version": FORMAT_VERSION,
@@ -221,7 +194,7 @@ def read_extra(path: str | os.PathLike) -> dict[str, Any]:
     """
     header, tensors = read(path)
     extra_tensors = {k[len(EXTRA) :]: v for k, v in tensors.items() if k.startswith(EXTRA)}
-    return _join_state(header.get("extra") or {}, extra_tensors)
+    return join_tensors(header.get("extra") or {}, extra_tensors)
 
 
 def load(
@@ -285,7 +258,7 @@ def load_controller(sp: Sparsifier, header: dict[str, Any], tensors: dict[str, T
         CheckpointError: if the state is malformed (a forged or damaged field), naming the file.
     """
     try:
-        sp.load_state_dict(_join_state(header.get("controller") or {}, tensors))
+        sp.load_state_dict(join_tensors(header.get("controller") or {}, tensors))
     except (AttributeError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
         raise CheckpointError(
             f"{path}: the controller state is malformed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "

@@ -91,9 +91,8 @@ class ParametrizationList(parametrize.ParametrizationList):
 
     Every read of a parametrized weight runs the list's ``forward``. torch's looks up ``self[0]`` through
     ``ModuleList.__getitem__`` and looks for a second parametrization with ``hasattr(self, "1")``, which raises
-    and catches an ``AttributeError`` inside ``Module.__getattr__``. Run between the layers, where the caches
-    are cold, the lists' forwards took 1.0-1.2 ms per ResNet-18 step with masks (20 reads) and 4.4-5.1 ms with
-    channel gates (60 reads) at one thread; the path below takes 0.7-0.9 and 3.9-4.0 ms. Anything else (several
+    and catches an ``AttributeError`` inside ``Module.__getattr__``, on every read (docs/benchmarks.md has what
+    that costs per training step and what the path below saves). Anything else (several
     parametrizations, several originals, scripting) takes torch's own ``forward``. :func:`attach` gives its
     lists this class.
     """

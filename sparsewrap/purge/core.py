@@ -106,7 +106,8 @@ class PurgeTracer(SparseTracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _as_tuple(example: Any) -> tuple:
+def as_tuple(example: Any) -> tuple:
+    """Example inputs as the positional arguments of one call: a tuple or list as is, anything else alone."""
     return tuple(example) if isinstance(example, (tuple, list)) else (example,)
 
 
@@ -120,7 +121,8 @@ def _flat(out: Any) -> list[Tensor]:
     return []
 
 
-def _run(model: nn.Module, inputs: tuple) -> list[Tensor]:
+def run_outputs(model: nn.Module, inputs: tuple) -> list[Tensor]:
+    """The model's outputs on ``inputs`` (no grad), flattened to a list of tensors (dict outputs by sorted key)."""
     with torch.no_grad():
         return [t.detach() for t in _flat(model(*inputs))]
 
@@ -178,7 +180,7 @@ def _shared_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _unshare(candidate: nn.Module, original: nn.Module) -> nn.Module:
+def _own_tensors(candidate: nn.Module, original: nn.Module) -> nn.Module:
     """Give the shipped model its own copy of the tensors it still shares with the original."""
     shared = {id(t) for t in list(original.parameters()) + list(original.buffers())}
     for module in candidate.modules():
@@ -206,7 +208,7 @@ class _Trial:
         keep = self.planner.keep_sets({g for u in units if u.kind == "group" for g in u.members})
         ops = self.planner.ops(keep, {u.key for u in units if u.kind == "heads"})
         candidate = apply_plan(_shared_copy(self.model), ops)
-        err = relative_error(self.ref, _run(candidate, self.inputs))
+        err = relative_error(self.ref, run_outputs(candidate, self.inputs))
         self.last = (key, candidate, ops, err)
         return candidate, ops, err
 
@@ -288,7 +290,7 @@ def purge(model: nn.Module, example_inputs: Any, round_to: int = 1, tolerance: f
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ConfigError(f"round_to={round_to!r} must be a positive integer (e.g. 8 for fast kernels)")
     start = time.perf_counter()
-    inputs = _as_tuple(example_inputs)
+    inputs = as_tuple(example_inputs)
     check_example_inputs(model, inputs)
     was_training = model.training
     model.eval()
@@ -315,7 +317,7 @@ def _purge(model: nn.Module, inputs: tuple, round_to: int, tol: float, start: fl
     units = planner.units()
     accepted = trial.settle([], units)
     purged, ops, err = trial.build(accepted) if accepted else (model, {}, 0.0)
-    purged = _unshare(purged, model) if accepted else copy.deepcopy(model)
+    purged = _own_tensors(purged, model) if accepted else copy.deepcopy(model)
     report = PurgeReport(before, _count(purged), _unit_reports(planner, units, accepted, ops, trial), err)
     report.seconds = time.perf_counter() - start
     return PurgeResult(purged, ops, report)

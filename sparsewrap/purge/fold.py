@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from ..errors import ConfigError, TraceError
-from .core import PurgeTracer, _as_tuple, _run, default_tolerance, relative_error
+from .core import PurgeTracer, as_tuple, default_tolerance, relative_error, run_outputs
 from .shrink import ShrinkError
 
 # exact types only: subclasses (timm's Conv2dSame, StdConv2d, BatchNormAct2d) change the forward
@@ -114,7 +114,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any = None, tolerance: floa
     candidates, skipped = _candidates(model, graph)
     ref: list[Tensor] | None = None
     if example_inputs is not None:
-        inputs = _as_tuple(example_inputs)
+        inputs = as_tuple(example_inputs)
         ndims, ref = _output_dims(model, [c.layer for c in candidates], inputs)
         candidates, late = _check_dims(model, candidates, ndims)
         skipped += late
@@ -127,7 +127,7 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any = None, tolerance: floa
     undo = apply_folds(model, pairs)
     report = FoldReport(folded=pairs, skipped=sorted(skipped))
     if ref is not None:
-        report.max_rel_error = relative_error(ref, _run(model, inputs))
+        report.max_rel_error = relative_error(ref, run_outputs(model, inputs))
         tol = tolerance if tolerance is not None else default_tolerance(model)
         if report.max_rel_error > tol:
             _restore(model, undo)
@@ -210,7 +210,7 @@ def _output_dims(model: nn.Module, layers: Sequence[str], inputs: tuple) -> tupl
 
         hooks.append(model.get_submodule(name).register_forward_hook(record))
     try:
-        ref = _run(model, inputs)
+        ref = run_outputs(model, inputs)
     finally:
         for h in hooks:
             h.remove()

@@ -189,8 +189,9 @@ def save_purged(model: nn.Module, path: str | os.PathLike, fmt: str = "safetenso
         ConfigError: on an unknown format, a model that was not purged (safetensors), a missing input shape
             (pt2, onnx) or a missing ``onnx`` package.
     """
-    from ..bake import _unshare, save_plain
     from ..io.atomic import write_atomic
+    from ..io.plain import save_plain
+    from ..io.tensors import unshare_storage
 
     if fmt not in FORMATS:
         raise ConfigError(f"format {fmt!r} is unknown; valid: {choices(FORMATS)}")
@@ -202,7 +203,7 @@ def save_purged(model: nn.Module, path: str | os.PathLike, fmt: str = "safetenso
 
     record = _record(model)
     plan = json.dumps({k: v for k, v in record.items() if k not in LOCAL_KEYS}, sort_keys=True)
-    tensors = _unshare({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
+    tensors = unshare_storage({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
     meta = {"format": "pt", META_KEY: plan, "sha256": _digest(plan, tensors)}
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 

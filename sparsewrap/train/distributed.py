@@ -214,10 +214,10 @@ def sync_sparsity(sp: Any, src: int = 0) -> None:
     """
     if current() is None:
         return
-    from ..io.checkpoint import _join_state, _split_state
+    from ..io.tensors import join_tensors, split_tensors
 
     broadcast_tensors(sparsity_tensors(sp.model), src)
-    state_json, state_tensors = _split_state(sp.method.state_dict())
+    state_json, state_tensors = split_tensors(sp.method.state_dict())
     state_json = broadcast_json(state_json, src)
     names = sorted(state_tensors)
     if names:
@@ -225,5 +225,5 @@ def sync_sparsity(sp: Any, src: int = 0) -> None:
         broadcast_tensors([received[k] for k in names], src)
         state_tensors = received
     if dist.get_rank() != src:
-        sp.method.load_state_dict(_join_state(state_json, state_tensors))
+        sp.method.load_state_dict(join_tensors(state_json, state_tensors))
     sp.settle()  # pruned weights zero under the masks every rank now shares

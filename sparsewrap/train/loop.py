@@ -97,7 +97,7 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable[[Any, Tensor]
 
 
 @dataclass
-class _Run:
+class Run:
     """Everything one :func:`fit` call works with (internal)."""
 
     model: nn.Module
@@ -147,7 +147,7 @@ def _make_optimizer(model: nn.Module, sp: Sparsifier | None, optimizer: str | to
     return (torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam)(params, lr=lr)
 
 
-def _set_lr(run: _Run) -> float:
+def _set_lr(run: Run) -> float:
     """Apply the learning-rate schedule to the weights group (method groups keep their own rate)."""
     state, lr = run.state, 0.0
     total = state.epochs * (state.batches or 0)
@@ -161,7 +161,7 @@ def _set_lr(run: _Run) -> float:
     return lr
 
 
-def _train_step(run: _Run, batch: Any) -> tuple[float, float]:
+def _train_step(run: Run, batch: Any) -> tuple[float, float]:
     x, y = _split_batch(batch, run.device)
     out = run.net(x)
     task = run.loss_fn(out, y)
@@ -200,7 +200,7 @@ def _generators(loader: Iterable) -> list[torch.Generator]:
     return out
 
 
-def _batches(run: _Run, loader: Iterable) -> Iterable:
+def _batches(run: Run, loader: Iterable) -> Iterable:
     """The epoch's batches, skipping those a resumed run already did (same order: same RNG at iterator start)."""
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
@@ -217,7 +217,7 @@ def _batches(run: _Run, loader: Iterable) -> Iterable:
     return it
 
 
-def _stop_wanted(run: _Run, stop: StopSignal) -> bool:
+def _stop_wanted(run: Run, stop: StopSignal) -> bool:
     """Whether to stop now; under torchrun every rank takes the same decision at the same step."""
     wanted = stop.requested is not None or run.state.stop
     if run.ctx is not None:
@@ -227,7 +227,7 @@ def _stop_wanted(run: _Run, stop: StopSignal) -> bool:
     return wanted
 
 
-def _train_epoch(run: _Run, loader: Iterable, stop: StopSignal) -> bool:
+def _train_epoch(run: Run, loader: Iterable, stop: StopSignal) -> bool:
     """Train until the loader is exhausted (False) or a stop is requested (True, after a finished step)."""
     state = run.state
     run.net.train()
@@ -247,7 +247,7 @@ def _train_epoch(run: _Run, loader: Iterable, stop: StopSignal) -> bool:
     return False
 
 
-def _end_epoch(run: _Run, val_loader: Iterable | None, started: float) -> EpochRecord:
+def _end_epoch(run: Run, val_loader: Iterable | None, started: float) -> EpochRecord:
     state, sp, sums = run.state, run.sp, run.sums
     if run.ctx is not None:
         sums = distributed.all_reduce_sum(sums)
@@ -339,7 +339,7 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
     state = LoopState(0, epochs, 0, batches, 0, math.nan, sp, history)
     ckpt = Path(out) / CHECKPOINT_NAME if out is not None else None
     net = distributed.wrap(model, ctx) if ctx is not None else model
-    run = _Run(model, net, sp, opt, loss_fn or F.cross_entropy, dev, ctx, state, lr_schedule, clip_grad_norm, ckpt,
+    run = Run(model, net, sp, opt, loss_fn or F.cross_entropy, dev, ctx, state, lr_schedule, clip_grad_norm, ckpt,
                callback or Callback(), _generators(train_loader), settings=run_settings(train_loader, opt))  # fmt: skip
     if ckpt is not None and ckpt.exists():
         if resume:
@@ -358,7 +358,7 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
     return history
 
 
-def _loop(run: _Run, train_loader: Iterable, val_loader: Iterable | None, handle_signals: bool) -> None:
+def _loop(run: Run, train_loader: Iterable, val_loader: Iterable | None, handle_signals: bool) -> None:
     state = run.state
     with StopSignal(handle_signals) as stop:
         if run.main:

@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..io.checkpoint import CTRL, EXTRA, MODEL, _join_state, load_controller, read, save
+from ..io.checkpoint import CTRL, EXTRA, MODEL, load_controller, read, save
 from ..io.recipe import recipe_for
+from ..io.tensors import join_tensors
 from . import distributed, rng
 from .history import EpochRecord
 
 if TYPE_CHECKING:
     from ..controller import Sparsifier
-    from .loop import _Run
+    from .loop import Run
 
 CHECKPOINT_NAME = "last.safetensors"
 LOOP_FORMAT = 1
@@ -167,7 +168,7 @@ def refuse_overwrite(path: Path) -> None:
     )
 
 
-def save_state(run: _Run) -> None:
+def save_state(run: Run) -> None:
     """Write the run's checkpoint (rank 0 writes; every rank contributes its RNG states)."""
     if run.checkpoint is None:
         return
@@ -191,7 +192,7 @@ def save_state(run: _Run) -> None:
     state.history.checkpoint = run.checkpoint
 
 
-def _load_optimizer(run: _Run, saved: dict[str, Any], path: Path) -> None:
+def _load_optimizer(run: Run, saved: dict[str, Any], path: Path) -> None:
     saved = dict(saved)
     saved["state"] = {int(k): v for k, v in (saved.get("state") or {}).items()}
     try:
@@ -200,7 +201,7 @@ def _load_optimizer(run: _Run, saved: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"{path}: the optimizer state does not fit this optimizer ({exc})") from exc
 
 
-def restore(run: _Run, path: Path) -> None:
+def restore(run: Run, path: Path) -> None:
     """Load model, controller, optimizer, RNG states and position from ``path`` into ``run``, in place.
 
     Raises:
@@ -221,7 +222,7 @@ def restore(run: _Run, path: Path) -> None:
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match the model: {exc}") from exc
     load_controller(run.sp, header, part(CTRL), path)
-    extra = _join_state(header["extra"], part(EXTRA))
+    extra = join_tensors(header["extra"], part(EXTRA))
     _load_optimizer(run, extra["optimizer"], path)
     state = run.state
     state.epoch, state.batch, state.step = int(loop["epoch"]), int(loop["batch"]), int(loop["step"])

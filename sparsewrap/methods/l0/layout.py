@@ -29,7 +29,9 @@ from ...analysis.channels import ChannelAnalysis, ChannelGroup, analyse_channels
 from ...analysis.targets import Target
 from ...analysis.tracing import ModelGraph, symbolic_trace
 from ...parametrizations import attach
-from ...parametrizations.gated import ChannelGate, ChannelGated, GateBank, GatedWeight, InSeg, prob_nonzero, wide
+from ...parametrizations.gated import ChannelGate, ChannelGated, GateBank, InSeg
+from ...parametrizations.gated_weight import GatedWeight
+from ...parametrizations.hard_concrete import prob_nonzero, wide
 from ...parametrizations.projection import EvalProjection
 
 

@@ -45,11 +45,12 @@ import torch
 from torch import Tensor
 
 from ...analysis.macs import layer_macs
-from ...analysis.targets import _matcher
+from ...analysis.targets import matcher
 from ...errors import ConfigError, NoTargetsError, choices
 from ...parametrizations import wrapped_tensors
 from ...parametrizations.base import version_key
-from ...parametrizations.gated import BETA, GatedWeight, eval_gates, prob_nonzero
+from ...parametrizations.gated_weight import GatedWeight
+from ...parametrizations.hard_concrete import BETA, eval_gates, prob_nonzero
 from ...parametrizations.projection import EvalProjection
 from ..base import Method, register_method
 from ..dual import DualAscent
@@ -207,7 +208,7 @@ class L0(Method):
         if not isinstance(self.target, dict):
             density = None if self.target is None else 1.0 - float(self.target)
             return {t.name: 0 for t in self.targets}, [density]
-        matchers = [(p, _matcher(p), s) for p, s in self.target.items()]
+        matchers = [(p, matcher(p), s) for p, s in self.target.items()]
         for pattern, fn, _s in matchers:
             if not any(fn(t.name, t.module) for t in self.targets):
                 names = ", ".join(t.name for t in self.targets[:4]) + (", ..." if len(self.targets) > 4 else "")

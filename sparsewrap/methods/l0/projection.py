@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ...parametrizations import wrapped_tensors
-from ...parametrizations.gated import ChannelGate, ChannelGated, eval_gates, mean_gates
+from ...parametrizations.gated import ChannelGate, ChannelGated
+from ...parametrizations.hard_concrete import eval_gates, mean_gates
 from .layout import ChannelPlan, GatedLayer, channel_scores
 
 
