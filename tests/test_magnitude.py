@@ -320,3 +320,18 @@ def test_a_meta_device_model_is_refused_with_one_line() -> None:
         model = Two(SMALL_A, BIG_B)
     with pytest.raises(ConfigError, match=r"^layer 'a' is on the meta device .*\(model\.to_empty\(device='cpu'\)"):
         sw.sparsify(model, "magnitude", target=0.5, schedule="cubic", end=10, every=5)
+
+
+def test_a_gradual_schedule_given_as_fractions_of_the_run_follows_its_length() -> None:
+    model = Two(SMALL_A, BIG_B)
+    sp = sw.sparsify(model, "magnitude", target=0.8, schedule="cubic", start=0.0, end=0.5, every=2)
+    with pytest.raises(ConfigError, match=r"needs the run's length.*sp\.start"):
+        sp.step()
+    sp.start(total_steps=8)  # start=0, end=4: events at 0, 2, 4
+    assert (sp.method.schedule.start, sp.method.schedule.end) == (0, 4)
+    zeros = []
+    for _ in range(6):
+        sp.step()
+        zeros.append(int((effective(model, "a") == 0).sum() + (effective(model, "b") == 0).sum()))
+    # cubic: s_k = 0.8 (1 - (1 - k/2)^3) of 10 weights at k = 0, 1, 2 -> 0, 7, 8 zeros, held between events
+    assert zeros == [0, 0, 7, 7, 8, 8]

@@ -28,8 +28,8 @@ class GMPConfig(MagnitudeConfig):
 
     Attributes:
         schedule: always ``"cubic"`` (use ``method="magnitude"`` for the others).
-        start: first prune step.
-        end: the step at which the target is reached exactly (required, ``> start``).
+        start: first prune step (a step count, or a fraction of the run).
+        end: the step at which the target is reached exactly (required, ``> start``; a count or a fraction).
         every: steps between prune events (must divide ``end - start``).
         allocation: ``"uniform"`` (every layer at the rate, the seed's), ``"erk"`` or ``"global"``.
         granularity: ``"weight"`` or ``"channel"``, as for ``magnitude``.
@@ -44,7 +44,7 @@ class GMPConfig(MagnitudeConfig):
                 f"schedule={self.schedule!r} is not available for method 'gmp', which is cubic; "
                 "use method='magnitude' for other schedules"
             )
-        if self.end <= self.start:
+        if type(self.start) is type(self.end) and self.end <= self.start:
             raise ConfigError(
                 f"method 'gmp' needs 0 <= start < end, got start={self.start}, end={self.end}; give the step "
                 "numbers, e.g. start=0, end=1000, every=100"

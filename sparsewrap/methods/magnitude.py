@@ -28,7 +28,7 @@ from ..parametrizations import Masked, attach, wrapped_tensors
 from ..parametrizations.projection import EvalProjection
 from .allocation import ALLOCATIONS, drop_lowest, largest_remainder, layer_sparsities
 from .base import Method, register_method
-from .schedules import SCHEDULES, Schedule
+from .schedules import SCHEDULES, Schedule, StepSpec
 
 GRANULARITIES = ("weight", "channel")
 
@@ -39,16 +39,16 @@ class MagnitudeConfig:
 
     Attributes:
         schedule: ``"oneshot"`` (prune at :func:`sparsify`), ``"cubic"`` or ``"exponential"`` (gradual).
-        start: first prune step of a gradual schedule.
-        end: last prune step (the target is reached here).
+        start: first prune step of a gradual schedule: a step count, or a fraction of the run (float in [0, 1]).
+        end: last prune step (the target is reached here): a step count or a fraction of the run.
         every: steps between prune events.
         allocation: ``"global"`` (one ranking over all layers), ``"uniform"`` or ``"erk"`` (per layer).
         granularity: ``"weight"`` (unstructured) or ``"channel"`` (output channels by L1 norm).
     """
 
     schedule: str = "oneshot"
-    start: int = 0
-    end: int = 0
+    start: StepSpec = 0
+    end: StepSpec = 0
     every: int = 1
     allocation: str = "global"
     granularity: str = "weight"
@@ -98,7 +98,8 @@ class Magnitude(Method):
                 "|w|; materialize the model first (model.to_empty(device='cpu'), then load its weights)"
             )
         self.check_finite("at sparsify")
-        self.schedule = Schedule(cfg.schedule, cfg.start, cfg.end, cfg.every)
+        self.requested_schedule = Schedule(cfg.schedule, cfg.start, cfg.end, cfg.every)
+        self.schedule = self.requested_schedule  # in step numbers once the run's length is known (on_start)
         self.current = 0.0
         if cfg.granularity == "channel":
             self.units = self._attach_channels()
@@ -264,7 +265,13 @@ class Magnitude(Method):
         return out
 
     # -- hooks ------------------------------------------------------------------------------------------------
+    def on_start(self) -> None:
+        if self.requested_schedule.fractional:
+            self.schedule = self.requested_schedule.resolved(self.total_steps(), self.name)
+
     def step(self, t: int) -> None:
+        if self.schedule.fractional:  # fractions of the run, and sp.start(total_steps=...) was not called
+            self.on_start()  # raises, naming the fix
         if self.schedule.is_update_step(t):
             self.check_finite(f"at step {t}")
             self._apply(self.schedule.sparsity(t, self.target))
