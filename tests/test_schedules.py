@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from torch import nn
 
+import sparsewrap as sw
 from sparsewrap.errors import ConfigError
 from sparsewrap.methods.schedules import Schedule, check_steps, resolve_steps
 
@@ -127,3 +129,10 @@ def test_a_schedule_given_in_fractions_is_resolved_against_the_run() -> None:
         Schedule("cubic", 0.8, 0.5)
     with pytest.raises(ConfigError, match=r"give steps 10 and 10 of a 20-step run; end must come after start"):
         Schedule("cubic", 10, 0.5).resolved(20, "gmp")
+
+
+@pytest.mark.parametrize("bad", ["abc", None, True, -3, 1.5])
+def test_a_step_option_of_the_wrong_kind_is_one_clear_error(bad) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match=r"^start=.*(step count|fraction of the run)"):
+        sw.sparsify(model, "magnitude", target=0.5, schedule="cubic", start=bad, end=10)

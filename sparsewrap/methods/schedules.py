@@ -93,9 +93,9 @@ class Schedule:
             raise ConfigError(f"schedule={self.kind!r} is unknown; valid: {choices(SCHEDULES)}")
         if self.kind == "oneshot":
             return
+        check_steps(self.start, "start")
+        check_steps(self.end, "end")
         if self.fractional:
-            check_steps(self.start, "start")
-            check_steps(self.end, "end")
             if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every <= 0:
                 raise ConfigError(f"every={self.every!r} must be a positive step count")
             if type(self.start) is type(self.end) and self.end <= self.start:
