@@ -215,3 +215,12 @@ def test_a_checkpoint_resumes_the_controller_identically(tmp_path) -> None:
     assert again.method.state_dict() == sp.method.state_dict()
     for a, b in zip(sw.export(sp).state_dict().values(), sw.export(again).state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_the_goal_ramp_given_as_fractions_of_the_run_follows_its_length() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    sp = sw.sparsify(model, "str", target=0.5, start=0.0, end=0.5)
+    with pytest.raises(ConfigError, match=r"needs the run's length.*sp\.start"):
+        sp.step()
+    sp.start(total_steps=40)
+    assert (sp.method.goal.start, sp.method.goal.end) == (0, 20)

@@ -44,7 +44,7 @@ from ..parametrizations.threshold import SoftThreshold, shrink_kept
 from ..parametrizations.topk import keep_largest
 from .base import Method, register_method
 from .layer_budgets import rescaled_keep_counts
-from .schedules import Schedule
+from .schedules import Schedule, StepSpec
 
 
 @dataclass
@@ -61,14 +61,15 @@ class STRConfig:
             sparsity gap per step; 0.5 reaches the target from ``s_init=-10`` in a few dozen steps and then
             tracks it within a fraction of a point); 0 turns the controller off (the paper's behaviour).
         start: with ``end > start``, the controller's goal ramps (cubic) from 0 at step ``start``...
-        end: ...to the target at step ``end``; with ``end=0`` the goal is the target from the first step.
+        end: ...to the target at step ``end``; with ``end=0`` the goal is the target from the first step. Both
+            are step counts or fractions of the run (``end=0.75``), resolved when ``sp.start`` gives its length.
     """
 
     s_init: float = -10.0
     s_weight_decay: float = 0.0
     drive: float = 0.5
-    start: int = 0
-    end: int = 0
+    start: StepSpec = 0
+    end: StepSpec = 0
 
     def __post_init__(self) -> None:
         for name in ("s_init", "s_weight_decay", "drive"):
@@ -103,7 +104,8 @@ class STR(Method):
         self.eval_projection.bind(self.final_factors)
         for p in self.layers:
             p.final = self.eval_projection
-        self.goal = Schedule("cubic", cfg.start, cfg.end, 1) if cfg.end > cfg.start else None
+        self.requested_goal = Schedule("cubic", cfg.start, cfg.end, 1) if cfg.end > cfg.start else None
+        self.goal = self.requested_goal  # in step numbers once the run's length is known (on_start)
         self.numel = sum(t.numel for t in self.targets)
         self.shift = torch.zeros((), dtype=torch.float64)  # the controller's accumulated shift of every s_l
         self.last = self.levels()  # the s_l as the controller left them (the optimizer's moves are measured from)
@@ -117,8 +119,14 @@ class STR(Method):
         """Every layer's ``s_l`` (float64, one vector)."""
         return torch.stack([p.s.detach().to(torch.float64) for p in self.layers])
 
+    def on_start(self) -> None:
+        if self.requested_goal is not None and self.requested_goal.fractional:
+            self.goal = self.requested_goal.resolved(self.total_steps(), self.name)
+
     def step(self, t: int) -> None:
         self.eval_projection.reset()
+        if self.goal is not None and self.goal.fractional:  # sp.start(total_steps=...) was not called
+            self.on_start()  # raises, naming the fix
         if self.config.drive == 0:
             return
         goal = self.goal.sparsity(t, self.target) if self.goal is not None else self.target
