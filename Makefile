@@ -21,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# the tests marked slow (torchrun DDP, Ctrl-C and --resume, L0 accuracy on MNIST, ONNX export); .ci/run runs them
+# the tests marked slow (L0 accuracy on full MNIST, ONNX export; about 5 min on two CPU cores); .ci/run runs them
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow --durations=0 $(PYTEST_ARGS)
 
