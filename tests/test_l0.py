@@ -1,4 +1,5 @@
-"""Behaviour of ``method="l0"``: gating, the constrained loop, export projection, state, bad options, timm."""
+"""Behaviour of ``method="l0"``: gating, the constrained loop, export projection, state, bad options (timm models:
+``tests/test_timm_smoke.py``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ import importlib
 import math
 
 import pytest
-import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -17,7 +16,6 @@ import sparsewrap as sw
 from sparsewrap.analysis.macs import layer_macs
 from sparsewrap.errors import ConfigError, NoTargetsError
 from sparsewrap.parametrizations.gated import ChannelGated
-from sparsewrap.parametrizations.gated_weight import GatedWeight
 
 from .test_l0_math import TwoLayer
 from .zoo import ZOO, ConvBN, outputs
@@ -361,50 +359,6 @@ def test_channel_floor_counts_the_cascade():
     with pytest.raises(ConfigError, match=f"cannot go below {floor:.4f}"):
         sw.sparsify(ZOO["mlp"][0](), "l0", target=0.99, **kw)
     sw.sparsify(ZOO["mlp"][0](), "l0", target=1 - floor - 1e-3, **kw)  # just above: accepted
-
-
-# -- timm smoke ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("granularity", ["weight", "channel"])
-@pytest.mark.parametrize(
-    ("name", "kwargs", "shape", "target"),
-    [
-        ("resnet18", dict(num_classes=4), (3, 32, 32), 0.7),
-        ("vit_tiny_patch16_224", dict(num_classes=4, img_size=32, depth=2), (3, 32, 32), 0.3),
-    ],
-)
-def test_timm_smoke(name, kwargs, shape, target, granularity):
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    sp = sw.sparsify(model, "l0", target=target, granularity=granularity, input_shape=list(shape))
-    x, y = torch.randn(2, *shape), torch.tensor([0, 3])
-    opt = torch.optim.Adam(sp.param_groups(lr=1e-3, gates={"lr": 0.1}))
-    for _ in range(2):
-        loss = F.cross_entropy(model(x), y) + sp.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sp.step()
-    report = sp.report()
-    assert abs(report.exported - target) <= 0.01
-    plain = sw.export(sp)
-    fresh = timm.create_model(name, pretrained=False, **kwargs)
-    fresh.load_state_dict(plain.state_dict(), strict=True)
-    fresh.eval()
-    assert fresh(x).shape == (2, 4)
-    if granularity == "channel" and name == "resnet18":
-        assert isinstance(model.layer1[0].bn1.parametrizations.weight[0], ChannelGated)
-        # every group of a ResNet is exact and gated (two steps leave the expected density far from the target)
-        assert [n for n in report.notes if not n.startswith("expected density")] == []
-        assert len(report.notes) == 1 and "far from the requested 0.300 after 2 steps" in report.notes[0]
-    if granularity == "weight":
-        assert all(isinstance(model.get_submodule(t.name).parametrizations.weight[0], GatedWeight) for t in sp.targets)
-
-
-def test_timm_model_gives_its_own_input_shape():
-    model = timm.create_model("resnet18", pretrained=False, num_classes=3)
-    sp = sw.sparsify(model, "l0", target=0.5, granularity="channel")  # no input_shape: timm's pretrained_cfg
-    assert isinstance(model.layer4[1].conv2.parametrizations.weight[0], ChannelGated)
-    assert model.fc not in [t.module for t in sp.targets]
 
 
 def test_module_count_stays_small():

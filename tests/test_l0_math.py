@@ -1,6 +1,8 @@
 """Exact values of the L0 building blocks: hard-concrete gates, P(gate != 0), expected L0, dual ascent.
 
-Expected numbers are computed here with ``math`` on scalars, independently of the library's tensor code.
+Expected numbers are computed here, independently of the library's code: with ``math`` on scalars, or with the
+formulas written out in float64 in ``tests/l0_reference.py``. Only the uniform noise comes from the library
+(drawn under the same seed as the code under test draws it), since a reference sample needs the very same ``u``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import torch
 from torch import nn
 
 import sparsewrap as sw
-from sparsewrap.errors import ConfigError
-from sparsewrap.methods.dual import DualAscent
 from sparsewrap.parametrizations.gated import ChannelGate, ChannelGated, GateBank
 from sparsewrap.parametrizations.gated_weight import GatedMul, gated_mul
 from sparsewrap.parametrizations.hard_concrete import (
@@ -31,6 +31,7 @@ from sparsewrap.parametrizations.hard_concrete import (
     sample_gates_fused,
 )
 
+from .l0_reference import noise, ref_eval_gates, ref_mean_gate, ref_prob_nonzero, ref_sample
 from .zoo import ZOO
 
 
@@ -89,8 +90,8 @@ def test_prob_nonzero_closed_form():
 
 def test_prob_nonzero_agrees_with_monte_carlo():
     torch.manual_seed(1)
-    la = torch.full((400_000,), -0.7, dtype=torch.float64)
-    frac = (sample_gates(la) > 0).double().mean().item()
+    u = 1e-6 + (1 - 2e-6) * torch.rand(400_000, dtype=torch.float64)
+    frac = (ref_sample(torch.full_like(u, -0.7), u) > 0).double().mean().item()
     assert frac == pytest.approx(prob_nonzero(t64(-0.7)).item(), abs=4e-3)
 
 
@@ -104,11 +105,13 @@ def test_eval_gate_values():
     assert z[2].item() == pytest.approx(sigmoid((threshold + 0.01) * 1.5) * 1.2 - 0.1)
 
 
-def test_mean_gate_by_quadrature_matches_monte_carlo():
+def test_mean_gate_by_quadrature_matches_a_fine_integral_and_monte_carlo():
     torch.manual_seed(2)
     la = t64(-2.0, 0.0, 1.0, 20.0)
-    mc = sample_gates(la.repeat(200_000, 1)).mean(0)
+    u = 1e-6 + (1 - 2e-6) * torch.rand(200_000, 1, dtype=torch.float64)
+    mc = ref_sample(la.expand(200_000, 4), u.expand(-1, 4)).mean(0)
     torch.testing.assert_close(mean_gates(la), mc, rtol=0, atol=4e-3)
+    torch.testing.assert_close(mean_gates(la), ref_mean_gate(la), rtol=0, atol=1e-4)  # 4000 times finer
     assert mean_gates(t64(0.0)).item() == pytest.approx(0.5, abs=1e-12)  # symmetric around u = 1/2
     assert mean_gates(t64(20.0)).item() == 1.0
 
@@ -123,8 +126,7 @@ def test_fused_gate_equals_reference_formula_and_gradients():
     (out * g).sum().backward()
     grads = w.grad.clone(), la.grad.clone()
     w.grad = la.grad = None
-    torch.manual_seed(9)  # the same noise for the straightforward formula
-    ref = w * sample_gates(la)
+    ref = w * ref_sample(la, noise(la.detach(), 9))  # the same noise, the formula written out
     (ref * g).sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads[0], w.grad, rtol=1e-12, atol=1e-12)
@@ -142,15 +144,15 @@ def test_fused_gate_with_its_expected_count_output():
     ((out * g).sum() + 3.0 * count).backward()
     grads = w.grad.clone(), la.grad.clone()
     w.grad = la.grad = None
-    torch.manual_seed(9)
-    ref = w * sample_gates(la)
-    ((ref * g).sum() + 3.0 * prob_nonzero(la).sum()).backward()
-    assert count.item() == pytest.approx(prob_nonzero(la).sum().item(), rel=1e-13)
+    ref = w * ref_sample(la, noise(la.detach(), 9))
+    ((ref * g).sum() + 3.0 * ref_prob_nonzero(la).sum()).backward()
+    assert count.item() == pytest.approx(ref_prob_nonzero(la).sum().item(), rel=1e-13)
     torch.testing.assert_close(grads[0], w.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads[1], la.grad, rtol=1e-12, atol=1e-12)
     la.grad = None
     GatedMul.apply(w, la, BETA)[1].backward()  # the count alone
-    torch.testing.assert_close(la.grad, prob_nonzero(la) * (1 - prob_nonzero(la)))
+    p = ref_prob_nonzero(la.detach())
+    torch.testing.assert_close(la.grad, p * (1 - p))
 
 
 def test_fused_gate_in_float32_stays_within_rounding():
@@ -159,8 +161,8 @@ def test_fused_gate_in_float32_stays_within_rounding():
     la = torch.randn(256, 64, requires_grad=True)
     torch.manual_seed(5)
     out = gated_mul(w, la)
-    torch.manual_seed(5)
-    torch.testing.assert_close(out, w * sample_gates(la), rtol=1e-5, atol=1e-6)
+    ref = w.detach().double() * ref_sample(la.detach(), noise(la.detach(), 5))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_expected_count_value_and_gradient():
@@ -186,7 +188,7 @@ def test_channel_gate_members_share_a_sample_and_resample_next_forward():
     torch.testing.assert_close(b(torch.ones(500)), second_a[:, 0])
     a.eval()
     b.eval()
-    torch.testing.assert_close(a(w)[:, 0], eval_gates(gate.log_alpha.detach()))
+    torch.testing.assert_close(a(w)[:, 0], ref_eval_gates(gate.log_alpha.detach()).float())
     assert list(dict(a.named_parameters())) == ["gate.log_alpha"] and not list(b.parameters())
 
 
@@ -194,8 +196,7 @@ def test_one_node_sample_equals_the_reference_with_its_noise():
     la = torch.randn(3000, dtype=torch.float64) * 3
     la1, la2 = la.clone().requires_grad_(), la.clone().requires_grad_()
     g = torch.randn(3000, dtype=torch.float64)
-    torch.manual_seed(7)
-    ref = sample_gates(la1)
+    ref = ref_sample(la1, noise(la, 7))
     torch.manual_seed(7)
     got = sample_gates_fused(la2)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
@@ -224,8 +225,8 @@ def test_a_bank_draws_once_per_forward_and_each_gate_sees_its_own_piece():
         assert bank.draws == step + 1  # one draw for all gates, not one per gate
         for z1, z2 in zs:
             torch.testing.assert_close(z1, z2)  # the members of a gate share the sample
-        torch.manual_seed(100 + step)  # the draw is the reference sample of the concatenated log_alphas
-        ref = torch.split(sample_gates(torch.cat(las).detach()), [la.numel() for la in las])
+        cat = torch.cat(las).detach()  # the draw is the reference sample of the concatenated log_alphas
+        ref = torch.split(ref_sample(cat, noise(cat, 100 + step)).float(), [la.numel() for la in las])
         for (z1, _), r in zip(zs, ref):
             torch.testing.assert_close(z1.detach(), r, rtol=0, atol=1e-6)
         seen.append(torch.cat([z1 for z1, _ in zs]).detach())
@@ -334,7 +335,7 @@ class Stream(nn.Module):
 def _reference_count(layer, probs: dict, like: torch.Tensor) -> torch.Tensor:
     """Expected kept weights of one layer, written out directly (``probs``: ``P(z != 0)`` per channel gate)."""
     if layer.weight_gate is not None:
-        return layer.weight_gate.expected_count()
+        return ref_prob_nonzero(layer.weight_gate.log_alpha, layer.weight_gate.beta).sum()
     n = like.new_tensor(float(layer.numel))
     g = layer.out_gate
     if g is not None and layer.in_segs == ((g, 0, g.log_alpha.numel(), 1),):  # one gate on both sides
@@ -353,7 +354,7 @@ def _reference_count(layer, probs: dict, like: torch.Tensor) -> torch.Tensor:
 def _reference_densities(method) -> torch.Tensor:
     """The per-layer expected counts accumulated one layer at a time (the reference)."""
     gates = {g for la in method.layers for g in [la.out_gate] + [gi for gi, *_ in la.in_segs] if g is not None}
-    probs = {g: prob_nonzero(g.log_alpha, g.beta) for g in gates}
+    probs = {g: ref_prob_nonzero(g.log_alpha, g.beta) for g in gates}
     like = method.gate_parameters()[0]
     used = [0.0] * len(method.densities)
     for layer in method.layers:
@@ -391,34 +392,3 @@ def test_vectorised_expected_density_equals_the_per_layer_sums(name, granularity
     torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-7)
-
-
-# -- dual ascent on scalars -------------------------------------------------------------------------------------
-def test_dual_update_restart_and_projection():
-    duals = DualAscent(1, lr=0.1, restarts=True)
-    assert duals.value.item() == 0.0  # multipliers start at 0
-    duals.update(t64(0.5))
-    assert duals.value.item() == pytest.approx(0.05)
-    duals.update(t64(0.2))
-    assert duals.value.item() == pytest.approx(0.07)
-    duals.update(t64(-0.01))  # feasible: restart to exactly 0
-    assert duals.value.item() == 0.0
-    plain = DualAscent(2, lr=0.1, restarts=False)
-    plain.update(t64(0.5, 0.1))
-    plain.update(t64(-0.1, -0.5))  # no restart: ascent, then projection onto lambda >= 0
-    torch.testing.assert_close(plain.value, t64(0.04, 0.0))
-    assert plain.term(t64(2.0, 3.0)).item() == pytest.approx(0.08)
-
-
-def test_dual_state_round_trip_and_errors():
-    duals = DualAscent(2, lr=0.5)
-    duals.update(t64(1.0, 2.0))
-    other = DualAscent(2, lr=0.5)
-    other.load_state_dict(duals.state_dict())
-    torch.testing.assert_close(other.value, t64(0.5, 1.0))
-    with pytest.raises(ConfigError, match="dual_lr=-1"):
-        DualAscent(1, lr=-1)
-    with pytest.raises(ConfigError, match="3 multipliers"):
-        DualAscent(1, lr=1).load_state_dict({"multipliers": t64(1, 2, 3)})
-    with pytest.raises(ConfigError, match="2 defects for 1"):
-        DualAscent(1, lr=1).update(t64(1, 2))

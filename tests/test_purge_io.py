@@ -108,15 +108,21 @@ def test_pt2_of_a_purged_model_runs_without_the_plan(tmp_path: Path) -> None:
         torch.testing.assert_close(program.module()(x[:1]), small(x[:1]))
 
 
-@pytest.mark.slow  # torch.onnx's dynamo export takes tens of seconds on 2 cores
+@pytest.mark.slow  # torch.onnx's dynamo export takes tens of seconds on 2 cores; `make test-slow` (CI) runs it
 def test_onnx_export_of_a_purged_model(tmp_path: Path) -> None:
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxscript")
-    small, _ = purged_resnet()
+    import onnx  # the dev extra installs onnx and onnxscript: a missing one fails here rather than skipping
+    from onnx.reference import ReferenceEvaluator
+
+    small, x = purged_resnet()
     path = save_purged(small, tmp_path / "small.onnx", fmt="onnx", input_shape=[3, 8, 8])
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
     dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input}
     assert list(dims.values()) == [[1, 3, 8, 8]]
+    small.eval()
+    with torch.no_grad():
+        expected = small(x[:1])
+    (got,) = ReferenceEvaluator(graph).run(None, {next(iter(dims)): x[:1].numpy()})  # onnx's own interpreter
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="input shape"):
         save_purged(small, tmp_path / "x.onnx", fmt="onnx")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import sparsewrap as sw
@@ -135,10 +137,39 @@ def test_demo_writes_table_and_figure(capsys, tmp_path):
     with Image.open(tmp_path / "demo" / "demo.png") as img:
         assert img.format == "PNG" and img.size == (1500, 560)
     assert (tmp_path / "demo" / "last.safetensors").is_file()
+    # the table's figures, recomputed here from the checkpoint the demo wrote
+    sp = sw.load(tmp_path / "demo" / "last.safetensors")
+    purged = sw.export(sp, purge=True)
+    saved = load_file(tmp_path / "demo" / "lenet5_sparse.safetensors")
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in purged.state_dict().items()}
+    for name, value in purged.state_dict().items():
+        torch.testing.assert_close(saved[name], value, rtol=0, atol=0)
+    x, y = swdata.build_data("mnist", 256, 500).val.tensors
+    sp.model.eval(), purged.eval()
+    with torch.no_grad():
+        logits = purged(x)
+        torch.testing.assert_close(logits, sp.model(x))  # the purged model computes what the sparsified one does
+    accuracy = float((logits.argmax(1) == y).float().mean())
+    table = " ".join(re.sub("[│┃]", " ", out).split())  # the table's cells, without rich's borders
+    assert re.search(rf"test accuracy \d\.\d{{4}} {accuracy:.4f} [+-]\d\.\d{{4}}", table), table
+
+    def macs(m: torch.nn.Module) -> int:  # LeNet-5 on 28 x 28: conv1 -> 24 x 24, pool, conv2 -> 8 x 8
+        convs = 24 * 24 * m.conv1.out_channels * m.conv1.in_channels * 25
+        convs += 8 * 8 * m.conv2.out_channels * m.conv2.in_channels * 25
+        return convs + m.fc1.in_features * m.fc1.out_features + m.fc2.in_features * m.fc2.out_features
+
+    params = sum(p.numel() for p in purged.parameters())
+    nonzero = sum(int((p != 0).sum()) for p in purged.parameters())
+    assert params < 431_080 and macs(purged) < 2_293_000  # channels were removed
+    for row, before, after in (("parameters", 431_080, params), ("non-zero parameters", None, nonzero),
+                               ("MACs / image", 2_293_000, macs(purged))):  # fmt: skip
+        found = re.search(rf"(?<!non-zero ){re.escape(row)} ([\d,]+) ([\d,]+)", table)
+        assert found and int(found[2].replace(",", "")) == after, (row, table)
+        if before is not None:
+            assert int(found[1].replace(",", "")) == before, (row, table)
 
 
-@pytest.mark.slow
-def test_ctrl_c_saves_and_resume_continues(tmp_path):
+def test_ctrl_c_saves_and_resume_continues(tmp_path):  # 15-30 s on two busy cores: in make test
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "sparsewrap", *TRAIN, "--batch-size", "16", "--epochs", "40", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
