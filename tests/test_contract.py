@@ -44,9 +44,17 @@ METHOD_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("dnw-erk", dict(allocation="erk", target=0.7)),
     ("str", dict(target=0.6)),
     ("gmp", dict(start=0, end=4, every=2, target=0.8)),
+    ("static", dict(target=0.7)),
+    ("set", dict(every=2, end=4, target=0.7)),
+    ("set-uniform", dict(distribution="uniform", every=1, end=4, fraction=0.5)),
+    ("rigl", dict(every=2, end=4, target=0.7)),
+    ("rigl-global", dict(distribution="global", every=1, end=3, decay="constant")),
 ]
 IDENTITY_AT_START: set[str] = {"magnitude-gradual", "gmp"}
 PROJECTED_AT_EXPORT: set[str] = {"l0", "l0-channel", "str"}
+# rows whose budget is a count of active connections: a connection regrown at zero may still be zero at export, so
+# the exported zeros may exceed the target while the masks hold exactly the budget (sparsewrap/methods/dst/)
+ACTIVE_MAY_BE_ZERO: set[str] = {"set", "set-uniform", "rigl", "rigl-global"}
 STEPS = 5
 
 ROW_IDS = [r[0] for r in METHOD_ROWS]
@@ -86,6 +94,7 @@ def _loss(out: Any) -> Tensor:
 def _train(sp: sw.Sparsifier, x: Tensor, steps: int = STEPS, seed: int = 7) -> None:
     torch.manual_seed(seed)
     opt = torch.optim.SGD(sp.param_groups(lr=0.05), momentum=0.9)
+    sp.start(optimizer=opt)  # methods that regrow connections reset their momentum
     sp.model.train()
     for _ in range(steps):
         loss = _loss(sp.model(x)) + sp.penalty()
@@ -258,7 +267,11 @@ def test_exported_sparsity_equals_the_target_within_one_unit(model_name: str, ro
     total = sum(t.numel for t in sp.targets)
     zeros = sum(int((plain.get_submodule(t.name).weight == 0).sum()) for t in sp.targets)
     target = kwargs["target"] if "target" in kwargs else 1.0 - kwargs["density"]
-    assert abs(zeros - target * total) <= max(_unit_tolerance(sp, kwargs), 0.5 + 1e-9)
+    if row_id in ACTIVE_MAY_BE_ZERO:
+        masked = sum(int((p.mask == 0).sum()) for _m, _mod, _t, p in wrapped_tensors(sp.model))
+        assert abs(masked - target * total) <= 0.5 + 1e-9 and zeros >= masked
+    else:
+        assert abs(zeros - target * total) <= max(_unit_tolerance(sp, kwargs), 0.5 + 1e-9)
     report = sp.report()
     assert math.isclose(report.exported, zeros / total, abs_tol=1e-12)
     assert report.requested == pytest.approx(target)
@@ -414,6 +427,7 @@ def _train_in_order(sp: sw.Sparsifier, x: Tensor, steps: int, penalty_first: boo
     """``_train`` with the penalty written before (``sp.penalty() + loss(model(x))``) or after the forward."""
     torch.manual_seed(seed)
     opt = torch.optim.SGD(sp.param_groups(lr=0.05), momentum=0.9)
+    sp.start(optimizer=opt)  # methods that regrow connections reset their momentum
     sp.model.train()
     for _ in range(steps):
         if penalty_first:
