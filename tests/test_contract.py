@@ -49,12 +49,14 @@ METHOD_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("set-uniform", dict(distribution="uniform", every=1, end=4, fraction=0.5)),
     ("rigl", dict(every=2, end=4, target=0.7)),
     ("rigl-global", dict(distribution="global", every=1, end=3, decay="constant")),
+    ("dsr", dict(every=1, end=4, n_prune=8, threshold=0.05, target=0.7)),
+    ("deepr", dict(end=4, anneal=[[2, 1e-4]], temperature=1e-3, eta=0.5, target=0.7)),
 ]
 IDENTITY_AT_START: set[str] = {"magnitude-gradual", "gmp"}
 PROJECTED_AT_EXPORT: set[str] = {"l0", "l0-channel", "str"}
 # rows whose budget is a count of active connections: a connection regrown at zero may still be zero at export, so
 # the exported zeros may exceed the target while the masks hold exactly the budget (sparsewrap/methods/dst/)
-ACTIVE_MAY_BE_ZERO: set[str] = {"set", "set-uniform", "rigl", "rigl-global"}
+ACTIVE_MAY_BE_ZERO: set[str] = {"set", "set-uniform", "rigl", "rigl-global", "dsr", "deepr"}
 STEPS = 5
 
 ROW_IDS = [r[0] for r in METHOD_ROWS]

@@ -6,5 +6,7 @@ machinery is in :mod:`.base`, :mod:`.distribution` and :mod:`.selection`. docs/m
 
 from .base import DSTConfig, DynamicSparse
 from .basic import SET, RigL, Static
+from .deepr import DeepR
+from .dsr import DSR
 
-__all__ = ["DSTConfig", "DynamicSparse", "SET", "RigL", "Static"]
+__all__ = ["DSTConfig", "DynamicSparse", "SET", "RigL", "Static", "DeepR", "DSR"]
