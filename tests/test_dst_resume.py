@@ -46,3 +46,22 @@ def test_resume_from_a_checkpoint_continues_identically(tmp_path, method: str, o
     for (k, a), b in zip(sp.model.state_dict().items(), sp2.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=k)
     assert sp2.method.summary() == sp.method.summary()
+
+
+def test_export_with_purge_removes_the_channels_a_dst_mask_left_empty() -> None:
+    from sparsewrap.demo.models import mlp_300_100
+
+    torch.manual_seed(0)
+    sp = sw.sparsify(mlp_300_100(), "set", target=0.99, every=1, end=5)
+    opt = torch.optim.SGD(sp.param_groups(lr=0.1))
+    sp.start(optimizer=opt)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    _steps(sp, opt, x, y, 3)
+    fc2 = sp.model.fc2.weight.detach()
+    unused = int((fc2 == 0).all(dim=0).sum())  # fc1 outputs that nothing reads: those channels can go
+    assert unused > 0
+    purged = sw.export(sp, purge=True)
+    assert purged.fc1.out_features == 300 - unused and purged.fc2.in_features == 300 - unused
+    sp.model.eval(), purged.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(purged(x), sp.model(x), rtol=1e-5, atol=1e-5)
