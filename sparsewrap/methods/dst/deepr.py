@@ -141,7 +141,8 @@ class DeepR(DynamicSparse):
     def step(self, t: int) -> None:
         super().step(t)
         self.next_step = t + 1
-        self.signs = [self.current_signs(i) for i in range(len(self.targets))]
+        if self.in_window(t + 1):  # after the window no sign is compared again: skip the pass
+            self.signs = [self.current_signs(i) for i in range(len(self.targets))]
 
     def summary(self) -> dict[str, float]:
         try:
