@@ -149,11 +149,13 @@ def test_deepr_resume_restores_signs_and_the_noise() -> None:
     sp = sw.sparsify(ZOO["mlp"][0](), "deepr", **options)
     opt = torch.optim.SGD(sp.param_groups(lr=0.1))
     sp.start(optimizer=opt)
+    budget = sp.method.active_counts()
     for _ in range(3):
         (sp.model(x).pow(2).mean() + sp.penalty()).backward()
         opt.step()
         opt.zero_grad()
         sp.step()
+        assert sp.method.active_counts() == budget  # per layer, after every update
     assert sp.method.moved_total > 0
     sp2 = sw.sparsify(ZOO["mlp"][0](), "deepr", **options | dict(seed=3))
     sp2.model.load_state_dict(sp.model.state_dict())
