@@ -248,7 +248,9 @@ class Sparsifier:
         for t in self.targets:
             key = (t.name, "weight")
             now = current.get(key, t.original)
-            layers.append(LayerReport(t.name, t.shape, t.numel, count_nonzero(now), count_nonzero(final.get(key, now))))
+            # the effective weight's shape: an original may be smaller than the weight (HashedNet's bank)
+            layers.append(LayerReport(t.name, tuple(now.shape), now.numel(), count_nonzero(now),
+                                      count_nonzero(final.get(key, now))))  # fmt: skip
         return Report(self.spec.method, self.method.requested_sparsity(), self.step_count, layers,
                       self.method.summary(), self.method.notes())  # fmt: skip
 

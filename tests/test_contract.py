@@ -45,10 +45,24 @@ METHOD_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("dnw-erk", dict(allocation="erk", target=0.7)),
     ("str", dict(target=0.6)),
     ("gmp", dict(start=0, end=4, every=2, target=0.8)),
+    ("static", dict(target=0.7)),
+    ("set", dict(every=2, end=4, target=0.7)),
+    ("set-uniform", dict(distribution="uniform", every=1, end=4, fraction=0.5)),
+    ("rigl", dict(every=2, end=4, target=0.7)),
+    ("rigl-global", dict(distribution="global", every=1, end=3, decay="constant")),
+    ("dsr", dict(every=1, end=4, n_prune=8, threshold=0.05, target=0.7)),
+    ("deepr", dict(end=4, anneal=[[2, 1e-4]], temperature=1e-3, eta=0.5, target=0.7)),
+    ("hashednet", dict(target=0.6)),
+    ("hashednet-sign", dict(sign=True)),
 ]
 IDENTITY_AT_START: set[str] = {"magnitude-gradual", "gmp"}
 PROJECTED_AT_EXPORT: set[str] = {"l0", "l0-channel", "str"}
 L0_ROWS: set[str] = {"l0", "l0-channel"}  # export checked against tests/l0_reference.py
+# rows whose budget is a count of active connections: a connection regrown at zero may still be zero at export, so
+# the exported zeros may exceed the target while the masks hold exactly the budget (sparsewrap/methods/dst/)
+ACTIVE_MAY_BE_ZERO: set[str] = {"set", "set-uniform", "rigl", "rigl-global", "dsr", "deepr"}
+# rows that tie weights to a bank instead of zeroing them: the target is the share of free parameters removed
+TIED: set[str] = {"hashednet", "hashednet-sign"}
 STEPS = 5
 
 ROW_IDS = [r[0] for r in METHOD_ROWS]
@@ -88,6 +102,7 @@ def _loss(out: Any) -> Tensor:
 def _train(sp: sw.Sparsifier, x: Tensor, steps: int = STEPS, seed: int = 7) -> None:
     torch.manual_seed(seed)
     opt = torch.optim.SGD(sp.param_groups(lr=0.05), momentum=0.9)
+    sp.start(optimizer=opt)  # methods that regrow connections reset their momentum
     sp.model.train()
     for _ in range(steps):
         loss = _loss(sp.model(x)) + sp.penalty()
@@ -265,10 +280,20 @@ def test_exported_sparsity_equals_the_target_within_one_unit(model_name: str, ro
     _method, kwargs = _row(row_id)
     run = _trained(model_name, row_id)
     sp, plain = run.sp, run.plain
+    if row_id in TIED:  # the originals are the banks; the exported weights are dense
+        target = kwargs.get("target", 0.5)
+        weights = [plain.get_submodule(t.name).weight.numel() for t in sp.targets]
+        assert [t.numel for t in sp.targets] == [round((1 - target) * n) for n in weights]
+        assert sp.report().exported == 0.0 and sp.report().requested == pytest.approx(target)
+        return
     total = sum(t.numel for t in sp.targets)
     zeros = sum(int((plain.get_submodule(t.name).weight == 0).sum()) for t in sp.targets)
     target = kwargs["target"] if "target" in kwargs else 1.0 - kwargs["density"]
-    assert abs(zeros - target * total) <= max(_unit_tolerance(sp, kwargs), 0.5 + 1e-9)
+    if row_id in ACTIVE_MAY_BE_ZERO:
+        masked = sum(int((p.mask == 0).sum()) for _m, _mod, _t, p in wrapped_tensors(sp.model))
+        assert abs(masked - target * total) <= 0.5 + 1e-9 and zeros >= masked
+    else:
+        assert abs(zeros - target * total) <= max(_unit_tolerance(sp, kwargs), 0.5 + 1e-9)
     report = sp.report()
     assert math.isclose(report.exported, zeros / total, abs_tol=1e-12)
     assert report.requested == pytest.approx(target)
@@ -424,6 +449,7 @@ def _train_in_order(sp: sw.Sparsifier, x: Tensor, steps: int, penalty_first: boo
     """``_train`` with the penalty written before (``sp.penalty() + loss(model(x))``) or after the forward."""
     torch.manual_seed(seed)
     opt = torch.optim.SGD(sp.param_groups(lr=0.05), momentum=0.9)
+    sp.start(optimizer=opt)  # methods that regrow connections reset their momentum
     sp.model.train()
     for _ in range(steps):
         if penalty_first:

@@ -112,12 +112,15 @@ def generation() -> int:
     return _generation
 
 
-def attach(module: nn.Module, name: str, parametrization: SparseParametrization) -> SparseParametrization:
+def attach(module: nn.Module, name: str, parametrization: SparseParametrization,
+           unsafe: bool = False) -> SparseParametrization:  # fmt: skip
     """Register ``parametrization`` on ``module.name``; the original Parameter object is kept (optimizers
     that already hold it stay valid). The tensor's parametrization list becomes a :class:`ParametrizationList`.
+    ``unsafe=True`` (torch's flag) lets the original take another shape: it becomes
+    ``parametrization.right_inverse(tensor)``, a new Parameter (HashedNet's bank).
     """
     global _generation
-    parametrize.register_parametrization(module, name, parametrization)
+    parametrize.register_parametrization(module, name, parametrization, unsafe=unsafe)
     _generation += 1
     plist = module.parametrizations[name]
     if type(plist) is parametrize.ParametrizationList:

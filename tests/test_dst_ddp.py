@@ -1,0 +1,78 @@
+"""DST under two-process DDP (gloo, CPU; issue 17): every rank takes the same decision at every update.
+
+:func:`sparsewrap.train.distributed.sync_sparsity` makes rank 0's masks win after every step, so equal masks alone
+prove nothing; the workers record the masks each rank chose *before* that sync. Equal choices need the growth RNG
+seeded alike on every rank and, for RigL, the dense gradients averaged over the ranks before choosing (each rank
+sees its own shard of the batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sparsewrap as sw
+from sparsewrap.demo.data import build_data, make_loaders
+from sparsewrap.demo.models import mlp_300_100
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+RUNS = {
+    "rigl": dict(target=0.9, every=2, end=0.9),
+    "set": dict(target=0.9, every=2, end=0.9, fraction=0.3),
+    "dsr": dict(target=0.9, every=2, end=0.9, n_prune=500),
+}
+
+
+def _digest(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _worker(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        data = build_data("mnist", limit=512, val_limit=64)
+        train, val = make_loaders(data, batch_size=32, seed=0, rank=rank, world_size=world)
+        record = {}
+        for method, options in RUNS.items():
+            torch.manual_seed(0)
+            sp = sw.sparsify(mlp_300_100(), method, **options)
+            chosen: list[str] = []
+            apply = sp.method.apply
+
+            def recording(drops, grows, t, apply=apply, sp=sp, chosen=chosen) -> None:
+                apply(drops, grows, t)
+                chosen.append(_digest([m.mask for m in sp.method.masks]))  # before rank 0's masks arrive
+
+            sp.method.apply = recording
+            sw.fit(sp, train, val, epochs=1, optimizer="sgd", lr=0.05, seed=0)
+            record[method] = {"chosen": chosen, "moved": sp.method.moved_total, "counts": sp.method.active_counts()}
+        Path(tmp, f"rank{rank}.json").write_text(json.dumps(record))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("dst_ddp")
+    mp.spawn(_worker, args=(2, str(tmp)), nprocs=2, join=True)
+    return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("method", sorted(RUNS))
+def test_every_rank_chooses_the_same_connections_at_every_update(ranks, method: str) -> None:
+    zero, one = ranks[0][method], ranks[1][method]
+    assert len(zero["chosen"]) == 4  # 8 steps per rank: updates after steps 1, 3, 5 and 7 (end = 0.9 of 8 -> 7)
+    assert zero["chosen"] == one["chosen"]
+    assert zero["moved"] > 0 and zero["counts"] == one["counts"]
+    assert sum(zero["counts"]) == round(0.1 * (784 * 300 + 300 * 100))
