@@ -1,6 +1,7 @@
 """Sparsification methods, one file each; importing this package registers them."""
 
 from .base import Method, get_method, list_methods, make_config, register_method, unregister_method
+from .cs import ContinuousSparsification  # noqa: F401  (registers method 'cs')
 from .dnw import DNW  # noqa: F401  (registers method 'dnw')
 from .gmp import GMP  # noqa: F401  (registers method 'gmp')
 from .l0.method import L0  # noqa: F401  (registers method 'l0')
