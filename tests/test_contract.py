@@ -44,6 +44,7 @@ METHOD_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("dnw-erk", dict(allocation="erk", target=0.7)),
     ("str", dict(target=0.6)),
     ("gmp", dict(start=0, end=4, every=2, target=0.8)),
+    ("cs", dict(rounds=2, ticket_start=4, rewind=1, target=0.7)),
 ]
 IDENTITY_AT_START: set[str] = {"magnitude-gradual", "gmp"}
 PROJECTED_AT_EXPORT: set[str] = {"l0", "l0-channel", "str"}
