@@ -338,7 +338,7 @@ def test_param_groups_take_overrides_and_refuse_unknown_groups(row_id: str) -> N
             r"density=1.0 is outside \(0, 1\); density is the fraction of targeted weights that are kept",
         ),
         (dict(target={}), r"target= is an empty dict"),
-        (dict(target={"fc1": 2.0}), r"target\['fc1'\]=2.0 is outside \(0, 1\)"),
+        (dict(target={"fc1": 2.0}), r"target\['fc1'\]=2.0 is outside \[0, 1\)"),
         (dict(), r"method 'magnitude' needs target= \(sparsity in \(0, 1\)\) or density="),
     ],
 )
