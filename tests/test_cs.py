@@ -172,6 +172,9 @@ def test_the_penalty_and_the_driven_coefficient() -> None:
     density = 5 / 10  # five scores > 0
     assert float(sp.method.log_gain) == pytest.approx(0.5 * (density - 0.2))
     assert float(sp.method.coefficient()) == pytest.approx(1e-3 * math.exp(0.5 * 0.3))
+    _set_scores(sp, [[[-1.0] * 2] * 2, [[0.5, -1.0]] + [[-1.0] * 2] * 2])  # density 1/10, below the goal 2/10
+    _train(sp, torch.randn(4, 2), opt, 1)  # below the goal the gap is relative: (0.1 - 0.2) / 0.2
+    assert float(sp.method.log_gain) == pytest.approx(0.5 * 0.3 + 0.5 * (-0.5))
     fixed = sw.sparsify(Two(A, B), "cs", target=0.8, lmbda=2e-3, rounds=1, ticket_start=5)
     _train(fixed, torch.randn(4, 2), torch.optim.SGD(fixed.param_groups(lr=0.0)), 1)
     assert float(fixed.method.coefficient()) == 2e-3  # lmbda= is the paper's fixed penalty

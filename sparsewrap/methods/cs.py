@@ -21,9 +21,11 @@ Each targeted weight becomes ``w * c * sigmoid(beta * s)`` with a score ``s`` pe
 the top-scored entries, exactly ``N - round(target * N)`` of them (globally by default, per layer with
 ``allocation="uniform"``/``"erk"`` or a ``{layer pattern: sparsity}`` dict), so the target is exact at export.
 By default (``lmbda`` not given) the search is driven towards it: ``lambda_t = lmbda_init * exp(I_t)`` with
-``I_t <- I_t + drive * (d_t - (1 - target))``, ``d_t`` the hard density (fraction of ``s > 0``), so that ``lambda``
-grows while too many scores are positive and decays otherwise, and the learned ticket is already close to the
-target. ``lmbda=`` gives the paper's fixed penalty; without a target the ticket is then ``1[s > 0]``.
+``I_t <- I_t + drive * e_t``, where ``d_t`` is the hard density (fraction of ``s > 0``), ``g = 1 - target`` and
+``e_t = d_t - g`` above the goal, ``(d_t - g) / g`` below it: ``lambda`` grows slowly while too many scores are
+positive (a score pushed far below 0 at a high temperature gets no gradient and does not come back, so an
+overshoot is permanent) and falls fast once the density is below the goal; the learned ticket is then already
+close to the target. ``lmbda=`` gives the paper's fixed penalty; without a target the ticket is then ``1[s > 0]``.
 
 Eval mode during the search shows the ticket the export would draw now (``w * c`` on the kept entries), so what one
 evaluates is what one exports; export writes ``w * c * 1[ticket]`` (the scaling ``c`` stays on the ticket, as in
@@ -72,7 +74,8 @@ class CSConfig:
         lmbda: a fixed penalty coefficient (the paper's behaviour, 1e-8 in its configs); ``None`` drives the
             coefficient towards the target instead.
         lmbda_init: the driven coefficient's initial value.
-        drive: gain of the driven coefficient (its log moves by ``drive * (density - target density)`` a step).
+        drive: gain of the driven coefficient (its log moves by ``drive * (density - goal)`` a step above the goal
+            density, ``drive * (density - goal) / goal`` below it).
         allocation: how the ticket's budget is split: ``"global"`` (one ranking of the scores), ``"uniform"`` or
             ``"erk"`` (per layer). A dict target is per layer.
     """
@@ -257,7 +260,10 @@ class ContinuousSparsification(Method):
         with torch.no_grad():
             if self.config.lmbda is None and self.target is not None:
                 goal = 1.0 - self.requested_sparsity()
-                gap = self.hard_density().to(self.log_gain.device) - goal
+                density = self.hard_density().to(self.log_gain.device)
+                # up slowly (absolute gap: a score pushed far below 0 at a high temperature does not come back),
+                # down fast (relative gap: stop pruning as soon as the density falls below the goal)
+                gap = torch.where(density > goal, density - goal, (density - goal) / goal)
                 self.log_gain = self.log_gain + self.config.drive * gap
             if done == rewind:
                 self.snapshot = self._weights(self.own)
