@@ -33,12 +33,12 @@ def budgets(obj: Any, *, model: nn.Module | None = None, trust_factory: bool = F
         ConfigError: for a model that was not sparsified, or anything else that is neither a controller nor a path.
         CheckpointError: for an unreadable checkpoint.
     """
-    from ..controller import controller_of  # the controller imports the methods: import it when called
+    from ..controller import Sparsifier, controller_of  # the controller imports the methods: import it here
     from ..io.checkpoint import load
 
     if isinstance(obj, (str, os.PathLike)):
         obj = load(obj, model=model, trust_factory=trust_factory)
-    if not isinstance(obj, nn.Module) and type(obj).__name__ != "Sparsifier":
+    if not isinstance(obj, (nn.Module, Sparsifier)):
         raise ConfigError(
             f"budgets() takes a Sparsifier, a sparsified model or a checkpoint path, got {type(obj).__name__}"
         )
