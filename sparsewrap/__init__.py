@@ -27,6 +27,7 @@ _EXPORTS = {
     "export": "bake", "save_plain": "io.plain",
     "fit": "train.loop",
     "Method": "methods", "list_methods": "methods", "register_method": "methods",
+    "budgets": "methods.budgets",
     "load_purged": "purge.io",
     "ModelRecipe": "io.recipe", "create_model": "io.recipe",
     "register_factory": "io.trust",
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from .io.recipe import ModelRecipe, create_model
     from .io.trust import register_factory
     from .methods import Method, list_methods, register_method
+    from .methods.budgets import budgets
     from .purge.io import load_purged
     from .train.loop import fit as fit
 
@@ -78,6 +80,7 @@ __all__ = [
     "register_method",
     "list_methods",
     "Method",
+    "budgets",
     "SparsewrapError",
     "ConfigError",
     "UnknownNameError",

@@ -65,12 +65,27 @@ def _check_fraction(name: str, value: Any, zeroed: bool = True) -> float:
     return float(value)
 
 
+def _check_layer_fraction(name: str, value: Any, zeroed: bool) -> float:
+    """A per-layer entry of a dict target: a sparsity in ``[0, 1)`` (0 leaves the layer dense) or a density in
+    ``(0, 1]``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value) == (0.0 if zeroed else 1.0):
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and not 0.0 < float(value) < 1.0:
+        span, dense = ("[0, 1)", "0") if zeroed else ("(0, 1]", "1")
+        raise ConfigError(
+            f"{name}={value!r} is outside {span}; {name} is the fraction of targeted weights that are "
+            f"{'zeroed' if zeroed else 'kept'} in that layer, a float in {span} ({dense} leaves it dense), e.g. "
+            f"{name}=0.7"
+        )
+    return _check_fraction(name, value, zeroed)
+
+
 def resolve_target(target: Any, density: Any) -> float | dict[str, float] | None:
     """Turn ``target=`` (sparsity) or ``density=`` into a sparsity, float or ``{pattern: sparsity}``.
 
     Raises:
         ConfigError: if both are given, a value is not a real number (a string, a bool, a tensor) or a value is
-            outside (0, 1).
+            outside (0, 1) (a dict's per-layer sparsity may be 0, its density 1: that layer stays dense).
     """
     if target is not None and density is not None:
         raise ConfigError(f"give target= (sparsity) or density= (1 - sparsity), not both (got {target}, {density})")
@@ -81,7 +96,7 @@ def resolve_target(target: Any, density: Any) -> float | dict[str, float] | None
     if isinstance(value, dict):
         if not value:
             raise ConfigError(f"{name}= is an empty dict; give {{layer pattern: fraction}}")
-        out = {str(k): _check_fraction(f"{name}[{k!r}]", v, zeroed) for k, v in value.items()}
+        out = {str(k): _check_layer_fraction(f"{name}[{k!r}]", v, zeroed) for k, v in value.items()}
         return out if zeroed else {k: 1.0 - v for k, v in out.items()}
     frac = _check_fraction(name, value, zeroed)
     return frac if zeroed else 1.0 - frac

@@ -54,6 +54,7 @@ METHOD_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("deepr", dict(end=4, anneal=[[2, 1e-4]], temperature=1e-3, eta=0.5, target=0.7)),
     ("hashednet", dict(target=0.6)),
     ("hashednet-sign", dict(sign=True)),
+    ("cs", dict(rounds=2, ticket_start=4, rewind=1, target=0.7)),
 ]
 IDENTITY_AT_START: set[str] = {"magnitude-gradual", "gmp"}
 PROJECTED_AT_EXPORT: set[str] = {"l0", "l0-channel", "str"}
@@ -372,7 +373,7 @@ def test_param_groups_take_overrides_and_refuse_unknown_groups(row_id: str) -> N
             r"density=1.0 is outside \(0, 1\); density is the fraction of targeted weights that are kept",
         ),
         (dict(target={}), r"target= is an empty dict"),
-        (dict(target={"fc1": 2.0}), r"target\['fc1'\]=2.0 is outside \(0, 1\)"),
+        (dict(target={"fc1": 2.0}), r"target\['fc1'\]=2.0 is outside \[0, 1\)"),
         (dict(), r"method 'magnitude' needs target= \(sparsity in \(0, 1\)\) or density="),
     ],
 )

@@ -106,7 +106,7 @@ def test_bad_options_give_one_line_errors() -> None:
         sw.sparsify(Two(A, B), "dnw", target={"c": 0.5})
     with pytest.raises(ConfigError, match=r"allocation='global' is unknown for method 'dnw'; valid: 'erk', 'uniform'"):
         sw.sparsify(Two(A, B), "dnw", target=0.5, allocation="global")
-    with pytest.raises(ConfigError, match=r"target\['a'\]=1.0 is outside \(0, 1\)"):
+    with pytest.raises(ConfigError, match=r"target\['a'\]=1.0 is outside \[0, 1\)"):
         sw.sparsify(Two(A, B), "dnw", target={"a": 1.0})
     with pytest.raises(ConfigError, match=r"method 'dnw' needs target="):
         sw.sparsify(Two(A, B), "dnw")

@@ -64,7 +64,7 @@ def test_gmp_is_magnitude_with_a_cubic_per_layer_schedule() -> None:
         (dict(start=4, end=2), r"method 'gmp' needs 0 <= start < end, got start=4, end=2"),
         (dict(end=5, every=2), r"every=2 must be positive and divide end - start = 5"),
         (dict(end=4, allocation="nope"), r"allocation='nope' is unknown; valid: 'erk', 'global', 'uniform'"),
-        (dict(end=4, target={"0": 0.5}), r"method 'gmp' takes one overall sparsity, got target=\{'0': 0.5\}"),
+        (dict(end=4, target={"0": 0.5}, granularity="channel"), r"per-layer dict target with granularity='weight'"),
     ],
 )
 def test_bad_options_give_one_line_errors(options: dict, match: str) -> None:

@@ -249,8 +249,8 @@ def test_unstructured_export_is_exact_to_one_weight() -> None:
 
 
 def test_magnitude_rejects_layer_wise_targets_and_bad_options() -> None:
-    with pytest.raises(ConfigError, match=r"takes one overall sparsity, got target=\{'a': 0.5\}"):
-        sw.sparsify(Two(SMALL_A, BIG_B), "magnitude", target={"a": 0.5})
+    with pytest.raises(ConfigError, match=r"per-layer dict target with granularity='weight' only"):
+        sw.sparsify(Two(SMALL_A, BIG_B), "magnitude", target={"a": 0.5}, granularity="channel")
     with pytest.raises(ConfigError, match=r"granularity='filter' is unknown; valid: 'channel', 'weight'"):
         sw.sparsify(Two(SMALL_A, BIG_B), "magnitude", target=0.5, granularity="filter")
     with pytest.raises(ConfigError, match=r"allocation='erk2' is unknown; valid: 'erk', 'global', 'uniform'"):

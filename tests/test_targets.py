@@ -152,7 +152,7 @@ def test_numpy_and_integer_like_reals_are_accepted_as_targets() -> None:
 
 
 def test_a_dict_target_says_the_fraction_is_zeroed_and_a_dict_density_kept() -> None:
-    with pytest.raises(ConfigError, match=r"^target\['conv1'\]=1.5 is outside \(0, 1\); target\['conv1'\] is the "
+    with pytest.raises(ConfigError, match=r"^target\['conv1'\]=1.5 is outside \[0, 1\); target\['conv1'\] is the "
                        r"fraction of targeted weights that are zeroed"):  # fmt: skip
         sw.sparsify(ConvBN(), "l0", target={"conv1": 1.5})
     with pytest.raises(ConfigError, match=r"density\['conv1'\] is the fraction of targeted weights that are kept"):

@@ -1,4 +1,4 @@
-"""``sparsewrap methods`` and ``sparsewrap report``."""
+"""``sparsewrap methods``, ``sparsewrap report`` and ``sparsewrap budgets``."""
 
 from __future__ import annotations
 
@@ -62,3 +62,23 @@ def report_cmd(
         console.print(f"{key}: {value:.6g}")
     for note in report.notes:
         console.print(f"note: {note}", style="yellow")
+
+
+@app.command("budgets")
+def budgets_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by sparsewrap.save / train."),  # noqa: B008
+    output: Path = typer.Option(..., "--output", "-o", help="The JSON file to write ({layer: sparsity})."),  # noqa: B008
+    trust_factory: bool = typer.Option(False, "--trust-factory", help=TRUST_HELP),
+) -> None:
+    """Write each layer's exported sparsity as JSON, for `sparsewrap train --target budgets.json`."""
+    import json
+
+    from ..io.atomic import write_atomic
+    from ..methods.budgets import budgets
+
+    found = budgets(checkpoint, trust_factory=trust_factory)
+    text = json.dumps(found, indent=1)
+    write_atomic(output, lambda tmp: tmp.write_text(text + "\n"))
+    total = sum(found.values()) / len(found) if found else 0.0
+    console.print(f"wrote {len(found)} layer budgets to {output} (mean layer sparsity {total:.4f}); use them with "
+                  f"sparsewrap train --target {output}", highlight=False, soft_wrap=True)  # fmt: skip

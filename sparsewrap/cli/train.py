@@ -194,7 +194,7 @@ def train_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run directory (checkpoint last.safetensors, history.json).")],
     data: Annotated[str, typer.Option(help="mnist (built in) or imagefolder:PATH.")] = "mnist",
     method: Annotated[str, typer.Option(help="A method from `sparsewrap methods`.")] = "l0",
-    target: Annotated[float | None, typer.Option(help="Requested sparsity in (0, 1).")] = None,
+    target: Annotated[str | None, typer.Option(help="Sparsity in (0, 1), or a budgets.json file.")] = None,
     density: Annotated[float | None, typer.Option(help="Requested density (1 - sparsity).")] = None,
     epochs: Annotated[int, typer.Option(help="Total epochs (a resumed run continues up to it).")] = 10,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
@@ -235,6 +235,7 @@ def train_cmd(
     check_patterns(include, "--include")
     check_patterns(exclude, "--exclude")
     check_out_dir(out)
+    target = parse_target(target)
 
     from ..controller import resolve_target, sparsify
     from ..demo.data import build_data, make_loaders
@@ -287,6 +288,30 @@ def train_cmd(
         show.print(next_hint(ckpt, sp.spec.options), highlight=False, soft_wrap=True)
     finally:
         distributed.teardown()
+
+
+def parse_target(value: str | None) -> float | dict[str, float] | None:
+    """``--target``: a number, or the path of a budgets JSON file (``{layer name: sparsity}``).
+
+    Raises:
+        typer.BadParameter: for a value that is neither a number nor an existing file.
+        ConfigError: for a file that is not a budgets JSON object.
+    """
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    if not Path(value).is_file():
+        raise typer.BadParameter(
+            f"{value!r} is neither a number nor a file; give a sparsity in (0, 1), e.g. 0.9, or a budgets JSON "
+            "file written by `sparsewrap budgets CKPT -o budgets.json`",
+            param_hint="--target",
+        )
+    from ..methods.budgets import read_budgets
+
+    return read_budgets(value)
 
 
 def check_device(device: str | None) -> None:

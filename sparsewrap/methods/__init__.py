@@ -1,6 +1,7 @@
 """Sparsification methods, one file each; importing this package registers them."""
 
 from .base import Method, get_method, list_methods, make_config, register_method, unregister_method
+from .cs import ContinuousSparsification  # noqa: F401  (registers method 'cs')
 from .dnw import DNW  # noqa: F401  (registers method 'dnw')
 from .dst.basic import SET, RigL, Static  # noqa: F401  (registers methods 'set', 'rigl', 'static')
 from .dst.deepr import DeepR  # noqa: F401  (registers method 'deepr')

@@ -59,11 +59,3 @@ class GMP(Magnitude):
     name = "gmp"
     description = "Gradual magnitude pruning (alias of magnitude, cubic, per-layer rate), reaching the target at end."
     Config = GMPConfig
-
-    def attach(self) -> None:
-        if not isinstance(self.target, float):
-            raise ConfigError(
-                f"method 'gmp' takes one overall sparsity, got target={self.target!r}; for per-layer budgets use "
-                "method='dnw' with a {layer pattern: sparsity} dict"
-            )
-        super().attach()

@@ -28,6 +28,7 @@ from ..parametrizations import Masked, attach, wrapped_tensors
 from ..parametrizations.projection import EvalProjection
 from .allocation import ALLOCATIONS, drop_lowest, largest_remainder, layer_sparsities
 from .base import Method, register_method
+from .layer_budgets import layer_drop_counts
 from .schedules import SCHEDULES, Schedule, StepSpec
 
 GRANULARITIES = ("weight", "channel")
@@ -85,12 +86,18 @@ class Magnitude(Method):
     Config = MagnitudeConfig
 
     def attach(self) -> None:
-        if not isinstance(self.target, float):
-            raise ConfigError(
-                f"method 'magnitude' takes one overall sparsity, got target={self.target!r}; "
-                "use include=/exclude= to choose layers"
-            )
         cfg = self.config
+        self.layer_drops: list[int] | None = None  # per-layer counts of a {layer pattern: sparsity} target
+        self.final = self.target  # the plan's end: the target, or 1.0 (every layer's full count) for a dict
+        if isinstance(self.target, dict):
+            if cfg.granularity != "weight":
+                raise ConfigError(
+                    f"method {self.name!r} takes a per-layer dict target with granularity='weight' only, got "
+                    f"granularity={cfg.granularity!r}; give one overall sparsity for channels"
+                )
+            kept, self.layer_drops = layer_drop_counts(self.targets, self.target, "uniform")
+            self.targets[:] = kept  # layers the dict does not name stay dense
+            self.final = 1.0
         meta = next((t.name for t in self.targets if t.original.is_meta), None)
         if meta is not None:
             raise ConfigError(
@@ -106,7 +113,7 @@ class Magnitude(Method):
         else:
             self.masks = [attach(t.module, "weight", Masked(t.shape, t.original)) for t in self.targets]
         if self.schedule.kind == "oneshot":
-            self._apply(self.target)
+            self._apply(self.final)
         self.eval_projection = EvalProjection()  # eval mode shows the export until the schedule has reached it
         self.eval_projection.bind(self.final_masks)
         for m in self._all_masks():
@@ -176,6 +183,8 @@ class Magnitude(Method):
         # already-pruned weights score -1: they stay pruned whatever the ties among live weights
         scores = [torch.where(m.mask == 0, -1.0, t.original.abs()) for t, m in zip(self.targets, self.masks)]
         sizes = [s.numel() for s in scores]
+        if self.layer_drops is not None:  # a dict target: each layer its own count, scaled by the schedule
+            return [drop_lowest(s, round(sparsity * d)) for s, d in zip(scores, self.layer_drops)]
         total = round(sparsity * sum(sizes))
         if self.config.allocation == "global":
             flat = torch.cat([s.reshape(-1).float() for s in scores])
@@ -251,9 +260,9 @@ class Magnitude(Method):
     def final_masks(self) -> dict[nn.Module, Tensor]:
         """The masks export applies (the plan at the target on the current weights), keyed by parametrization;
         empty once the schedule has reached the target, where they are the live masks."""
-        if self.current == self.target:
+        if self.current == self.final:
             return {}
-        keep = self._plan(self.target)
+        keep = self._plan(self.final)
         out: dict[nn.Module, Tensor] = {}
         if self.config.granularity == "channel":
             for unit, k in zip(self.units, keep):
@@ -274,12 +283,12 @@ class Magnitude(Method):
             self.on_start()  # raises, naming the fix
         if self.schedule.is_update_step(t):
             self.check_finite(f"at step {t}")
-            self._apply(self.schedule.sparsity(t, self.target))
+            self._apply(self.schedule.sparsity(t, self.final))
         self.eval_projection.reset()
 
     def bake(self) -> dict[tuple[str, str], Tensor]:
         self.check_finite("at the final projection (export, report)")
-        keep = self._plan(self.target)
+        keep = self._plan(self.final)
         names = {id(p): (m, t) for m, _mod, t, p in wrapped_tensors(self.model)}
         out: dict[tuple[str, str], Tensor] = {}
         with torch.no_grad():
@@ -295,6 +304,12 @@ class Magnitude(Method):
                 for t, m, k in zip(self.targets, self.masks, keep):
                     out[names[id(m)]] = t.original * k.to(t.original.dtype)
         return {key: v.detach().clone() for key, v in out.items()}
+
+    def requested_sparsity(self) -> float | None:
+        """The target, or the overall sparsity of a dict target's per-layer counts."""
+        if self.layer_drops is None:
+            return super().requested_sparsity()
+        return sum(self.layer_drops) / max(sum(t.numel for t in self.targets), 1)
 
     def summary(self) -> dict[str, float]:
         return {"scheduled sparsity": self.current}
