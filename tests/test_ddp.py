@@ -169,6 +169,12 @@ def _worker(rank: int, world: int, tmp: str) -> None:
             sw.fit(gates, train, epochs=1, seed=0)
         finally:
             distributed.sync_sparsity = sync
+        torch.manual_seed(rank)
+        conv = sw.sparsify(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                         nn.Linear(4 * 26 * 26, 10)), "magnitude", target=0.5)  # fmt: skip
+        sw.fit(conv, train, epochs=1, seed=0)
+        bn = digest(list(conv.model[1].buffers()))
+        resends = distributed.wrap(MLP(), distributed.current()).will_sync_module_buffers()
         drift = sw.sparsify(MLP(), "test-drift")
         try:
             sw.fit(drift, train, epochs=1, seed=0, ddp_check_every=4)
@@ -182,7 +188,8 @@ def _worker(rank: int, world: int, tmp: str) -> None:
                   "exported": mag.report().exported, "val_accuracy": mag_history.last.val_accuracy,
                   "val_examples": len(val.sampler), "l0": digest(list(l0.model.state_dict().values())),
                   "l0_method": l0_history.last.method, "gate_bytes": sum(p.numel() * p.element_size() for p in
-                  gates.method.method_parameters()), "sync_bytes": per_step, "diverged": diverged}  # fmt: skip
+                  gates.method.method_parameters()), "sync_bytes": per_step, "diverged": diverged,
+                  "bn": bn, "resends": resends}  # fmt: skip
         Path(tmp, f"rank{rank}.json").write_text(json.dumps(record))
     finally:
         dist.destroy_process_group()
@@ -213,6 +220,11 @@ def test_per_step_sync_sends_no_trained_gates(ranks):
     gates = ranks[0]["gate_bytes"]  # one float32 log_alpha per weight of fc1 and fc2: 434 kB
     assert gates == 4 * (784 * 128 + 128 * 64)
     assert len(per_step) == 8 and max(per_step) < 1024  # before: every step broadcast all the gates again
+
+
+def test_ddp_leaves_buffers_to_sparsewrap_and_batchnorm_statistics_agree(ranks):
+    assert ranks[0]["resends"] is ranks[1]["resends"] is False  # masks are not sent before every forward
+    assert ranks[0]["bn"] == ranks[1]["bn"]  # running statistics: rank 0's, broadcast after every step
 
 
 def test_ranks_that_differ_raise_a_divergence_error(ranks):

@@ -17,6 +17,7 @@ Only JSON and tensors cross the wire (no pickle), as in checkpoints."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import weakref
@@ -110,11 +111,32 @@ def teardown() -> None:
 
 
 def wrap(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """``DistributedDataParallel`` around ``model`` (already on ``ctx.device``)."""
+    """``DistributedDataParallel`` around ``model`` (already on ``ctx.device``), without its buffer broadcast.
+
+    DDP's default sends every buffer from rank 0 before each forward, masks as large as the weights included;
+    the loop calls :func:`sync_sparsity` (masks, when they change) and :func:`broadcast_buffers` (the others:
+    BatchNorm statistics) after each step instead. Buffers are made identical once here.
+    """
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:  # torch >= 2.13
+        ddp = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    else:
+        ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    broadcast_tensors(list(model.buffers()))
+    return ddp
+
+
+def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers, except those of sparsewrap parametrizations (see
+    :func:`sync_sparsity`): what DDP's ``broadcast_buffers=True`` does before each forward (no-op outside DDP)."""
+    if current() is None:
+        return
+    ours = {id(t) for t in sparsity_tensors(model)}
+    buffers = [b for b in model.buffers() if id(b) not in ours]
+    if buffers:
+        broadcast_tensors(buffers, src)
 
 
 # -- keeping sparsity state identical ----------------------------------------------------------------------------
@@ -240,13 +262,6 @@ def _same(kept: Tensor, now: Tensor) -> bool:
     return kept.shape == now.shape and kept.dtype == now.dtype and kept.device == now.device and torch.equal(kept, now)
 
 
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"a method state tensor has dtype {name!r}, which torch does not know")
-    return dtype
-
-
 def check_every_value(check_every: int) -> int:
     """``check_every`` validated: a step count >= 0 (0 turns the check off).
 
@@ -255,8 +270,7 @@ def check_every_value(check_every: int) -> int:
     """
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
         raise ConfigError(
-            f"check_every={check_every!r} must be a whole number of steps >= 0 (0 turns the check off), "
-            f"e.g. {CHECK_EVERY}"
+            f"check_every={check_every!r} must be a whole number of steps >= 0, e.g. {CHECK_EVERY} (0: off)"
         )
     return check_every
 
@@ -313,7 +327,7 @@ def sync_sparsity(sp: Any, src: int = 0, *, check_every: int = CHECK_EVERY, full
         elif k in local and list(local[k].shape) == shape and str(local[k].dtype) == dtype:
             received[k] = local[k].clone()
         else:
-            received[k] = torch.empty(shape, dtype=_dtype(dtype), device=_comm_device())
+            received[k] = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=_comm_device())
         if c:
             send.append(received[k])
     if full:

@@ -182,6 +182,8 @@ def _train_step(run: Run, batch: Any) -> tuple[float, float]:
     if run.sp is not None:
         run.sp.step()
         distributed.sync_sparsity(run.sp, check_every=run.check_every)
+    if run.ctx is not None:
+        distributed.broadcast_buffers(run.model)  # BatchNorm statistics: distributed.wrap leaves them to us
     hits = _correct(out, y)
     value, pen, sums = float(loss.detach()), float(penalty.detach()), run.sums
     sums[0] += value
