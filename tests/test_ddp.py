@@ -266,3 +266,13 @@ def test_torchrun_train_two_processes(tmp_path):
     assert done.stdout.count("epoch 1/1") == 1  # only rank 0 prints
     sp = sw.load(out / "last.safetensors")
     assert sp.step_count == 8 and sp.report().exported == pytest.approx(0.8, abs=784 / 266_200)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "10"])
+def test_a_bad_check_interval_is_refused_before_training(bad):
+    data = build_data("mnist", limit=64, val_limit=0)
+    train, _ = make_loaders(data, batch_size=32, seed=0)
+    sp = sw.sparsify(MLP(), "magnitude", target=0.5)
+    with pytest.raises(sw.ConfigError, match=r"check_every=.* must be a whole number of steps >= 0"):
+        sw.fit(sp, train, ddp_check_every=bad)
+    assert sp.step_count == 0

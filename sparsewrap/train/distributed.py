@@ -2,17 +2,15 @@
 
 Launch with ``torchrun --nproc_per_node=N -m sparsewrap train ...`` (gloo on CPU, NCCL on GPU). DDP keeps the
 *trained* parameters identical on every rank (same initial broadcast, same averaged gradients, same update),
-the gates, thresholds and scores of the parametrizations included. What DDP does not cover is a method's own
-decisions, taken outside autograd: masks recomputed in ``step()``, multipliers updated from a measured defect,
-a rewiring drawn at random. :func:`sync_sparsity` makes rank 0 the authority for those: after every
-``sp.step()`` it broadcasts the parametrizations' buffers (and parameters without a gradient) and the method's
-``state_dict()``, each only when some rank changed it since the last call, so that steady training sends
-almost nothing beyond DDP's own all-reduce. Every ``check_every`` steps :func:`check_identical` all-reduces a
-hash of the whole sparsity state and raises :class:`~sparsewrap.errors.DivergenceError` if ranks differ.
-A method therefore needs no distributed code of its own, as long as it keeps such decisions in buffers or its
-``state_dict`` and changes trained parameters only through autograd or identically on every rank.
+the parametrizations' gates, thresholds and scores included. It does not cover a method's decisions taken
+outside autograd: masks recomputed in ``step()``, multipliers updated from a measured defect, a random
+rewiring. After every ``sp.step()``, :func:`sync_sparsity` broadcasts those from rank 0 (the parametrizations'
+buffers and the method's ``state_dict()``), each only when some rank changed it, and every ``check_every``
+steps :func:`check_identical` compares a hash of the whole sparsity state across ranks. A method needs no
+distributed code of its own as long as it keeps such decisions in buffers or its ``state_dict()``.
 
-Only JSON and tensors cross the wire (no pickle), as in checkpoints."""
+Only JSON and tensors cross the wire (no pickle), as in checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -258,8 +256,13 @@ class Synced:
 _SYNCED: weakref.WeakKeyDictionary[Any, Synced] = weakref.WeakKeyDictionary()
 
 
-def _same(kept: Tensor, now: Tensor) -> bool:
-    return kept.shape == now.shape and kept.dtype == now.dtype and kept.device == now.device and torch.equal(kept, now)
+def _differs(kept: Tensor | None, now: Tensor | None) -> Tensor:
+    """1 (int32, on the collectives' device) where ``now`` differs from ``kept`` or either is missing, else 0,
+    without waiting for the device."""
+    comm = _comm_device()
+    if kept is None or now is None or kept.shape != now.shape or kept.dtype != now.dtype or kept.device != now.device:
+        return torch.ones((), dtype=torch.int32, device=comm)
+    return (kept != now).any().to(device=comm, dtype=torch.int32)
 
 
 def check_every_value(check_every: int) -> int:
@@ -306,17 +309,18 @@ def sync_sparsity(sp: Any, src: int = 0, *, check_every: int = CHECK_EVERY, full
     kept = _SYNCED.setdefault(sp, Synced())
     tensors = sync_tensors(sp.model)
     fresh = full or kept.tensors is None or len(kept.tensors) != len(tensors)
-    flags = [fresh or not _same(k, t) for k, t in zip(kept.tensors or tensors, tensors)]
+    flags = [_differs(None if fresh else k, t) for k, t in zip(kept.tensors or tensors, tensors)]
     state_json, local = split_tensors(sp.method.state_dict())
     header = broadcast_json({"state": state_json, "tensors": {k: [list(v.shape), str(v.dtype)] for k, v in
                                                                sorted(local.items())}}, src)  # fmt: skip
     names = list(header["tensors"])
     old = kept.method if kept.method is not None and not full else {}
-    flags += [k not in local or k not in old or not _same(old[k], local[k]) for k in names]
-    changed = torch.tensor(flags, dtype=torch.int32, device=_comm_device())
-    if len(flags):
-        dist.all_reduce(changed, op=dist.ReduceOp.MAX)  # a change on any rank is sent (rank src's value)
-    changed = changed.bool().tolist()
+    flags += [_differs(old.get(k), local.get(k)) for k in names]
+    changed: list[bool] = []
+    if flags:
+        stacked = torch.stack(flags)
+        dist.all_reduce(stacked, op=dist.ReduceOp.MAX)  # a change on any rank is sent (rank src's value)
+        changed = stacked.bool().tolist()
     send = [t for t, c in zip(tensors, changed) if c]
     mine = dist.get_rank() == src
     received = {}
