@@ -104,6 +104,16 @@ class Drift(Method):
                 self.scales[0].scale.add_(torch.rand(()))
 
 
+class OneRank(CoinFlip):
+    """Test-only: rank 1 alone zeroes a mask entry, once; rank 0 never changes its masks."""
+
+    name = "test-one-rank"
+
+    def step(self, t: int) -> None:
+        if t == 2 and dist.get_rank() == 1:
+            self.masks[0].mask.view(-1)[0] = 0
+
+
 def count_bytes(sent: list[int]) -> tuple:
     """Count the bytes of the tensors given to broadcast and all_reduce (sparsewrap's own collectives)."""
     originals = dist.broadcast, dist.all_reduce
@@ -138,6 +148,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     try:
         register_method(CoinFlip)  # in this process only: the test session's registry stays clean
         register_method(Drift)
+        register_method(OneRank)
         data = build_data("mnist", limit=512, val_limit=200)
         train, val = make_loaders(data, batch_size=32, seed=0, rank=rank, world_size=world)
         torch.manual_seed(100 + rank)  # different initial weights on purpose: DDP broadcasts rank 0's
@@ -175,6 +186,9 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         sw.fit(conv, train, epochs=1, seed=0)
         bn = digest(list(conv.model[1].buffers()))
         resends = distributed.wrap(MLP(), distributed.current()).will_sync_module_buffers()
+        one = sw.sparsify(MLP(), "test-one-rank", target=0.5)
+        sw.fit(one, train, epochs=1, seed=0, ddp_check_every=1)  # checked after every step: no error
+        one_rank = [int(m.mask.sum()) for m in one.method.masks]
         drift = sw.sparsify(MLP(), "test-drift")
         try:
             sw.fit(drift, train, epochs=1, seed=0, ddp_check_every=4)
@@ -189,7 +203,8 @@ def _worker(rank: int, world: int, tmp: str) -> None:
                   "val_examples": len(val.sampler), "l0": digest(list(l0.model.state_dict().values())),
                   "l0_method": l0_history.last.method, "gate_bytes": sum(p.numel() * p.element_size() for p in
                   gates.method.method_parameters()), "sync_bytes": per_step, "diverged": diverged,
-                  "bn": bn, "resends": resends}  # fmt: skip
+                  "bn": bn, "resends": resends,
+                  "one_rank": one_rank}  # fmt: skip
         Path(tmp, f"rank{rank}.json").write_text(json.dumps(record))
     finally:
         dist.destroy_process_group()
@@ -220,6 +235,11 @@ def test_per_step_sync_sends_no_trained_gates(ranks):
     gates = ranks[0]["gate_bytes"]  # one float32 log_alpha per weight of fc1 and fc2: 434 kB
     assert gates == 4 * (784 * 128 + 128 * 64)
     assert len(per_step) == 8 and max(per_step) < 1024  # before: every step broadcast all the gates again
+
+
+def test_a_mask_changed_on_another_rank_only_gets_rank_0s_value(ranks):
+    # rank 1's change is flagged to every rank (an all-reduce of flags), so rank 0's unchanged mask is sent
+    assert ranks[0]["one_rank"] == ranks[1]["one_rank"] == [128 * 784, 64 * 128]
 
 
 def test_ddp_leaves_buffers_to_sparsewrap_and_batchnorm_statistics_agree(ranks):
