@@ -39,6 +39,10 @@ class CheckpointError(SparsewrapError, ValueError):
     """A checkpoint file is truncated, corrupted, foreign, or does not match the model."""
 
 
+class DivergenceError(SparsewrapError, RuntimeError):
+    """The ranks of a distributed run hold different sparsity state (``sparsewrap.train.distributed``)."""
+
+
 def choices(names: Iterable[str]) -> str:
     """Format a list of valid names for an error message."""
     return ", ".join(repr(n) for n in sorted(names))

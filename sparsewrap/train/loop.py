@@ -117,6 +117,7 @@ class Run:
     epoch_rng: Any = None  # RNG state when this epoch's data iterator was created
     resume_rng: Any = None  # RNG state to restore after skipping the batches already done
     settings: dict[str, Any] = field(default_factory=dict)  # examples, batch size, lrs: a resume must match them
+    check_every: int = distributed.CHECK_EVERY  # steps between two checks that the ranks agree (DDP only)
 
     @property
     def main(self) -> bool:
@@ -180,7 +181,9 @@ def _train_step(run: Run, batch: Any) -> tuple[float, float]:
     run.optimizer.step()
     if run.sp is not None:
         run.sp.step()
-        distributed.sync_sparsity(run.sp)
+        distributed.sync_sparsity(run.sp, check_every=run.check_every)
+    if run.ctx is not None:
+        distributed.broadcast_buffers(run.model)  # BatchNorm statistics: distributed.wrap leaves them to us
     hits = _correct(out, y)
     value, pen, sums = float(loss.detach()), float(penalty.detach()), run.sums
     sums[0] += value
@@ -284,7 +287,8 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
         lr_schedule: str = "constant", loss_fn: Callable[[Any, Tensor], Tensor] | None = None,
         device: str | torch.device | None = None, out: str | Path | None = None, resume: bool = False,
         overwrite: bool = False, seed: int | None = None, clip_grad_norm: float | None = None,
-        callback: Callback | None = None, handle_signals: bool = True) -> History:  # fmt: skip
+        callback: Callback | None = None, handle_signals: bool = True,
+        ddp_check_every: int = distributed.CHECK_EVERY) -> History:  # fmt: skip
     """Train a sparsified model (or a plain one), evaluating and checkpointing every epoch.
 
     Each step: ``loss = loss_fn(model(x), y) + sp.penalty()``, backward, optimizer step, ``sp.step()``. Before
@@ -313,6 +317,8 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
         clip_grad_norm: clip the gradients' global norm to this value.
         callback: progress hooks (rank 0 only).
         handle_signals: on SIGINT/SIGTERM finish the current step, save, and return (a second Ctrl-C aborts).
+        ddp_check_every: under ``torchrun``, verify every this many steps that all ranks hold the same sparsity
+            state (``distributed.check_identical``, one all-reduce of six integers); 0 turns it off.
 
     Returns:
         The :class:`History`; ``history.stopped`` says whether the run stopped early.
@@ -321,6 +327,7 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
         ConfigError: on a bad argument, or ``out`` holding a checkpoint without ``resume``/``overwrite``.
         CheckpointError: when resuming from a checkpoint of a different run or a damaged file.
         TrainingError: if the loss becomes NaN or infinite.
+        DivergenceError: if the ranks of a distributed run are found to hold different sparsity state.
     """
     model, sp = controller_of(obj)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -340,7 +347,8 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
     ckpt = Path(out) / CHECKPOINT_NAME if out is not None else None
     net = distributed.wrap(model, ctx) if ctx is not None else model
     run = Run(model, net, sp, opt, loss_fn or F.cross_entropy, dev, ctx, state, lr_schedule, clip_grad_norm, ckpt,
-               callback or Callback(), _generators(train_loader), settings=run_settings(train_loader, opt))  # fmt: skip
+               callback or Callback(), _generators(train_loader), settings=run_settings(train_loader, opt),
+               check_every=distributed.check_every_value(ddp_check_every))  # fmt: skip
     if ckpt is not None and ckpt.exists():
         if resume:
             restore(run, ckpt)
@@ -353,7 +361,7 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
         remove_orphans(ckpt)  # temporary files of this run's interrupted writes
     if sp is not None:
         sp.start(total_steps=epochs * batches if batches else None, optimizer=opt)
-        distributed.sync_sparsity(sp)
+        distributed.sync_sparsity(sp, check_every=ddp_check_every, full=True)
     _loop(run, train_loader, val_loader, handle_signals)
     return history
 
