@@ -44,8 +44,13 @@ METHOD_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("dnw-erk", dict(allocation="erk", target=0.7)),
     ("str", dict(target=0.6)),
     ("gmp", dict(start=0, end=4, every=2, target=0.8)),
+    ("halo", dict()),
+    ("halo-layerwise", dict(layerwise=True, penalize_bias=True, hierarchy="l2", p=1.0, target=0.7)),
+    ("sws", dict(target=0.6)),
+    ("l1", dict(target=0.8, steer_every=1)),
 ]
-IDENTITY_AT_START: set[str] = {"magnitude-gradual", "gmp"}
+# penalty methods train the plain model until they prune (sparsewrap/methods/penalty/)
+IDENTITY_AT_START: set[str] = {"magnitude-gradual", "gmp", "halo", "halo-layerwise", "sws", "l1"}
 PROJECTED_AT_EXPORT: set[str] = {"l0", "l0-channel", "str"}
 STEPS = 5
 
