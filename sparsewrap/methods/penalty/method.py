@@ -25,6 +25,7 @@ from ...parametrizations import attach
 from ...parametrizations.base import version_key
 from ...parametrizations.projection import EvalProjection
 from ..base import Method, register_method
+from ..schedules import START_FIX
 from .coefficients import Penalized
 from .config import HaloConfig, L1Config, SWSConfig
 from .pruning import REPORT_TOLERANCES, keep_at_target, near_zero_counts, planned_fraction, steer_xi
@@ -90,7 +91,12 @@ class PenaltyMethod(Method):
         """
         if not self.config.finetune:
             return None
-        total = self.total_steps()
+        total = self.run.total_steps
+        if total is None:
+            raise ConfigError(
+                f"finetune={self.config.finetune!r} is a fraction of the run, but method {self.name!r} was not told the "
+                f"run's length; {START_FIX}"
+            )
         return min(int((1.0 - self.config.finetune) * total + 0.5), total - 1)
 
     def steer_every(self) -> int | None:
