@@ -64,8 +64,8 @@ def test_halo_penalty_and_its_gradients_on_known_tensors(hierarchy: str, reg: fl
     torch.testing.assert_close(gw, XI * torch.tensor([[1.0, -0.25], [0.0, 1.0]], dtype=torch.float64))
     torch.testing.assert_close(sp.model.a.bias.grad, XI * torch.tensor([0.25, -4.0], dtype=torch.float64))
     # d/dlam = -2 xi |w| / lam^3 + psi R'(sum - p) sign(lam)
-    expected = [[-2 * XI * abs(w) / l**3 + PSI * dreg * math.copysign(1, l) for w, l in zip(rw, rl)]
-                for rw, rl in zip(W, lam)]  # fmt: skip
+    expected = [[-2 * XI * abs(w) / c**3 + PSI * dreg * math.copysign(1, c) for w, c in zip(rw, rc)]
+                for rw, rc in zip(W, lam)]  # fmt: skip
     torch.testing.assert_close(layer.lam.grad, torch.tensor(expected, dtype=torch.float64))
     expected_b = [-2 * XI * abs(b) / lb**3 + PSI * dreg for b, lb in zip(B, lam_b)]
     torch.testing.assert_close(layer.lam_bias.grad, torch.tensor(expected_b, dtype=torch.float64))
@@ -252,7 +252,8 @@ def test_finetune_prunes_at_the_planned_step_and_trains_the_masked_model(tmp_pat
 
 def test_finetune_needs_the_run_length() -> None:
     sp = sw.sparsify(ZOO["mlp"][0](), "l1", target=0.5, finetune=0.1)
-    with pytest.raises(ConfigError, match=r"finetune=0.1 is a fraction of the run, but method 'l1' was not told the run's length; call sp.start"):
+    match = r"finetune=0.1 is a fraction of the run, but method 'l1' was not told the run's length; call sp.start"
+    with pytest.raises(ConfigError, match=match):
         sp.step()
 
 

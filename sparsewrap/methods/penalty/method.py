@@ -94,8 +94,8 @@ class PenaltyMethod(Method):
         total = self.run.total_steps
         if total is None:
             raise ConfigError(
-                f"finetune={self.config.finetune!r} is a fraction of the run, but method {self.name!r} was not told the "
-                f"run's length; {START_FIX}"
+                f"finetune={self.config.finetune!r} is a fraction of the run, but method {self.name!r} was not told "
+                f"the run's length; {START_FIX}"
             )
         return min(int((1.0 - self.config.finetune) * total + 0.5), total - 1)
 
