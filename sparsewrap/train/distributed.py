@@ -195,6 +195,8 @@ def sparsity_tensors(model: nn.Module) -> list[Tensor]:
     seen: set[int] = set()
     out = []
     for _m, _mod, _t, p in wrapped_tensors(model):
+        # tensors DDP trains through averaged gradients (a penalty method's coefficients) are never overwritten
+        seen.update(id(t) for t in (p.ddp_trained() if hasattr(p, "ddp_trained") else ()))
         for t in [*p.parameters(recurse=True), *p.buffers(recurse=True)]:
             if id(t) not in seen:
                 seen.add(id(t))

@@ -49,6 +49,11 @@ class Penalized(Masked):
         """The coefficients held here (trained by DDP's averaged gradients: no rank overwrites them)."""
         return [p for p in (self.lam, self.lam_bias) if p is not None]
 
+    def ddp_trained(self) -> list[nn.Parameter]:
+        """What DDP's averaged gradients keep identical on every rank, so that
+        :func:`sparsewrap.train.distributed.sync_sparsity` does not broadcast it: the coefficients."""
+        return self.coefficients()
+
     def forward(self, original: Tensor) -> Tensor:
         if self.pruned:
             return super().forward(original)

@@ -149,7 +149,11 @@ class PenaltyMethod(Method):
         raise NotImplementedError
 
     def penalty(self) -> Tensor | None:
-        return None if self.pruned else self.term(self.xi)
+        if not self.pruned:
+            return self.term(self.xi)
+        lam = self.coefficients()
+        # zero once pruned, but the coefficients stay in the graph: DDP expects a gradient for every parameter
+        return torch.stack([x.sum() for x in lam]).sum() * 0.0 if lam else None
 
     # -- steps ----------------------------------------------------------------------------------------------------
     def step(self, t: int) -> None:

@@ -36,7 +36,8 @@ def keep_at_target(weights: Sequence[Tensor], sparsity: float, layerwise: bool =
     total = round(sparsity * sum(sizes))
     with torch.no_grad():
         if not layerwise:
-            flat = torch.cat([w.detach().abs().reshape(-1).float().cpu() for w in weights])
+            device = weights[0].device
+            flat = torch.cat([w.detach().abs().reshape(-1).float().to(device) for w in weights])
             keep = drop_lowest(flat, total).split(sizes)
             return [k.view(w.shape).to(w.device) for k, w in zip(keep, weights)]
         counts = largest_remainder([sparsity * n for n in sizes], total, sizes)
