@@ -223,7 +223,7 @@ def test_finetune_prunes_at_the_planned_step_and_trains_the_masked_model(tmp_pat
     path = sw.save(sp, tmp_path / "before.safetensors")
     _steps(sp, opt, 1, seed=2)
     assert sp.method.pruned and sp.sparsity() == pytest.approx(round(0.6 * 1152) / 1152)
-    assert float(sp.penalty()) == 0.0  # the masked model fine-tunes on the task loss alone
+    assert float(sp.penalty().detach()) == 0.0  # the masked model fine-tunes on the task loss alone
     _eval_equals_export(sp)
     _steps(sp, opt, 1, seed=3)
     for t, p in zip(sp.targets, sp.method.layers):  # pruned weights and their momentum stay exactly zero
@@ -330,3 +330,19 @@ def test_bad_options_give_one_line_errors(method: str, options: dict, match: str
     with pytest.raises(ConfigError, match=match) as info:
         sw.sparsify(ZOO["mlp"][0](), method, **options)
     assert "\n" not in str(info.value)
+
+
+def test_the_command_line_trains_halo_with_finetune_and_a_reg_schedule(capsys, tmp_path) -> None:
+    from sparsewrap.cli import main
+
+    argv = ["train", "--model", "sparsewrap.demo.models:lenet5", "--method", "halo", "--target", "0.9", "-O",
+            "finetune=0.5", "-O", "reg_schedule=[10,0.25]", "-O", "penalize_bias=true", "--limit", "256",
+            "--val-limit", "64", "--batch-size", "64", "--epochs", "2", "--out", str(tmp_path / "run")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    sp = sw.load(tmp_path / "run" / "last.safetensors")
+    assert sp.step_count == 8 and sp.method.pruned and sp.method.config.reg_schedule == (10.0, 0.25)
+    report = sp.report()
+    assert report.exported == pytest.approx(0.9, abs=1e-4) and report.achieved == report.exported
+    assert report.extras["psi"] == pytest.approx(1e-4 * 10**4)  # x10 after steps 2, 4, 6 and 8

@@ -223,7 +223,9 @@ class PenaltyMethod(Method):
         out = {f"near zero (|w| <= {tol:g})": c / total for tol, c in zip(REPORT_TOLERANCES, counts)}
         out["xi"] = self.xi
         if hasattr(self.config, "psi"):
-            out["psi"] = self.psi() if self.config.reg_schedule is None or self.run.total_steps else self.config.psi
+            schedule = self.config.reg_schedule
+            known = schedule is None or isinstance(schedule[1], int) or self.run.total_steps is not None
+            out["psi"] = self.psi() if known else float(self.config.psi)
         lam = self.coefficients()
         if lam:
             with torch.no_grad():
@@ -248,6 +250,8 @@ class PenaltyMethod(Method):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"xi": self.xi, "pruned": self.pruned, "steps": self.steps_done}
+        if self.run.total_steps is not None:  # a loaded run knows its length (reports, fractions) until start()
+            state["total_steps"] = self.run.total_steps
         if self.near_zero is not None:
             state["near_zero"] = self.near_zero
         if self.removed_not_near_zero is not None:
@@ -258,6 +262,8 @@ class PenaltyMethod(Method):
         self.xi = float(state.get("xi", self.xi))
         self.pruned = bool(state.get("pruned", self.pruned))
         self.steps_done = int(state.get("steps", self.steps_done))
+        if self.run.total_steps is None and state.get("total_steps") is not None:
+            self.run.total_steps = int(state["total_steps"])
         self.near_zero = state.get("near_zero", self.near_zero)
         self.removed_not_near_zero = state.get("removed_not_near_zero", self.removed_not_near_zero)
         for p in self.layers:
