@@ -1,4 +1,5 @@
-"""Penalty methods: plain L1, soft weight sharing (``sws``) and HALO (Seto et al., hierarchical adaptive lasso).
+"""Penalty methods: plain L1, soft weight sharing (``sws``) and HALO (Seto et al. 2021, hierarchical adaptive lasso,
+https://arxiv.org/abs/2008.10183).
 
 Each adds a loss term and trains the model as it is; the weights are pruned once, to the exact target, by
 global magnitude (``layerwise=True``: within each layer), at export or, with ``finetune``, at a step of the run
