@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 import sparsewrap as sw
 from sparsewrap.errors import ConfigError
-from sparsewrap.methods.penalty.pruning import keep_at_target, planned_fraction, steer_xi
+from sparsewrap.methods.penalty.pruning import keep_at_target, planned_fraction, sgd_xi_ceiling, steer_xi
 
 from .zoo import ZOO
 
@@ -150,10 +150,31 @@ def test_steer_xi_raises_xi_when_too_few_weights_are_near_zero_and_lowers_it_whe
     assert steer_xi(1e-4, 1e-4, near_zero=0.25, planned=0.3) == pytest.approx(1e-4 * math.exp(4.0 * 0.05))
     assert steer_xi(1e-4, 1e-4, near_zero=0.35, planned=0.3) == pytest.approx(1e-4 * math.exp(-4.0 * 0.05))
     assert steer_xi(1e-4, 1e-4, near_zero=0.0, planned=0.9) == pytest.approx(2e-4)  # at most x2 per update
-    assert steer_xi(1.0, 1e-4, near_zero=0.0, planned=0.9) == pytest.approx(1.0)  # at most 1e4 x the initial xi
+    assert steer_xi(1e-2, 1e-4, near_zero=0.0, planned=0.9) == pytest.approx(1e-2)  # at most 100 x the initial xi
+    assert steer_xi(1e-6, 1e-4, near_zero=1.0, planned=0.0) == pytest.approx(1e-6)  # at least a hundredth of it
+    assert steer_xi(3e-4, 1e-4, near_zero=0.0, planned=0.9, ceiling=5e-4) == pytest.approx(5e-4)
+    assert steer_xi(1e-4, 1e-4, near_zero=0.0, planned=0.9, ceiling=1e-5) == pytest.approx(1e-4)  # not below xi_init
     assert planned_fraction(9, 9, 0.8) == pytest.approx(0.8) and planned_fraction(20, 9, 0.8) == pytest.approx(0.8)
     assert planned_fraction(0, 9, 0.8) == pytest.approx(0.8 * (1 - (8 / 9) ** 3))
     assert planned_fraction(3, None, 0.8) == 0.8
+
+
+def test_xi_stays_below_the_pull_that_jumps_over_the_tolerance_in_one_sgd_step() -> None:
+    torch.manual_seed(0)
+    sp = sw.sparsify(ZOO["mlp"][0](), "sws", target=0.8, lambda_init=2.0, xi=1e-4, steer_every=1)
+    opt = torch.optim.SGD(sp.param_groups(lr=0.1), momentum=0.9)
+    assert sgd_xi_ceiling(opt, 1e-3, 4.0) == pytest.approx(1e-3 * 4.0 * 0.1 / 0.1)
+    assert sgd_xi_ceiling(torch.optim.Adam(sp.param_groups(lr=0.1)), 1e-3, 4.0) is None
+    sp.start(total_steps=100, optimizer=opt)
+    x = ZOO["mlp"][1]()
+    for _ in range(30):  # nothing gets near zero at lr 0: the controller doubles xi up to the ceiling
+        opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = 0.0
+        opt.zero_grad()
+        (sp.model(x).pow(2).mean() + sp.penalty()).backward()
+        opt.step()
+        opt.param_groups[0]["lr"] = 0.1  # the ceiling reads the weights' learning rate
+        sp.step()
+    assert sp.method.xi == pytest.approx(1e-3 * 4.0 * 0.1 / 0.1)
 
 
 def _run(sp: sw.Sparsifier, steps: int, total: int, seed: int = 0, lr: float = 0.05) -> torch.optim.Optimizer:

@@ -29,7 +29,14 @@ from ..base import Method, register_method
 from ..schedules import START_FIX
 from .coefficients import Penalized
 from .config import HaloConfig, L1Config, SWSConfig
-from .pruning import REPORT_TOLERANCES, keep_at_target, near_zero_counts, planned_fraction, steer_xi
+from .pruning import (
+    REPORT_TOLERANCES,
+    keep_at_target,
+    near_zero_counts,
+    planned_fraction,
+    sgd_xi_ceiling,
+    steer_xi,
+)
 
 # after each step |λ| is kept at or above LAMBDA_FLOOR x |lambda_init| (sign kept), so that |w| / λ² stays finite
 LAMBDA_FLOOR = 1e-4
@@ -149,6 +156,11 @@ class PenaltyMethod(Method):
         """The loss term at ξ = ``xi`` (before pruning)."""
         raise NotImplementedError
 
+    def lambda_square(self) -> float:
+        """The λ² a weight's ``ξ |w|`` is divided by, for the controller's ceiling on ξ: 1 for ``l1``, the shared
+        λ² for ``sws``, ``lambda_init²`` for ``halo`` (whose λ_j differ from weight to weight)."""
+        return 1.0
+
     def penalty(self) -> Tensor | None:
         if not self.pruned:
             return self.term(self.xi)
@@ -171,7 +183,9 @@ class PenaltyMethod(Method):
             (count,) = near_zero_counts(weights, [self.config.tol])
             self.near_zero = count / max(1, sum(w.numel() for w in weights))
             end = prune if prune is not None else (self.run.total_steps - 1 if self.run.total_steps else None)
-            self.xi = steer_xi(self.xi, float(self.config.xi), self.near_zero, planned_fraction(t, end, self.target))
+            ceiling = sgd_xi_ceiling(self.run.optimizer, self.config.tol, self.lambda_square())
+            planned = planned_fraction(t, end, self.target)
+            self.xi = steer_xi(self.xi, float(self.config.xi), self.near_zero, planned, ceiling)
         if prune is not None and t >= prune:
             self.prune()
         self.eval_projection.reset()
@@ -294,6 +308,9 @@ class SWS(PenaltyMethod):
     Config = SWSConfig
     coefficients_kind = "shared"
 
+    def lambda_square(self) -> float:
+        return float(self.layers[0].lam.detach().square())
+
     def term(self, xi: float) -> Tensor:
         lam = self.layers[0].lam
         l1 = torch.stack([x.abs().sum() for x, _ in self.penalized()]).sum()
@@ -308,6 +325,9 @@ class HALO(PenaltyMethod):
     description = "HALO: adaptive lasso with one learned coefficient per weight, pruned once to the target."
     Config = HaloConfig
     coefficients_kind = "per-weight"
+
+    def lambda_square(self) -> float:
+        return float(self.config.lambda_init) ** 2
 
     def term(self, xi: float) -> Tensor:
         parts = self.penalized()

@@ -16,7 +16,7 @@ REPORT_TOLERANCES = (1e-5, 1e-4, 1e-3, 1e-2)
 # multiply or divide ξ by, and how far ξ may go from its initial value either way
 GAIN = 4.0
 MAX_FACTOR = 2.0
-MAX_RANGE = 1e4
+MAX_RANGE = 100.0
 
 
 def keep_at_target(weights: Sequence[Tensor], sparsity: float, layerwise: bool = False) -> list[Tensor]:
@@ -60,9 +60,27 @@ def planned_fraction(t: int, prune_step: int | None, target: float) -> float:
     return target * (1.0 - (1.0 - done) ** 3)
 
 
-def steer_xi(xi: float, xi_init: float, near_zero: float, planned: float) -> float:
-    """The next ξ: multiplied by ``exp(GAIN * (planned - near_zero))``, at most :data:`MAX_FACTOR` either way
-    and within :data:`MAX_RANGE` of ``xi_init``. Too few near-zero weights raise ξ (a stronger pull to zero),
-    too many lower it."""
+def steer_xi(xi: float, xi_init: float, near_zero: float, planned: float, ceiling: float | None = None) -> float:
+    """The next ξ: multiplied by ``exp(GAIN * (planned - near_zero))``, at most :data:`MAX_FACTOR` either way,
+    within :data:`MAX_RANGE` of ``xi_init`` and at most ``max(ceiling, xi_init)``. Too few near-zero weights
+    raise ξ (a stronger pull to zero), too many lower it."""
     factor = min(max(math.exp(GAIN * (planned - near_zero)), 1.0 / MAX_FACTOR), MAX_FACTOR)
-    return min(max(xi * factor, xi_init / MAX_RANGE), xi_init * MAX_RANGE)
+    high = xi_init * MAX_RANGE if ceiling is None else min(xi_init * MAX_RANGE, max(ceiling, xi_init))
+    return min(max(xi * factor, xi_init / MAX_RANGE), high)
+
+
+def sgd_xi_ceiling(optimizer: torch.optim.Optimizer | None, tol: float, lam_sq: float) -> float | None:
+    """The largest ξ whose pull on a weight in one SGD step, ``lr · ξ / (λ² (1 - momentum))`` with the
+    momentum's steady-state gain (``lam_sq``: the λ² the method divides by), stays within ``tol``.
+
+    Beyond it a weight pulled to zero jumps over it by more than ``tol``, so a larger ξ cannot make more weights
+    near zero, only shake them (training with ξ up to 100x its initial value diverged). ``None`` for another
+    optimizer (or none), whose step does not scale so with ξ.
+    """
+    if type(optimizer) is not torch.optim.SGD:
+        return None
+    group = next((g for g in optimizer.param_groups if g.get("name") == "weights"), optimizer.param_groups[0])
+    lr, momentum = float(group["lr"]), float(group.get("momentum", 0.0) or 0.0)
+    if lr <= 0 or momentum >= 1:
+        return None
+    return tol * lam_sq * (1.0 - momentum) / lr
