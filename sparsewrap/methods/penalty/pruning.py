@@ -74,7 +74,7 @@ def sgd_xi_ceiling(optimizer: torch.optim.Optimizer | None, tol: float, lam_sq: 
     momentum's steady-state gain (``lam_sq``: the λ² the method divides by), stays within ``tol``.
 
     Beyond it a weight pulled to zero jumps over it by more than ``tol``, so a larger ξ cannot make more weights
-    near zero, only shake them (training with ξ up to 100x its initial value diverged). ``None`` for another
+    near zero, only shake them (free to grow 10⁴-fold, ξ made a 4-epoch MNIST run diverge). ``None`` for another
     optimizer (or none), whose step does not scale so with ξ.
     """
     if type(optimizer) is not torch.optim.SGD:
