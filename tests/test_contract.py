@@ -55,8 +55,13 @@ METHOD_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("hashednet", dict(target=0.6)),
     ("hashednet-sign", dict(sign=True)),
     ("cs", dict(rounds=2, ticket_start=4, rewind=1, target=0.7)),
+    ("halo", dict()),
+    ("halo-layerwise", dict(layerwise=True, penalize_bias=True, hierarchy="l2", p=1.0, target=0.7)),
+    ("sws", dict(target=0.6)),
+    ("l1", dict(target=0.8, steer_every=1)),
 ]
-IDENTITY_AT_START: set[str] = {"magnitude-gradual", "gmp"}
+# penalty methods train the plain model until they prune (sparsewrap/methods/penalty/)
+IDENTITY_AT_START: set[str] = {"magnitude-gradual", "gmp", "halo", "halo-layerwise", "sws", "l1"}
 PROJECTED_AT_EXPORT: set[str] = {"l0", "l0-channel", "str"}
 L0_ROWS: set[str] = {"l0", "l0-channel"}  # export checked against tests/l0_reference.py
 # rows whose budget is a count of active connections: a connection regrown at zero may still be zero at export, so

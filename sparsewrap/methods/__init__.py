@@ -10,6 +10,7 @@ from .dst.hashednet import HashedNet  # noqa: F401  (registers method 'hashednet
 from .gmp import GMP  # noqa: F401  (registers method 'gmp')
 from .l0.method import L0  # noqa: F401  (registers method 'l0')
 from .magnitude import Magnitude
+from .penalty import HALO, L1, SWS  # noqa: F401  (registers methods 'halo', 'l1', 'sws')
 from .run import RunContext, reset_optimizer_state
 from .soft_threshold import STR  # noqa: F401  (registers method 'str')
 
