@@ -204,7 +204,7 @@ def test_methods_shows_each_options_type_choices_and_default(capsys, monkeypatch
     monkeypatch.setattr(cli_common.console, "width", 200)
     code, out, _ = run(["methods"], capsys)
     assert code == 0
-    for line in ("schedule: oneshot|cubic|exponential = oneshot", "start: int = 0", "every: int = 1",
+    for line in ("schedule: oneshot|cubic|exponential = oneshot", "start: int | float = 0", "every: int = 1",
                  "allocation: global|uniform|erk = global", "granularity: weight|channel = weight",
                  "budget: params|macs = params", "dual_lr: float = 0.05", "input_shape: list[int] | null = null",
                  "dual_restarts: bool = true", "gate_lr: float | null = "):  # fmt: skip

@@ -209,8 +209,8 @@ def test_help_lists_train_and_demo(capsys):
                                       "number >= 0, e.g. --group-lr gates=0.1"),
         (["--optimizer", "rmsprop"], "'rmsprop' is not one of 'adam', 'adamw', 'sgd'"),
         (["--lr-schedule", "step"], "'step' is not one of 'constant', 'cosine'"),
-        (["-O", "start=abc"], "Invalid value for --option: start='abc' is not a valid int for method 'magnitude' "
-                              "(default 0); give e.g. -O start=0"),
+        (["-O", "start=abc"], "Invalid value for --option: start='abc' is not a valid int | float for method "
+                              "'magnitude' (default 0); give e.g. -O start=0"),
         (["-O", "granularity=row"], "granularity='row' is unknown; valid: 'channel', 'weight'"),
         (["--include", "re:[bad"], "Invalid value for --include: 're:[bad' is not a valid regular expression "
                                    "(unterminated character set at position 0)"),
