@@ -115,6 +115,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown method(s) {unknown}; registered: {sorted(sw.list_methods())}")
     torch.set_num_threads(args.threads)
+    stem = run_stem("methods_mnist")  # named by the commit the run starts at
     rows = []
     for model_name in args.models:
         for method in methods:
@@ -123,7 +124,6 @@ def main() -> None:
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     text = table(rows)
     print(text)
-    stem = run_stem("methods_mnist")
     config = {k: v for k, v in vars(args).items()}
     write_new(stem.with_suffix(".json"), json.dumps({"config": config, "rows": rows}, indent=2, default=float) + "\n")
     write_new(stem.with_suffix(".md"), text + "\n")
