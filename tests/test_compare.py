@@ -159,3 +159,16 @@ def test_unknown_method_lists_the_registered_ones(data, tmp_path):
     with pytest.raises(UnknownNameError, match="magnitude"):
         compare(Tiny, train, val, methods=["magnitude", "nosuch"], targets=[0.5], out=tmp_path)
     assert not (tmp_path / "compare.json").exists()
+
+
+def test_accepting_methods_leaves_out_those_that_refuse_the_model():
+    from sparsewrap.train.compare import accepting_methods
+
+    head_only = lambda: nn.Sequential(nn.Linear(8, 3))  # noqa: E731  (the head stays dense: nothing to sparsify)
+    accepted, rejected = accepting_methods(head_only, ["magnitude", "gmp"], 0.5, OPTIONS)
+    assert accepted == [] and set(rejected) == {"magnitude", "gmp"}
+    assert rejected["gmp"].startswith("NoTargetsError")
+    accepted, rejected = accepting_methods(Tiny, ["magnitude", "gmp"], 0.5, {"gmp": {"end": 0.5, "schedule": "nope"}})
+    assert accepted == ["magnitude"] and "nope" in rejected["gmp"]
+    # gmp without the end of its schedule refuses any model, naming the fix
+    assert "end=" in accepting_methods(Tiny, ["gmp"], 0.5)[1]["gmp"]

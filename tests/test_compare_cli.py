@@ -75,3 +75,10 @@ def test_bad_arguments_fail_before_any_training(capsys, tmp_path, args, message)
     code, out, err = run(capsys, *COMMON, *LENET, "--methods", "magnitude", *args, "--out", tmp_path)
     assert code == 2 and message in err, err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_all_leaves_out_the_methods_that_refuse_the_model(capsys, tmp_path):
+    code, out, err = run(capsys, *COMMON, "--model", f"{__name__}:head_only", "--methods", "all", "--targets", "0.5",
+                         "--out", tmp_path)  # fmt: skip
+    assert code == 1 and "no registered method accepts" in err
+    assert "left out magnitude: NoTargetsError" in out and "left out rigl:" in out

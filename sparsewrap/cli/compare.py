@@ -177,7 +177,7 @@ def compare_cmd(
     from ..demo.data import build_data, make_loaders
     from ..io.recipe import ModelRecipe
     from ..methods import get_method, make_config
-    from ..train.compare import compare
+    from ..train.compare import accepting_methods, compare
     from .options import check_options
     from .train import check_device, model_recipe
 
@@ -190,6 +190,18 @@ def compare_cmd(
     dev = device or ("cuda" if _cuda() else "cpu")
     train_data = build_data(data, limit, val_limit, image_size)
     recipe = model_recipe(model, train_data.num_classes, train_data.input_shape, kwargs)
+    if methods.strip() == "all":  # every registered method that accepts the model
+        method_list, rejected = accepting_methods(lambda: recipe.build(trust_factory=True), method_list,
+                                                  target_list[0], options)  # fmt: skip
+        for name, error in rejected.items():
+            console.print(f"left out {name}: {error}", style="yellow", highlight=False, soft_wrap=True)
+        if not method_list:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"no registered method accepts {model} (each one's error is above); name methods and their "
+                "options instead of all, e.g. --methods magnitude -O magnitude:granularity=channel"
+            )
     train, val = make_loaders(train_data, batch_size, 0, seed)
     console.print(f"{recipe.name} on {data} ({len(train_data.train):,} training examples): dense + "
                   f"{len(method_list)} method(s) × {len(target_list)} target(s), {epochs} epoch(s) each, on {dev}",

@@ -129,6 +129,30 @@ def _purged_size(sp: Any, input_shape: tuple[int, ...]) -> tuple[int | None, int
     return sum(p.numel() for p in model.parameters()), macs
 
 
+def accepting_methods(model_fn: Callable[[], nn.Module], methods: Sequence[str], target: float,
+                      options: dict[str, dict[str, Any]] | None = None,
+                      ) -> tuple[list[str], dict[str, str]]:  # fmt: skip
+    """Split ``methods`` into those that accept a fresh ``model_fn()`` at ``target`` and those that do not.
+
+    Each method sparsifies its own fresh model (no training); one that raises is left out with its one-line
+    error. This is what ``--methods all`` uses, so that a method which cannot handle the model is not a failure.
+
+    Returns:
+        ``(accepted, {rejected method: its error})``, ``accepted`` in the order given.
+    """
+    from ..controller import sparsify
+
+    accepted, rejected = [], {}
+    for m in methods:
+        try:
+            sparsify(model_fn(), m, target=target, **(options or {}).get(m, {}))
+        except Exception as exc:  # noqa: BLE001  (any refusal leaves the method out)
+            rejected[m] = one_line(exc)
+        else:
+            accepted.append(m)
+    return accepted, rejected
+
+
 def _check(methods: Sequence[str], targets: Sequence[float], epochs: int) -> None:
     from ..methods import get_method
 
