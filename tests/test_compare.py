@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import sparsewrap as sw
-from sparsewrap.errors import UnknownNameError
+from sparsewrap.errors import ConfigError, UnknownNameError
 from sparsewrap.train.compare import CompareCallback, compare
 
 TARGETS = [0.5, 0.75]
@@ -53,6 +54,7 @@ class Counting:
 def run(data, out, model_fn=None, **kwargs) -> list:
     train, val = loaders(data)
     kwargs.setdefault("options", OPTIONS)
+    kwargs.setdefault("plot", False)
     return compare(model_fn or Tiny, train, val, methods=["magnitude", "gmp"], targets=TARGETS, epochs=2, out=out,
                    lr=1e-2, **kwargs)  # fmt: skip
 
@@ -157,7 +159,7 @@ def test_failing_cell_is_recorded_and_the_rest_complete(data, tmp_path):
 def test_unknown_method_lists_the_registered_ones(data, tmp_path):
     train, val = loaders(data)
     with pytest.raises(UnknownNameError, match="magnitude"):
-        compare(Tiny, train, val, methods=["magnitude", "nosuch"], targets=[0.5], out=tmp_path)
+        compare(Tiny, train, val, methods=["magnitude", "nosuch"], targets=[0.5], out=tmp_path, plot=False)
     assert not (tmp_path / "compare.json").exists()
 
 
@@ -172,3 +174,21 @@ def test_accepting_methods_leaves_out_those_that_refuse_the_model():
     assert accepted == ["magnitude"] and "nope" in rejected["gmp"]
     # gmp without the end of its schedule refuses any model, naming the fix
     assert "end=" in accepting_methods(Tiny, ["gmp"], 0.5)[1]["gmp"]
+
+
+def test_png_is_drawn_with_matplotlib(data, tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    rows = run(data, tmp_path, plot=True)
+    with Image.open(tmp_path / "compare.png") as image:
+        assert image.format == "PNG" and image.size[0] > 2 * image.size[1] > 400  # two panels side by side
+    assert all(r.status == "done" for r in rows)
+
+
+def test_missing_matplotlib_fails_before_training_naming_the_install(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    counting = Counting()
+    with pytest.raises(ConfigError, match=r"pip install 'sparsewrap\[plot\]'"):
+        run(data, tmp_path, model_fn=counting, plot=True)
+    assert counting.calls == 0 and not (tmp_path / "compare.json").exists()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from torch import nn
 
 from sparsewrap.cli import main
 
-COMMON = ["compare", "--data", "mnist", "--limit", "256", "--val-limit", "128", "--batch-size", "64", "--epochs", "1"]
+COMMON = ["compare", "--data", "mnist", "--limit", "256", "--val-limit", "128", "--batch-size", "64", "--epochs", "1",
+          "--no-plot"]  # fmt: skip
 LENET = ["--model", "sparsewrap.demo.models:mlp_300_100"]
 
 
@@ -82,3 +84,19 @@ def test_all_leaves_out_the_methods_that_refuse_the_model(capsys, tmp_path):
                          "--out", tmp_path)  # fmt: skip
     assert code == 1 and "no registered method accepts" in err
     assert "left out magnitude: NoTargetsError" in out and "left out rigl:" in out
+
+
+def test_png_written_or_a_one_line_error_naming_the_install(capsys, tmp_path, monkeypatch):
+    argv = [*COMMON[:-1], *LENET, "--methods", "magnitude", "--targets", "0.5,0.9", "--out", tmp_path]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        code, out, err = run(capsys, *argv)
+        assert code == 1 and "pip install 'sparsewrap[plot]'" in err and not any(tmp_path.iterdir())
+        return
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "compare.png" in out
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, out, err = run(capsys, *argv, "--force")
+    assert code == 1 and "pip install 'sparsewrap[plot]'" in err

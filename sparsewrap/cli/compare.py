@@ -145,6 +145,7 @@ def compare_cmd(
     data: Annotated[str, typer.Option(help="mnist (built in) or imagefolder:PATH.")] = "mnist",
     epochs: Annotated[int, typer.Option(help="Epochs per cell.")] = 3,
     force: Annotated[bool, typer.Option("--force", help="Retrain every cell, finished ones included.")] = False,
+    plot: Annotated[bool, typer.Option(help="Draw compare.png (needs: pip install 'sparsewrap[plot]').")] = True,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer of the weights and method groups.")] = Optimizer.adam,
@@ -160,7 +161,7 @@ def compare_cmd(
     image_size: Annotated[int, typer.Option(help="Crop size for imagefolder data.")] = 224,
     seed: Annotated[int, typer.Option(help="Random seed (same initialisation and data order in every cell).")] = 0,
 ) -> None:
-    """Train a dense baseline and every (method, target) cell alike; write compare.json and compare.md."""
+    """Train a dense baseline and every (method, target) cell alike; write compare.json, .md and .png."""
     check_count(epochs, "--epochs", "epochs")
     check_count(batch_size, "--batch-size", "examples per batch")
     check_count(limit, "--limit", "training examples", "use them all")
@@ -183,6 +184,10 @@ def compare_cmd(
 
     check_device(device)
     ModelRecipe.parse(model)
+    if plot:
+        from ..train.compare_plot import require_matplotlib
+
+        require_matplotlib()  # before any training
     for name, opts in options.items():
         cls = get_method(name)
         check_options(name, cls.Config, opts)
@@ -208,10 +213,11 @@ def compare_cmd(
                   highlight=False, soft_wrap=True)  # fmt: skip
     rows = compare(lambda: recipe.build(trust_factory=True), train, val, methods=method_list, targets=target_list,
                    epochs=epochs, out=out, options=options, force=force, seed=seed, callback=CompareProgress(console),
-                   device=dev, optimizer=optimizer.value, lr=lr, weight_decay=weight_decay,
+                   plot=plot, device=dev, optimizer=optimizer.value, lr=lr, weight_decay=weight_decay,
                    lr_schedule=lr_schedule.value)  # fmt: skip
     console.print(render_rows(rows, f"{recipe.name} on {data}, {epochs} epoch(s) per cell"))
-    console.print(f"wrote {out / 'compare.json'} and {out / 'compare.md'}", highlight=False, soft_wrap=True)
+    files = ["compare.json", "compare.md"] + (["compare.png"] if plot else [])
+    console.print(f"wrote {', '.join(str(out / f) for f in files)}", highlight=False, soft_wrap=True)
     if rows[-1].status == "interrupted":
         console.print("stopped; run the same command again to continue", style="yellow")
         raise typer.Exit(130)

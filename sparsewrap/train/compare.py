@@ -5,8 +5,8 @@ Each cell calls ``model_fn`` after seeding (same initialisation), restores the t
 ``out`` (``out/dense``, ``out/<method>-<target>``). A finished cell writes ``cell.json`` there (atomically); a
 rerun reads it instead of training again, and continues an interrupted cell from its checkpoint through fit's
 ``resume``. A cell that fails is recorded with its one-line error and the others go on. The whole table is
-written to ``out/compare.json`` and ``out/compare.md``. Nothing is printed: progress goes to a
-:class:`CompareCallback`.
+written to ``out/compare.json``, ``out/compare.md`` and (with matplotlib) ``out/compare.png``. Nothing is
+printed: progress goes to a :class:`CompareCallback`.
 """
 
 from __future__ import annotations
@@ -172,7 +172,8 @@ def _check(methods: Sequence[str], targets: Sequence[float], epochs: int) -> Non
 def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loader: Iterable, *,
             methods: Sequence[str], targets: Sequence[float], epochs: int = 1, out: str | Path,
             options: dict[str, dict[str, Any]] | None = None, force: bool = False, seed: int = 0,
-            callback: CompareCallback | None = None, **fit_kwargs: Any) -> list[CompareRow]:  # fmt: skip
+            callback: CompareCallback | None = None, plot: bool = True,
+            **fit_kwargs: Any) -> list[CompareRow]:  # fmt: skip
     """Train a dense baseline and every (method, target) cell alike and tabulate them.
 
     Args:
@@ -187,6 +188,7 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loade
         force: retrain every cell, finished ones included.
         seed: seeds every generator before ``model_fn`` and in ``fit``.
         callback: progress hooks.
+        plot: also draw ``compare.png`` (needs matplotlib: ``pip install 'sparsewrap[plot]'``; checked first).
         **fit_kwargs: passed to :func:`sparsewrap.fit` for every cell (``lr``, ``optimizer``, ``device``, ...).
 
     Returns:
@@ -195,7 +197,8 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loade
         status is ``"interrupted"`` and the cells after it are not run.
 
     Raises:
-        ConfigError: for no methods, a target outside (0, 1), bad epochs, or options for a method not compared.
+        ConfigError: for no methods, a target outside (0, 1), bad epochs, options for a method not compared, or
+            ``plot`` without matplotlib installed (before any training).
         UnknownNameError: for a method that is not registered (the message lists the registered ones).
     """
     _check(methods, targets, epochs)
@@ -203,6 +206,10 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loade
     stray = sorted(set(options) - set(methods))
     if stray:
         raise ConfigError(f"options for {stray[0]!r}, which is not compared; valid: {', '.join(methods)}")
+    if plot:
+        from .compare_plot import require_matplotlib
+
+        require_matplotlib()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     callback = callback or CompareCallback()
@@ -228,6 +235,10 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loade
         if row.status == "interrupted":
             break
     write_tables(rows, root)
+    if plot:
+        from .compare_plot import draw
+
+        draw(rows, root / "compare.png")
     return rows
 
 
