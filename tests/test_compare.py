@@ -111,6 +111,18 @@ def test_rerun_skips_finished_cells(data, tmp_path):
     assert counting.calls == 5 and [r.accuracy for r in forced] == [r.accuracy for r in first]
 
 
+def test_rerun_with_other_settings_retrains_the_cells(data, tmp_path):
+    run(data, tmp_path)
+    counting = Counting()
+    train, val = loaders(data)
+    more = compare(counting, train, val, methods=["magnitude", "gmp"], targets=TARGETS, epochs=3, out=tmp_path,
+                   options=OPTIONS, plot=False, lr=1e-2)  # fmt: skip
+    assert counting.calls == 5 and all(r.status == "done" and r.steps == 3 * 16 for r in more)
+    whole = compare(Tiny, train, val, methods=["magnitude", "gmp"], targets=TARGETS, epochs=3, out=tmp_path / "whole",
+                    options=OPTIONS, plot=False, lr=1e-2)  # fmt: skip
+    assert [(r.accuracy, r.sparsity) for r in more[1:]] == [(r.accuracy, r.sparsity) for r in whole[1:]]
+
+
 class StopIn(CompareCallback):
     """Stops the run in cell ``cell`` after ``at`` steps, once."""
 

@@ -2,11 +2,12 @@
 
 Each cell calls ``model_fn`` after seeding (same initialisation), restores the training loader's generators
 (same data order) and runs :func:`sparsewrap.fit` with the same optimizer settings into its own directory under
-``out`` (``out/dense``, ``out/<method>-<target>``). A finished cell writes ``cell.json`` there (atomically); a
-rerun reads it instead of training again, and continues an interrupted cell from its checkpoint through fit's
-``resume``. A cell that fails is recorded with its one-line error and the others go on. The whole table is
-written to ``out/compare.json``, ``out/compare.md`` and (with matplotlib) ``out/compare.png``. Nothing is
-printed: progress goes to a :class:`CompareCallback`.
+``out`` (``out/dense``, ``out/<method>-<target>``). A cell records its settings in ``cell.json`` there
+(atomically) when it starts and its row when it ends; a rerun with the same settings reads the row instead of
+training again and continues an interrupted cell from its checkpoint through fit's ``resume``; other settings
+(more epochs, another lr or option) retrain the cell from the start. A cell that fails is recorded with its
+one-line error and the others go on. The whole table is written to ``out/compare.json``, ``out/compare.md``
+and (with matplotlib) ``out/compare.png``. Nothing is printed: progress goes to a :class:`CompareCallback`.
 """
 
 from __future__ import annotations
@@ -221,11 +222,12 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loade
     for index, (method, target) in enumerate(cells):
         callback.on_cell_begin(index, len(cells), method, target)
         directory = root / cell_name(method, target)
-        cached = _read_cell(directory) if not force else None
+        settings = cell_settings(epochs, seed, options.get(method, {}), fit_kwargs)
+        cached = _read_cell(directory, settings) if not force else None
         if cached is None:
             rng.set_state(loader_state, generators)
             row = _run_cell(method, target, directory, model_fn, train_loader, val_loader, epochs, seed,
-                            options.get(method, {}), force, input_shape, callback, fit_kwargs)  # fmt: skip
+                            options.get(method, {}), force, input_shape, callback, fit_kwargs, settings)  # fmt: skip
         else:
             row = cached
         if rows and rows[0].step_seconds and row.step_seconds is not None:
@@ -242,8 +244,18 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loade
     return rows
 
 
-def _read_cell(directory: Path) -> CompareRow | None:
-    """The finished row recorded in ``directory/cell.json`` (failed cells are retried: None)."""
+def cell_settings(epochs: int, seed: int, options: dict[str, Any], fit_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a finished cell must have been trained with to be reused: epochs, seed, the method's options and the
+    ``fit`` keywords (objects by their class name; ``device`` left out, it does not change the result's meaning)."""
+    plain = (str, int, float, bool, type(None), list, tuple, dict)
+    fit = {k: v if isinstance(v, plain) else getattr(v, "__qualname__", type(v).__qualname__)
+           for k, v in sorted(fit_kwargs.items()) if k != "device"}  # fmt: skip
+    return json.loads(json.dumps({"epochs": epochs, "seed": seed, "options": options, "fit": fit}, default=str))
+
+
+def _read_cell(directory: Path, settings: dict[str, Any]) -> CompareRow | None:
+    """The finished row recorded in ``directory/cell.json`` with these settings (else None: failed cells are
+    retried, and a cell trained otherwise, e.g. for fewer epochs, is retrained from the start)."""
     path = directory / CELL_FILE
     if not path.is_file():
         return None
@@ -252,19 +264,26 @@ def _read_cell(directory: Path) -> CompareRow | None:
         row = CompareRow(**{f.name: data[f.name] for f in fields(CompareRow) if f.name in data})
     except (ValueError, TypeError, KeyError):
         return None
-    return row if row.status == "done" else None
+    return row if row.status == "done" and data.get("settings") == settings else None
 
 
 def _run_cell(method: str, target: float | None, directory: Path, model_fn: Callable[[], nn.Module],
               train_loader: Iterable, val_loader: Iterable, epochs: int, seed: int, options: dict[str, Any],
               force: bool, input_shape: tuple[int, ...], callback: Callback,
-              fit_kwargs: dict[str, Any]) -> CompareRow:  # fmt: skip
+              fit_kwargs: dict[str, Any], settings: dict[str, Any]) -> CompareRow:  # fmt: skip
     from ..controller import sparsify
     from .loop import fit
 
     row = CompareRow(method, target, "failed", directory=str(directory))
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CELL_FILE).unlink(missing_ok=True)
+    path = directory / CELL_FILE
+    try:
+        same = json.loads(path.read_text()).get("settings") == settings
+    except (OSError, ValueError, AttributeError):
+        same = False
+    resume = same and not force and (directory / CHECKPOINT_NAME).exists()  # else retrain from the start
+    running = json.dumps({**asdict(CompareRow(method, target, "running")), "settings": settings}, indent=1)
+    write_atomic(path, lambda tmp: tmp.write_text(running))
     try:
         rng.seed_all(seed)
         model = model_fn()
@@ -275,8 +294,7 @@ def _run_cell(method: str, target: float | None, directory: Path, model_fn: Call
         else:
             sp = sparsify(model, method, target=target, **options)
             history = fit(sp, train_loader, val_loader, epochs=epochs, seed=seed, callback=callback, out=directory,
-                          resume=not force and (directory / CHECKPOINT_NAME).exists(), overwrite=force,
-                          **fit_kwargs)  # fmt: skip
+                          resume=resume, overwrite=not resume, **fit_kwargs)  # fmt: skip
             if not history.stopped:
                 row.params, row.macs = _purged_size(sp, input_shape)
         _row_from_history(row, history)
@@ -286,8 +304,8 @@ def _run_cell(method: str, target: float | None, directory: Path, model_fn: Call
     except Exception as exc:  # noqa: BLE001  (a failing cell is recorded; the others go on)
         row.status, row.error = "failed", one_line(exc)
     if row.status != "interrupted":
-        text = json.dumps(asdict(row), indent=1)
-        write_atomic(directory / CELL_FILE, lambda tmp: tmp.write_text(text))
+        text = json.dumps({**asdict(row), "settings": settings}, indent=1)
+        write_atomic(path, lambda tmp: tmp.write_text(text))
     return row
 
 
