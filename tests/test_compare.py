@@ -121,6 +121,11 @@ def test_rerun_with_other_settings_retrains_the_cells(data, tmp_path):
     whole = compare(Tiny, train, val, methods=["magnitude", "gmp"], targets=TARGETS, epochs=3, out=tmp_path / "whole",
                     options=OPTIONS, plot=False, lr=1e-2)  # fmt: skip
     assert [(r.accuracy, r.sparsity) for r in more[1:]] == [(r.accuracy, r.sparsity) for r in whole[1:]]
+    counting = Counting()
+    bigger = DataLoader(data[0], batch_size=32, shuffle=True)  # another batch size: retrained too
+    rows = compare(counting, bigger, val, methods=["magnitude", "gmp"], targets=TARGETS, epochs=3, out=tmp_path,
+                   options=OPTIONS, plot=False, lr=1e-2)  # fmt: skip
+    assert counting.calls == 5 and all(r.steps == 3 * 8 for r in rows)
 
 
 class StopIn(CompareCallback):

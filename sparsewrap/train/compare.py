@@ -222,7 +222,7 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loade
     for index, (method, target) in enumerate(cells):
         callback.on_cell_begin(index, len(cells), method, target)
         directory = root / cell_name(method, target)
-        settings = cell_settings(epochs, seed, options.get(method, {}), fit_kwargs)
+        settings = cell_settings(epochs, seed, options.get(method, {}), fit_kwargs, train_loader)
         cached = _read_cell(directory, settings) if not force else None
         if cached is None:
             rng.set_state(loader_state, generators)
@@ -244,13 +244,18 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loade
     return rows
 
 
-def cell_settings(epochs: int, seed: int, options: dict[str, Any], fit_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What a finished cell must have been trained with to be reused: epochs, seed, the method's options and the
-    ``fit`` keywords (objects by their class name; ``device`` left out, it does not change the result's meaning)."""
+def cell_settings(epochs: int, seed: int, options: dict[str, Any], fit_kwargs: dict[str, Any],
+                  train_loader: Iterable | None = None) -> dict[str, Any]:  # fmt: skip
+    """What a finished cell must have been trained with to be reused: epochs, seed, the method's options, the
+    ``fit`` keywords (objects by their class name; ``device`` left out, it does not change the result's meaning)
+    and the training loader's batch size and number of batches."""
     plain = (str, int, float, bool, type(None), list, tuple, dict)
     fit = {k: v if isinstance(v, plain) else getattr(v, "__qualname__", type(v).__qualname__)
            for k, v in sorted(fit_kwargs.items()) if k != "device"}  # fmt: skip
-    return json.loads(json.dumps({"epochs": epochs, "seed": seed, "options": options, "fit": fit}, default=str))
+    data = {"batch_size": getattr(train_loader, "batch_size", None),
+            "batches": len(train_loader) if hasattr(train_loader, "__len__") else None}  # fmt: skip
+    settings = {"epochs": epochs, "seed": seed, "options": options, "fit": fit, "data": data}
+    return json.loads(json.dumps(settings, default=str))
 
 
 def _read_cell(directory: Path, settings: dict[str, Any]) -> CompareRow | None:
