@@ -209,3 +209,13 @@ def test_missing_matplotlib_fails_before_training_naming_the_install(data, tmp_p
     with pytest.raises(ConfigError, match=r"pip install 'sparsewrap\[plot\]'"):
         run(data, tmp_path, model_fn=counting, plot=True)
     assert counting.calls == 0 and not (tmp_path / "compare.json").exists()
+
+
+def test_macs_or_none_leaves_an_uncountable_model_blank():
+    from sparsewrap.train.compare import macs_or_none
+
+    class Refuses(Tiny):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("needs a dict input")
+
+    assert macs_or_none(Tiny(), (8,)) == 8 * 16 + 16 * 16 + 16 * 3 and macs_or_none(Refuses(), (8,)) is None

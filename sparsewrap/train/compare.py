@@ -123,11 +123,15 @@ def _purged_size(sp: Any, input_shape: tuple[int, ...]) -> tuple[int | None, int
             model = export(sp, purge=True)
     except Exception:  # noqa: BLE001  (a model purge cannot trace: its zeros stay, the sizes are the plain ones)
         model = export(sp)
+    return sum(p.numel() for p in model.parameters()), macs_or_none(model, input_shape)
+
+
+def macs_or_none(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    """MACs per example, or None for a model the count cannot run (the cell's other figures still stand)."""
     try:
-        macs = total_macs(model, input_shape)
+        return total_macs(model, input_shape)
     except Exception:  # noqa: BLE001
-        macs = None
-    return sum(p.numel() for p in model.parameters()), macs
+        return None
 
 
 def accepting_methods(model_fn: Callable[[], nn.Module], methods: Sequence[str], target: float,
@@ -295,7 +299,7 @@ def _run_cell(method: str, target: float | None, directory: Path, model_fn: Call
         if target is None:  # the baseline: a plain model, no checkpoint (rerun whole when interrupted)
             history = fit(model, train_loader, val_loader, epochs=epochs, seed=seed, callback=callback, **fit_kwargs)
             row.params = sum(p.numel() for p in model.parameters())
-            row.macs = total_macs(model, input_shape)
+            row.macs = macs_or_none(model, input_shape)
         else:
             sp = sparsify(model, method, target=target, **options)
             history = fit(sp, train_loader, val_loader, epochs=epochs, seed=seed, callback=callback, out=directory,
