@@ -25,7 +25,7 @@ _EXPORTS = {
     "CheckpointError": "errors", "ConfigError": "errors", "NoTargetsError": "errors", "SparsewrapError": "errors",
     "TraceError": "errors", "UnknownNameError": "errors",
     "export": "bake", "save_plain": "io.plain",
-    "fit": "train.loop",
+    "fit": "train.loop", "compare": "train.compare",
     "Method": "methods", "list_methods": "methods", "register_method": "methods",
     "budgets": "methods.budgets",
     "load_purged": "purge.io",
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .methods import Method, list_methods, register_method
     from .methods.budgets import budgets
     from .purge.io import load_purged
+    from .train.compare import compare as compare
     from .train.loop import fit as fit
 
 

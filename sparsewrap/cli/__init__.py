@@ -35,6 +35,7 @@ def error_name(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``sparsewrap`` console script and ``python -m sparsewrap``."""
+    from . import compare as _compare  # noqa: F401
     from . import export as _export  # noqa: F401  (registers commands)
     from . import inspect as _inspect  # noqa: F401
     from . import train as _train  # noqa: F401

@@ -1,0 +1,233 @@
+"""``sparsewrap compare``: the dense baseline and every (method, target) cell on one model and data set, one table.
+
+The cells are :func:`sparsewrap.compare`'s; this module parses the arguments (with ``train``'s checks), shows the
+progress and renders the table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+from ..train.history import Callback
+from .checks import check_count, check_number, check_out_dir
+from .common import app, console
+from .train import LRSchedule, Optimizer, RichProgress, parse_pairs
+
+if TYPE_CHECKING:
+    from ..train.compare import CompareRow
+
+
+def parse_list(value: str, flag: str) -> list[str]:
+    """``"a,b"`` → ``["a", "b"]`` (blank items dropped).
+
+    Raises:
+        typer.BadParameter: when nothing is left.
+    """
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise typer.BadParameter(f"{value!r} names nothing; give a comma-separated list", param_hint=flag)
+    return items
+
+
+def parse_targets(value: str) -> list[float]:
+    """``--targets 0.5,0.9`` → ``[0.5, 0.9]``.
+
+    Raises:
+        typer.BadParameter: for an item that is not a number in (0, 1).
+    """
+    out = []
+    for item in parse_list(value, "--targets"):
+        try:
+            t = float(item)
+        except ValueError:
+            t = float("nan")
+        if not 0 < t < 1:
+            raise typer.BadParameter(f"{item!r} is not a sparsity in (0, 1); give e.g. 0.5,0.9", param_hint="--targets")
+        out.append(t)
+    return out
+
+
+def parse_method_options(items: list[str] | None, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``-O rigl:every=50`` items → ``{"rigl": {"every": 50}}``, each method among those compared.
+
+    Raises:
+        typer.BadParameter: for an item without ``METHOD:`` or naming a method that is not compared.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        method, sep, pair = item.partition(":")
+        if not sep or "=" in method:
+            raise typer.BadParameter(f"{item!r} is not METHOD:KEY=VALUE, e.g. -O rigl:every=50", param_hint="--option")
+        if method not in methods:
+            raise typer.BadParameter(
+                f"{item!r} names {method!r}, which is not compared; valid: {', '.join(methods)}", param_hint="--option"
+            )
+        out.setdefault(method, {}).update(parse_pairs([pair], "--option"))
+    return out
+
+
+def resolve_methods(value: str) -> list[str]:
+    """``--methods``: a comma-separated list of registered methods, or ``all``.
+
+    Raises:
+        typer.BadParameter: for an unknown name, listing the registered ones.
+    """
+    from ..methods import list_methods
+
+    registered = list(list_methods())
+    if value.strip() == "all":
+        return registered
+    names = parse_list(value, "--methods")
+    unknown = [n for n in names if n not in registered]
+    if unknown:
+        raise typer.BadParameter(
+            f"{unknown[0]!r} is not a registered method; valid: {', '.join(registered)}, or all", param_hint="--methods"
+        )
+    return names
+
+
+class CompareProgress(Callback):
+    """The train command's progress bars for each cell, and one line when a cell starts and ends."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.bars = RichProgress(console)
+
+    def on_cell_begin(self, index: int, total: int, method: str, target: float | None) -> None:
+        what = "dense baseline" if target is None else f"{method} at {target:g}"
+        self.console.print(f"[bold cyan]cell {index + 1}/{total}: {what}", highlight=False)
+
+    def on_cell_end(self, index: int, total: int, row: CompareRow, cached: bool) -> None:
+        if cached:
+            self.console.print(f"  finished in an earlier run ({row.directory})", style="dim", highlight=False)
+        elif row.status == "failed":
+            self.console.print(f"  failed: {row.error}", style="red", highlight=False, soft_wrap=True)
+
+    def on_train_begin(self, state: Any) -> None:
+        self.bars.on_train_begin(state)
+
+    def on_step_end(self, state: Any) -> None:
+        self.bars.on_step_end(state)
+
+    def on_epoch_end(self, state: Any, record: Any) -> None:
+        self.bars.on_epoch_end(state, record)
+
+    def on_train_end(self, state: Any) -> None:
+        self.bars.on_train_end(state)
+
+
+def render_rows(rows: list[CompareRow], title: str) -> Any:
+    """The comparison as a rich table."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("method", "target", "accuracy", "sparsity", "learned", "params", "MACs", "time ×dense", "status"):
+        table.add_column(name, justify="left" if name in ("method", "status") else "right")
+    num = lambda v, d=4: "—" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.{d}f}")  # noqa: E731
+    for r in rows:
+        status = r.status if r.error is None else f"[red]{r.status}: {r.error}"
+        accuracy = r.accuracy if r.accuracy is not None else r.loss
+        table.add_row(r.method, "—" if r.target is None else f"{r.target:g}", num(accuracy), num(r.sparsity),
+                      num(r.learned_sparsity), num(r.params), num(r.macs), num(r.relative_time, 2), status)  # fmt: skip
+    return table
+
+
+@app.command("compare")
+def compare_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="timm:<arch> or package.module:factory.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory of the cells, compare.json and compare.md.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, or all.")],
+    targets: Annotated[str, typer.Option(help="Comma-separated sparsities in (0, 1), e.g. 0.5,0.9.")],
+    data: Annotated[str, typer.Option(help="mnist (built in) or imagefolder:PATH.")] = "mnist",
+    epochs: Annotated[int, typer.Option(help="Epochs per cell.")] = 3,
+    force: Annotated[bool, typer.Option("--force", help="Retrain every cell, finished ones included.")] = False,
+    plot: Annotated[bool, typer.Option(help="Draw compare.png (needs: pip install 'sparsewrap[plot]').")] = True,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer of the weights and method groups.")] = Optimizer.adam,
+    lr: Annotated[float, typer.Option(help="Learning rate of the weights.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay of the weights.")] = 0.0,
+    lr_schedule: Annotated[LRSchedule, typer.Option(help="Schedule of the weights' rate.")] = LRSchedule.constant,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-O", help="METHOD:KEY=VALUE, e.g. rigl:every=50.")
+    ] = None,
+    model_kw: Annotated[list[str] | None, typer.Option(help="Model keyword KEY=VALUE.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only this many training examples.")] = None,
+    val_limit: Annotated[int | None, typer.Option(help="Use only this many validation examples.")] = None,
+    image_size: Annotated[int, typer.Option(help="Crop size for imagefolder data.")] = 224,
+    seed: Annotated[int, typer.Option(help="Random seed (same initialisation and data order in every cell).")] = 0,
+) -> None:
+    """Train a dense baseline and every (method, target) cell alike; write compare.json, .md and .png."""
+    check_count(epochs, "--epochs", "epochs")
+    check_count(batch_size, "--batch-size", "examples per batch")
+    check_count(limit, "--limit", "training examples", "use them all")
+    check_count(val_limit, "--val-limit", "validation examples", "use them all")
+    check_count(image_size, "--image-size", "pixels")
+    check_number(lr, "--lr", "1e-3")
+    check_number(weight_decay, "--weight-decay", "5e-4")
+    target_list = parse_targets(targets)
+    kwargs = parse_pairs(model_kw, "--model-kw")
+    check_out_dir(out)
+    method_list = resolve_methods(methods)
+    options = parse_method_options(option, method_list)
+
+    from ..demo.data import build_data, make_loaders
+    from ..io.recipe import ModelRecipe
+    from ..methods import get_method, make_config
+    from ..train.compare import accepting_methods, compare
+    from .options import check_options
+    from .train import check_device, model_recipe
+
+    check_device(device)
+    ModelRecipe.parse(model)
+    if plot:
+        from ..train.compare_plot import require_matplotlib
+
+        require_matplotlib()  # before any training
+    for name, opts in options.items():
+        cls = get_method(name)
+        check_options(name, cls.Config, opts)
+        make_config(cls, opts)
+    dev = device or ("cuda" if _cuda() else "cpu")
+    train_data = build_data(data, limit, val_limit, image_size)
+    recipe = model_recipe(model, train_data.num_classes, train_data.input_shape, kwargs)
+    if methods.strip() == "all":  # every registered method that accepts the model
+        method_list, rejected = accepting_methods(lambda: recipe.build(trust_factory=True), method_list,
+                                                  target_list[0], options)  # fmt: skip
+        for name, error in rejected.items():
+            console.print(f"left out {name}: {error}", style="yellow", highlight=False, soft_wrap=True)
+        if not method_list:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"no registered method accepts {model} (each one's error is above); name methods and their "
+                "options instead of all, e.g. --methods magnitude -O magnitude:granularity=channel"
+            )
+    train, val = make_loaders(train_data, batch_size, 0, seed)
+    console.print(f"{recipe.name} on {data} ({len(train_data.train):,} training examples): dense + "
+                  f"{len(method_list)} method(s) × {len(target_list)} target(s), {epochs} epoch(s) each, on {dev}",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+    rows = compare(lambda: recipe.build(trust_factory=True), train, val, methods=method_list, targets=target_list,
+                   epochs=epochs, out=out, options=options, force=force, seed=seed, callback=CompareProgress(console),
+                   plot=plot, device=dev, optimizer=optimizer.value, lr=lr, weight_decay=weight_decay,
+                   lr_schedule=lr_schedule.value)  # fmt: skip
+    console.print(render_rows(rows, f"{recipe.name} on {data}, {epochs} epoch(s) per cell"))
+    files = ["compare.json", "compare.md"] + (["compare.png"] if plot else [])
+    console.print(f"wrote {', '.join(str(out / f) for f in files)}", highlight=False, soft_wrap=True)
+    if rows[-1].status == "interrupted":
+        console.print("stopped; run the same command again to continue", style="yellow")
+        raise typer.Exit(130)
+    failed = [r for r in rows if r.status == "failed"]
+    if failed:
+        console.print(f"{len(failed)} cell(s) failed (see the status column)", style="red")
+        raise typer.Exit(1)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

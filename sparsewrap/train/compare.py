@@ -1,0 +1,351 @@
+"""``sw.compare``: every (method, target) cell and one dense baseline trained alike, one table.
+
+Each cell calls ``model_fn`` after seeding (same initialisation), restores the training loader's generators
+(same data order) and runs :func:`sparsewrap.fit` with the same optimizer settings into its own directory under
+``out`` (``out/dense``, ``out/<method>-<target>``). A cell records its settings in ``cell.json`` there
+(atomically) when it starts and its row when it ends; a rerun with the same settings reads the row instead of
+training again and continues an interrupted cell from its checkpoint through fit's ``resume``; other settings
+(more epochs, another lr or option) retrain the cell from the start. A cell that fails is recorded with its
+one-line error and the others go on. The whole table is written to ``out/compare.json``, ``out/compare.md``
+and (with matplotlib) ``out/compare.png``. Nothing is printed: progress goes to a :class:`CompareCallback`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..analysis.macs import total_macs
+from ..errors import ConfigError
+from ..io.atomic import write_atomic
+from . import rng
+from .history import Callback, History
+from .state import CHECKPOINT_NAME
+
+CELL_FILE = "cell.json"
+DENSE = "dense"
+
+
+@dataclass
+class CompareRow:
+    """One cell of a comparison.
+
+    Attributes:
+        method: the method's name (``"dense"`` for the baseline).
+        target: the requested sparsity (``None`` for the baseline).
+        status: ``"done"``, ``"failed"`` or ``"interrupted"``.
+        accuracy: validation accuracy after the last epoch (eval mode, i.e. the exported model's).
+        loss: validation loss after the last epoch.
+        sparsity: sparsity of the exported model's targeted weights.
+        learned_sparsity: sparsity of the deterministic form before the export projection.
+        params: parameters of the model after purge (of the dense model for the baseline).
+        macs: multiply-accumulates per example after purge.
+        step_seconds: mean wall time of one step (training and evaluation of each epoch included).
+        relative_time: ``step_seconds`` over the dense baseline's.
+        steps: optimizer steps taken.
+        error: the one-line error of a failed cell.
+        directory: the cell's directory (checkpoint ``last.safetensors``, ``cell.json``).
+    """
+
+    method: str
+    target: float | None
+    status: str
+    accuracy: float | None = None
+    loss: float | None = None
+    sparsity: float | None = None
+    learned_sparsity: float | None = None
+    params: int | None = None
+    macs: int | None = None
+    step_seconds: float | None = None
+    relative_time: float | None = None
+    steps: int = 0
+    error: str | None = None
+    directory: str = ""
+
+
+class CompareCallback(Callback):
+    """Progress hooks of :func:`compare`: the fit hooks of the cell in progress, plus a cell's start and end."""
+
+    def on_cell_begin(self, index: int, total: int, method: str, target: float | None) -> None:
+        """Before cell ``index`` (0-based) of ``total`` starts or is read from its ``cell.json``."""
+
+    def on_cell_end(self, index: int, total: int, row: CompareRow, cached: bool) -> None:
+        """After a cell; ``cached`` when it was read from a previous run."""
+
+
+def cell_name(method: str, target: float | None) -> str:
+    """The directory name of a cell: ``dense`` or ``<method>-<target>`` (``magnitude-0.9``)."""
+    return DENSE if target is None else f"{method}-{target:g}"
+
+
+def one_line(exc: BaseException) -> str:
+    """``ClassName: message`` on one line (at most 300 characters)."""
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _loader_generators(loader: Iterable) -> list[torch.Generator]:
+    found = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
+    return [g for g in found if isinstance(g, torch.Generator)]
+
+
+def _input_shape(loader: Iterable) -> tuple[int, ...]:
+    x = next(iter(loader))[0]
+    return tuple(x.shape[1:])
+
+
+def _row_from_history(row: CompareRow, history: History) -> None:
+    last = history.last
+    if last is None:
+        return
+    row.accuracy, row.loss, row.steps = last.val_accuracy, last.val_loss, last.step
+    row.sparsity, row.learned_sparsity = last.exported, last.achieved
+    seconds = sum(r.seconds for r in history.records)
+    row.step_seconds = seconds / last.step if last.step else None
+
+
+def _purged_size(sp: Any, input_shape: tuple[int, ...]) -> tuple[int | None, int | None]:
+    """Parameters and MACs of the exported model after purge (of the plain export when purge cannot run)."""
+    from ..bake import export
+
+    try:
+        with warnings.catch_warnings():  # "nothing to purge" is an expected answer for per-weight sparsity
+            warnings.simplefilter("ignore", UserWarning)
+            model = export(sp, purge=True)
+    except Exception:  # noqa: BLE001  (a model purge cannot trace: its zeros stay, the sizes are the plain ones)
+        model = export(sp)
+    return sum(p.numel() for p in model.parameters()), macs_or_none(model, input_shape)
+
+
+def macs_or_none(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    """MACs per example, or None for a model the count cannot run (the cell's other figures still stand)."""
+    try:
+        return total_macs(model, input_shape)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def accepting_methods(model_fn: Callable[[], nn.Module], methods: Sequence[str], target: float,
+                      options: dict[str, dict[str, Any]] | None = None,
+                      ) -> tuple[list[str], dict[str, str]]:  # fmt: skip
+    """Split ``methods`` into those that accept a fresh ``model_fn()`` at ``target`` and those that do not.
+
+    Each method sparsifies its own fresh model (no training); one that raises is left out with its one-line
+    error. This is what ``--methods all`` uses, so that a method which cannot handle the model is not a failure.
+
+    Returns:
+        ``(accepted, {rejected method: its error})``, ``accepted`` in the order given.
+    """
+    from ..controller import sparsify
+
+    accepted, rejected = [], {}
+    for m in methods:
+        try:
+            sparsify(model_fn(), m, target=target, **(options or {}).get(m, {}))
+        except Exception as exc:  # noqa: BLE001  (any refusal leaves the method out)
+            rejected[m] = one_line(exc)
+        else:
+            accepted.append(m)
+    return accepted, rejected
+
+
+def _check(methods: Sequence[str], targets: Sequence[float], epochs: int) -> None:
+    from ..methods import get_method
+
+    if not methods:
+        raise ConfigError("methods=[] names no method; give one or more of sparsewrap.list_methods()")
+    for m in methods:
+        get_method(m)  # UnknownNameError lists the registered ones
+    if not targets:
+        raise ConfigError("targets=[] names no sparsity; give one or more in (0, 1), e.g. targets=[0.5, 0.9]")
+    for t in targets:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
+            raise ConfigError(f"target {t!r} is not a sparsity in (0, 1); give e.g. targets=[0.5, 0.9]")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs={epochs!r} must be a positive integer")
+
+
+def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loader: Iterable, *,
+            methods: Sequence[str], targets: Sequence[float], epochs: int = 1, out: str | Path,
+            options: dict[str, dict[str, Any]] | None = None, force: bool = False, seed: int = 0,
+            callback: CompareCallback | None = None, plot: bool = True,
+            **fit_kwargs: Any) -> list[CompareRow]:  # fmt: skip
+    """Train a dense baseline and every (method, target) cell alike and tabulate them.
+
+    Args:
+        model_fn: builds a fresh model; called right after seeding, so every cell starts from the same weights.
+        train_loader: the training batches; its own generators are restored before each cell (same order).
+        val_loader: evaluated after every epoch; the last epoch's accuracy and loss fill the row.
+        methods: registered method names.
+        targets: sparsities in (0, 1).
+        epochs: epochs per cell.
+        out: directory of the cells and of ``compare.json`` / ``compare.md``.
+        options: per-method options, ``{"rigl": {"every": 50}}``.
+        force: retrain every cell, finished ones included.
+        seed: seeds every generator before ``model_fn`` and in ``fit``.
+        callback: progress hooks.
+        plot: also draw ``compare.png`` (needs matplotlib: ``pip install 'sparsewrap[plot]'``; checked first).
+        **fit_kwargs: passed to :func:`sparsewrap.fit` for every cell (``lr``, ``optimizer``, ``device``, ...).
+
+    Returns:
+        One :class:`CompareRow` per cell, the dense baseline first. A Ctrl-C (or a callback setting
+        ``state.stop``) ends the comparison after the cell in progress has saved its checkpoint; that cell's
+        status is ``"interrupted"`` and the cells after it are not run.
+
+    Raises:
+        ConfigError: for no methods, a target outside (0, 1), bad epochs, options for a method not compared, or
+            ``plot`` without matplotlib installed (before any training).
+        UnknownNameError: for a method that is not registered (the message lists the registered ones).
+    """
+    _check(methods, targets, epochs)
+    options = options or {}
+    stray = sorted(set(options) - set(methods))
+    if stray:
+        raise ConfigError(f"options for {stray[0]!r}, which is not compared; valid: {', '.join(methods)}")
+    if plot:
+        from .compare_plot import require_matplotlib
+
+        require_matplotlib()
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    callback = callback or CompareCallback()
+    generators = _loader_generators(train_loader)
+    loader_state = rng.get_state(generators)
+    input_shape = _input_shape(train_loader)
+    cells: list[tuple[str, float | None]] = [(DENSE, None)] + [(m, float(t)) for m in methods for t in targets]
+    rows: list[CompareRow] = []
+    for index, (method, target) in enumerate(cells):
+        callback.on_cell_begin(index, len(cells), method, target)
+        directory = root / cell_name(method, target)
+        settings = cell_settings(epochs, seed, options.get(method, {}), fit_kwargs, train_loader)
+        cached = _read_cell(directory, settings) if not force else None
+        if cached is None:
+            rng.set_state(loader_state, generators)
+            row = _run_cell(method, target, directory, model_fn, train_loader, val_loader, epochs, seed,
+                            options.get(method, {}), force, input_shape, callback, fit_kwargs, settings)  # fmt: skip
+        else:
+            row = cached
+        if rows and rows[0].step_seconds and row.step_seconds is not None:
+            row.relative_time = row.step_seconds / rows[0].step_seconds
+        rows.append(row)
+        callback.on_cell_end(index, len(cells), row, cached is not None)
+        if row.status == "interrupted":
+            break
+    write_tables(rows, root)
+    if plot:
+        from .compare_plot import draw
+
+        draw(rows, root / "compare.png")
+    return rows
+
+
+def cell_settings(epochs: int, seed: int, options: dict[str, Any], fit_kwargs: dict[str, Any],
+                  train_loader: Iterable | None = None) -> dict[str, Any]:  # fmt: skip
+    """What a finished cell must have been trained with to be reused: epochs, seed, the method's options, the
+    ``fit`` keywords (objects by their class name; ``device`` left out, it does not change the result's meaning)
+    and the training loader's batch size and number of batches."""
+    plain = (str, int, float, bool, type(None), list, tuple, dict)
+    fit = {k: v if isinstance(v, plain) else getattr(v, "__qualname__", type(v).__qualname__)
+           for k, v in sorted(fit_kwargs.items()) if k != "device"}  # fmt: skip
+    data = {"batch_size": getattr(train_loader, "batch_size", None),
+            "batches": len(train_loader) if hasattr(train_loader, "__len__") else None}  # fmt: skip
+    settings = {"epochs": epochs, "seed": seed, "options": options, "fit": fit, "data": data}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _read_cell(directory: Path, settings: dict[str, Any]) -> CompareRow | None:
+    """The finished row recorded in ``directory/cell.json`` with these settings (else None: failed cells are
+    retried, and a cell trained otherwise, e.g. for fewer epochs, is retrained from the start)."""
+    path = directory / CELL_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        row = CompareRow(**{f.name: data[f.name] for f in fields(CompareRow) if f.name in data})
+    except (ValueError, TypeError, KeyError):
+        return None
+    return row if row.status == "done" and data.get("settings") == settings else None
+
+
+def _run_cell(method: str, target: float | None, directory: Path, model_fn: Callable[[], nn.Module],
+              train_loader: Iterable, val_loader: Iterable, epochs: int, seed: int, options: dict[str, Any],
+              force: bool, input_shape: tuple[int, ...], callback: Callback,
+              fit_kwargs: dict[str, Any], settings: dict[str, Any]) -> CompareRow:  # fmt: skip
+    from ..controller import sparsify
+    from .loop import fit
+
+    row = CompareRow(method, target, "failed", directory=str(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CELL_FILE
+    try:
+        same = json.loads(path.read_text()).get("settings") == settings
+    except (OSError, ValueError, AttributeError):
+        same = False
+    resume = same and not force and (directory / CHECKPOINT_NAME).exists()  # else retrain from the start
+    running = json.dumps({**asdict(CompareRow(method, target, "running")), "settings": settings}, indent=1)
+    write_atomic(path, lambda tmp: tmp.write_text(running))
+    try:
+        rng.seed_all(seed)
+        model = model_fn()
+        if target is None:  # the baseline: a plain model, no checkpoint (rerun whole when interrupted)
+            history = fit(model, train_loader, val_loader, epochs=epochs, seed=seed, callback=callback, **fit_kwargs)
+            row.params = sum(p.numel() for p in model.parameters())
+            row.macs = macs_or_none(model, input_shape)
+        else:
+            sp = sparsify(model, method, target=target, **options)
+            history = fit(sp, train_loader, val_loader, epochs=epochs, seed=seed, callback=callback, out=directory,
+                          resume=resume, overwrite=not resume, **fit_kwargs)  # fmt: skip
+            if not history.stopped:
+                row.params, row.macs = _purged_size(sp, input_shape)
+        _row_from_history(row, history)
+        row.status = "interrupted" if history.stopped else "done"
+        if row.status == "done" and row.loss is not None and not math.isfinite(row.loss):
+            row.status, row.error = "failed", f"TrainingError: the validation loss is {row.loss}"
+    except Exception as exc:  # noqa: BLE001  (a failing cell is recorded; the others go on)
+        row.status, row.error = "failed", one_line(exc)
+    if row.status != "interrupted":
+        text = json.dumps({**asdict(row), "settings": settings}, indent=1)
+        write_atomic(path, lambda tmp: tmp.write_text(text))
+    return row
+
+
+def _cell(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown(rows: Sequence[CompareRow]) -> str:
+    """The table as Markdown: one line per cell, failed cells with their error."""
+    head = ["method", "target", "accuracy", "val loss", "sparsity", "learned", "params", "MACs", "time/step ×dense",
+            "status"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        status = r.status if r.error is None else f"{r.status}: {r.error.replace('|', '/')}"
+        target = "—" if r.target is None else f"{r.target:g}"
+        cells = [r.method, target, _cell(r.accuracy), _cell(r.loss), _cell(r.sparsity), _cell(r.learned_sparsity),
+                 _cell(r.params), _cell(r.macs), _cell(r.relative_time, 2), status]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: Sequence[CompareRow], out: str | Path) -> tuple[Path, Path]:
+    """Write ``compare.json`` (the rows) and ``compare.md`` (the table) into ``out``, atomically."""
+    root = Path(out)
+    data = json.dumps({"rows": [asdict(r) for r in rows], "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1)
+    text = markdown(rows)
+    return (write_atomic(root / "compare.json", lambda tmp: tmp.write_text(data)),
+            write_atomic(root / "compare.md", lambda tmp: tmp.write_text(text)))  # fmt: skip
