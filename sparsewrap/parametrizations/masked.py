@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from .. import native
+from .. import native, switches
 from .base import SparseParametrization, version_key
 from .projection import EvalProjection
 
@@ -68,7 +68,7 @@ def _before_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
 def _after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
     for owner, p in _STEPPING.pop(opt, ()):
         # plain attribute writes: Module.__setattr__ is a slow path
-        owner.__dict__["_clean"] = (version_key(p), version_key(owner._buffers["mask"]))
+        owner.__dict__["_clean"] = (version_key(p), version_key(owner.mask))
 
 
 def watch_optimizer(optimizer: Optimizer) -> None:
@@ -80,7 +80,7 @@ def watch_optimizer(optimizer: Optimizer) -> None:
     next forward nor ``sp.step()`` needs a pass over them. An optimizer that is not watched costs that one
     in-place pass per weight instead, with the same values.
     """
-    if optimizer not in _WATCHED:
+    if switches.OPTIMIZER_SKIP and optimizer not in _WATCHED:
         pre = optimizer.register_step_pre_hook(_before_step)
         post = optimizer.register_step_post_hook(_after_step)
         _WATCHED[optimizer] = (pre, post)
@@ -157,7 +157,7 @@ class Masked(SparseParametrization):
 
     def __init__(self, mask_shape: tuple[int, ...], like: Tensor, hard: bool = True) -> None:
         super().__init__()
-        self.hard = hard
+        self.hard = hard and switches.HARD_MASKS
         self.register_buffer("mask", torch.ones(mask_shape, dtype=like.dtype, device=like.device))
         self._clean: tuple[Key, Key] | None = None  # (original, mask) keys at which the original was clean
         self._grad_clean: Key | None = None  # key of original.grad right after the hook masked it
@@ -169,7 +169,7 @@ class Masked(SparseParametrization):
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, original: Tensor) -> Tensor:
-        mask = self._buffers["mask"]  # not self.mask: Module.__getattr__ is a slow path, run at every forward
+        mask = self.mask
         if self.final is not None and not self.training:
             # what one evaluates is what export writes: a method whose export projects the masks (a gradual
             # schedule exported before its end) hands its final mask here; None when it equals the live mask
@@ -197,7 +197,7 @@ class Masked(SparseParametrization):
         between steps whatever the optimizer did (a no-op after a step that :func:`watch_optimizer` saw keep
         them zero).
         """
-        if self.hard and (version_key(original), version_key(self._buffers["mask"])) != self._clean:
+        if self.hard and (version_key(original), version_key(self.mask)) != self._clean:
             self.project(original)
 
     def project(self, original: Tensor) -> None:
@@ -214,8 +214,8 @@ class Masked(SparseParametrization):
         loop: the kernel call is prepared once per mask change (:meth:`_native_call`), and a call checks only
         the mask's version and the tensor's layout.
         """
-        mask = self._buffers["mask"]  # not self.mask: Module.__getattr__ is a slow path
-        key = (mask._version, mask.data_ptr(), t.shape)
+        mask = self.mask
+        key = (version_key(mask), t.shape)
         call = self._call
         if call is None or call[0] != key:
             self._bits = self._packed(t)  # kept here while the call bound to its address is in use
@@ -302,7 +302,7 @@ class Masked(SparseParametrization):
     def _ready_for_step(self, opt: Optimizer, p: Tensor, done: dict[int, tuple]) -> bool:
         """Whether a zero-preserving step leaves ``p`` clean; zeroes the optimizer state at pruned entries
         once per mask change (``done``: this optimizer's record of that, :data:`_STATE_MASKED`)."""
-        mask = self._buffers["mask"]
+        mask = self.mask
         clean = (version_key(p), version_key(mask)) == self._clean
         if not clean or (p.grad is not None and version_key(p.grad) != self._grad_clean):
             # this step may write non-zeros into the state at pruned entries (an unmasked gradient, or weight
