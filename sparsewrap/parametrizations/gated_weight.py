@@ -294,9 +294,20 @@ class GatedWeight(SparseParametrization):
         self._clamped_at: tuple[int, int] | None = None  # (data_ptr, version) of log_alpha when last projected
         self.register_state_dict_pre_hook(_clamp_before_saving)
 
+    def needs_clamp(self) -> bool:
+        """Whether ``log_alpha`` may be outside ``[-bound, bound]``: it changed since it was last clamped. Where
+        torch has no version counters (:mod:`sparsewrap.torch_compat`) its values tell instead (a read pass), so
+        that a clamped ``log_alpha`` is never written in place again (a forward may have saved it)."""
+        if self.bound is None:
+            return False
+        if torch_compat.version(self.log_alpha) is None:
+            with torch.no_grad():
+                return bool(self.log_alpha.abs().max() > self.bound)
+        return version_key(self.log_alpha) != self._clamped_at
+
     def ensure_clamped(self) -> None:
         """Clamp ``log_alpha`` to ``[-bound, bound]`` in place if it changed since it was last clamped."""
-        if self.bound is not None and version_key(self.log_alpha) != self._clamped_at:
+        if self.needs_clamp():
             with torch.no_grad():
                 self.log_alpha.clamp_(-self.bound, self.bound)
             self._clamped_at = version_key(self.log_alpha)
@@ -306,7 +317,7 @@ class GatedWeight(SparseParametrization):
             return self._deterministic(original, self.final.factors(self) if self.final is not None else None)
         # no backward: nothing to keep
         scratch = self._scratch if torch.is_grad_enabled() and switches.REUSE_BUFFERS else None
-        dirty = self.bound is not None and version_key(self.log_alpha) != self._clamped_at
+        dirty = self.needs_clamp()
         out, count = GatedMul.apply(original, self.log_alpha, self.beta, scratch, self.bound if dirty else 0.0)
         if dirty:
             self._clamped_at = version_key(self.log_alpha)

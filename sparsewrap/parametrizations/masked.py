@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from .. import native, switches
+from .. import native, switches, torch_compat
 from .base import SparseParametrization, version_key
 from .projection import EvalProjection
 
@@ -184,7 +184,7 @@ class Masked(SparseParametrization):
         if tracked is None or tracked() is not original or (not hooked and original.requires_grad and original.is_leaf):
             self._track(original)  # a new original, or one unfrozen since it was tracked
             hooked = self._hooked
-        if (version_key(original), version_key(mask)) != self._clean:
+        if self.changed_since_clean(original):
             self.project(original)
         if hooked or not original.requires_grad:
             return original  # already original * mask; a gradient is masked where it accumulates
@@ -197,8 +197,18 @@ class Masked(SparseParametrization):
         between steps whatever the optimizer did (a no-op after a step that :func:`watch_optimizer` saw keep
         them zero).
         """
-        if self.hard and (version_key(original), version_key(self.mask)) != self._clean:
+        if self.hard and self.changed_since_clean(original):
             self.project(original)
+
+    def changed_since_clean(self, original: Tensor) -> bool:
+        """Whether ``original`` may be non-zero at pruned entries: it or the mask changed since it was last
+        clean. Where torch has no version counters (:mod:`sparsewrap.torch_compat`) the values tell instead (a
+        read pass), so that a clean original is never written in place again (it may be saved for a backward)."""
+        mask = self.mask
+        if torch_compat.version(original) is None or torch_compat.version(mask) is None:
+            with torch.no_grad():
+                return bool(torch.logical_and(original.ne(0), mask.eq(0)).any())
+        return (version_key(original), version_key(mask)) != self._clean
 
     def project(self, original: Tensor) -> None:
         """Zero ``original`` in place wherever the mask is zero (hard masks)."""
