@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import sparsewrap as sw
-from sparsewrap import torch_compat
+from sparsewrap import switches, torch_compat
 from sparsewrap.parametrizations import Masked, attach, masked
 from sparsewrap.parametrizations.base import version_key
 
@@ -213,3 +213,29 @@ def test_the_fused_check_falls_back_to_a_probe_that_gives_the_same_answer(monkey
         assert [g.get("fused") for g in groups] == [None] + [True if private else None] * (len(groups) - 1)
     finally:
         torch_compat.fused_cpu_optimizers.cache_clear()
+
+
+# -- the measurement switches (sparsewrap/switches.py): each piece off gives the same training ----------------------
+SWITCHES = {
+    "magnitude": ["NATIVE", "HARD_MASKS", "SHORT_LIST_FORWARD", "OPTIMIZER_SKIP"],
+    "l0": ["REUSE_BUFFERS", "SHORT_LIST_FORWARD"],  # NATIVE: the eager gates draw another noise stream
+    "l0-channel": ["SHORT_LIST_FORWARD"],
+}
+
+
+@pytest.mark.parametrize("case,switch", [(c, s) for c, names in SWITCHES.items() for s in names])
+def test_each_hot_path_piece_switched_off_trains_the_same_model(case, switch, monkeypatch) -> None:
+    """bench/overhead.py times a method with one piece off against the method with all on: the same work."""
+    kwargs, build, shape = CASES[case]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    expected_model = build()  # built right before training: sparsify draws the gates' initial values
+    _train(kwargs, expected_model, x)
+    monkeypatch.setattr(switches, switch, False)
+    model = build()
+    _train(kwargs, model, x)
+    with torch.no_grad():
+        expected, got = expected_model.eval()(x), model.eval()(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for a, b in zip(expected_model.modules(), model.modules()):
+            if parametrize.is_parametrized(a, "weight"):  # the effective weights (the plain path keeps pruned
+                torch.testing.assert_close(b.weight, a.weight, rtol=1e-5, atol=1e-6)  # originals non-zero)
