@@ -139,11 +139,12 @@ class Masked(SparseParametrization):
     ``hard=False``. An original that requires a gradient but is not a leaf (``torch.func.functional_call``)
     takes an autograd function that masks the gradient on its way back instead.
 
-    On the CPU, a float32 mask (full-size or per output channel) is also kept packed one bit per entry, and
-    the pruned entries are zeroed by native kernels (:mod:`sparsewrap.native`) rather than multiplied by the
-    float mask: a full-size mask costs an eighth of a byte of mask per weight instead of four, and a channel
-    mask writes zeros into the pruned channels only, reading nothing. A pruned gradient entry is then exactly
-    0 even where the incoming gradient is NaN or infinite (the product would give NaN there).
+    Pruned entries are set to zero (``masked_fill_`` with the pruned entries as a boolean tensor, kept until the
+    mask changes), not multiplied by the mask: a pruned gradient entry is exactly 0 even where the incoming
+    gradient is NaN or infinite (the product would give NaN there). On the CPU, a float32 mask (full-size or
+    per output channel) of a large weight is kept packed one bit per entry instead, and native kernels
+    (:mod:`sparsewrap.native`) zero the pruned entries: an eighth of a byte of mask per weight, and a channel
+    mask writes zeros into the pruned channels only, reading nothing.
 
     Writes through ``.data`` bypass the version counter: call :meth:`project` after them. A pruned weight's
     original value is not kept, so a weight that is un-pruned later restarts from zero (as in RigL and SET).
@@ -164,7 +165,8 @@ class Masked(SparseParametrization):
         self._original: weakref.ref | None = None
         self._hooked = False  # the accumulation hook is on the tracked original
         self._bits: tuple[Tensor, int] | None = None  # the packed mask (see _packed) of the bound call
-        self._call: tuple[tuple, Callable[[int], None] | None] | None = None  # (key, bound call): _zero_pruned
+        # (key, bound native call or None, the pruned entries as booleans or None): see _zero_pruned
+        self._call: tuple[tuple, Callable[[int], None] | None, Tensor | None] | None = None
         self.final: EvalProjection | None = None  # the method's final projection, applied in eval mode (below)
 
     # -- forward ----------------------------------------------------------------------------------------------
@@ -217,7 +219,7 @@ class Masked(SparseParametrization):
         self._clean = (version_key(original), version_key(self.mask))
 
     def _zero_pruned(self, t: Tensor) -> None:
-        """``t *= mask`` in place, for a hard mask (pruned entries become exact zeros).
+        """Zero ``t`` in place at the pruned entries of a hard mask (exact zeros, also where ``t`` is not finite).
 
         On the hot path (each weight gradient, right after autograd wrote it) this runs while the backward's
         convolutions keep the caches full, where every Python operation costs ten times what it costs in a
@@ -229,13 +231,14 @@ class Masked(SparseParametrization):
         call = self._call
         if call is None or call[0] != key:
             self._bits = self._packed(t)  # kept here while the call bound to its address is in use
-            call = self._call = (key, self._native_call(self._bits, t.numel()))
+            zero = self._native_call(self._bits, t.numel())
+            call = self._call = (key, zero, mask.eq(0) if zero is None else None)
         zero = call[1]
         if zero is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous():
             zero(t.data_ptr())
             torch.autograd.graph.increment_version(t)  # a write autograd did not see; its saved-tensor checks must
         else:
-            t.mul_(mask)
+            t.masked_fill_(call[2] if call[2] is not None else mask.eq(0), 0)
 
     @staticmethod
     def _native_call(packed: tuple[Tensor, int] | None, numel: int) -> Callable[[int], None] | None:
