@@ -328,7 +328,7 @@ class _Forward(nn.Module):
 
 
 def test_torch_compile_traces_hard_masks_in_one_graph_with_the_same_training() -> None:
-    torch._dynamo.reset()
+    torch.compiler.reset()
     (fast, fast_masks), (ref, _) = _net("fast"), _net("reference")
     compiled = torch.compile(_Forward(fast), backend="aot_eager", fullgraph=True)  # fails on any graph break
     runs = [compiled, lambda x: _forward(ref, x)]
