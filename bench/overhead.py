@@ -19,6 +19,14 @@ times a second, identical dense model in place of the sparse one: its distance f
 noise alone does to a ratio.
 
 Goals (``GOALS``, on the paired ratio): 1.05x dense for masks and channel gates, 1.3x for per-weight gates.
+
+The rows of ``PIECE_ROWS`` run a method with pieces of the hot path switched off (``SWITCHES``; set through
+``sparsewrap/switches.py`` and ``sparsewrap/torch_compat.py``, for measurement only): a piece's gain is its
+method row's ratio against the ratio of the row without it, both against the same dense model. The
+``*-plain`` rows switch every piece off but the version counters (their own rows measure them): ``w * mask``
+as a parametrization, eager hard-concrete gates.
+
+    python bench/overhead.py --models resnet18 --threads 1 --rows control magnitude magnitude-no-native l0 l0-eager
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from runfiles import run_stem, write_new
 from torch import nn
 
 import sparsewrap as sw
+from sparsewrap import switches, torch_compat
 
 # (name, timm architecture, image size, batch)
 MODELS: list[tuple[str, str, int, int]] = [
@@ -57,6 +66,36 @@ METHOD_ROWS: list[tuple[str, dict[str, Any] | None]] = [
     ("magnitude-channel", dict(method="magnitude", target=0.5, granularity="channel")),
     ("l0", dict(method="l0", target=0.9)),
     ("l0-channel", dict(method="l0", target=0.5, granularity="channel")),
+]
+_MAG = dict(method="magnitude", target=0.9)
+_L0 = dict(method="l0", target=0.9)
+_L0C = dict(method="l0", target=0.5, granularity="channel")
+# what each switch turns off (docs/benchmarks.md, "What the hot path keeps")
+SWITCHES = {
+    "native": "the C kernels (masks.c, hardconcrete.c): the eager path",
+    "hard_masks": "hard masks: every mask is the plain product w * mask",
+    "short_list_forward": "the shorter parametrization-list forward: torch's ParametrizationList.forward",
+    "optimizer_skip": "the per-optimizer step hooks: one pass per masked weight at each sp.step()",
+    "reuse_buffers": "the per-weight gates' reused buffers: new tensors every step",
+    "version_counters": "tensor version counters (torch_compat.no_version): every lazy projection redone",
+    "fused_gates": "torch's fused optimizer update of the method's own parameters",
+}
+# the plain path: every piece off but the version counters (without them the fallback reads values: slower)
+ALL_OFF = tuple(name for name in SWITCHES if name != "version_counters")
+# (row id, sparsify keyword arguments, the switches turned off)
+PIECE_ROWS: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
+    ("magnitude-plain", _MAG, ALL_OFF),
+    ("magnitude-no-native", _MAG, ("native",)),
+    ("magnitude-no-skip", _MAG, ("optimizer_skip",)),
+    ("magnitude-torch-list", _MAG, ("short_list_forward",)),
+    ("magnitude-no-version", _MAG, ("version_counters",)),
+    ("l0-plain", _L0, ALL_OFF),
+    ("l0-eager", _L0, ("native",)),
+    ("l0-no-reuse", _L0, ("reuse_buffers",)),
+    ("l0-torch-list", _L0, ("short_list_forward",)),
+    ("l0-unfused", _L0, ("fused_gates",)),
+    ("l0-no-version", _L0, ("version_counters",)),
+    ("l0-channel-torch-list", _L0C, ("short_list_forward",)),
 ]
 # the issues' goals (paired ratio), flagged in the table when missed
 GOALS = {"magnitude": 1.05, "magnitude-channel": 1.05, "l0": 1.3, "l0-channel": 1.05}
@@ -78,6 +117,35 @@ class Result:
     round_ratios: list[float] | None = None  # the ratio of each round alone
     dense_faults: float | None = None  # median minor page faults per step (getrusage), dense model
     sparse_faults: float | None = None  # the same, sparse model
+    off: list[str] | None = None  # the hot-path pieces switched off (SWITCHES)
+
+
+class switched_off:
+    """Turn the named pieces of the hot path off for the duration of a ``with`` block (see ``SWITCHES``)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        unknown = sorted(set(names) - set(SWITCHES))
+        if unknown:
+            raise ValueError(f"unknown switches {unknown}; known: {sorted(SWITCHES)}")
+        self.names = names
+        self.saved: dict[str, Any] = {}
+
+    def __enter__(self) -> switched_off:
+        for name in self.names:
+            if name == "version_counters":
+                self.saved[name] = torch_compat.version
+                torch_compat.version = torch_compat.no_version
+            elif name != "fused_gates":  # fused_gates: the Stepper's param groups
+                self.saved[name] = getattr(switches, name.upper())
+                setattr(switches, name.upper(), False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, value in self.saved.items():
+            if name == "version_counters":
+                torch_compat.version = value
+            else:
+                setattr(switches, name.upper(), value)
 
 
 def _sync(device: torch.device) -> None:
@@ -89,10 +157,13 @@ class Stepper:
     """One model, its optimizer and (for the sparse one) its Sparsifier; :meth:`__call__` times one step."""
 
     def __init__(self, model: nn.Module, sp: sw.Sparsifier | None, device: torch.device, clock: str,
-                 fused: bool = False) -> None:  # fmt: skip
+                 fused: bool = False, fused_method_groups: bool = True) -> None:  # fmt: skip
         self.model, self.sp, self.device = model.to(device).train(), sp, device
         self.clock = time.process_time if clock == "cpu" else time.perf_counter
         params = sp.param_groups(lr=0.01) if sp is not None else [{"params": list(model.parameters()), "lr": 0.01}]
+        if not fused_method_groups:
+            for group in params[1:]:
+                group["fused"] = False
         self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=fused or None)
         if sp is not None:
             sp.start(optimizer=self.opt)  # hard masks follow this optimizer's steps (no pass per weight and step)
@@ -117,9 +188,17 @@ class Stepper:
 
 
 def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, steps: int, warmup: int,
-            device: torch.device, clock: str, fused: bool = False) -> tuple[list[float], ...]:  # fmt: skip
+            device: torch.device, clock: str, fused: bool = False,
+            off: tuple[str, ...] = ()) -> tuple[list[float], ...]:  # fmt: skip
     """Interleaved step times (seconds) of the dense and the sparsified model (``kwargs`` None: a second dense
-    model, the control), then the page faults of their timed steps."""
+    model, the control), then the page faults of their timed steps; the pieces ``off`` are switched off for
+    both models, from building them to the last step (the dense model runs none of them)."""
+    with switched_off(off):
+        return _measure(arch, size, batch, kwargs, steps, warmup, device, clock, fused, "fused_gates" not in off)
+
+
+def _measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, steps: int, warmup: int,
+             device: torch.device, clock: str, fused: bool, fused_groups: bool) -> tuple[list[float], ...]:  # fmt: skip
     torch.manual_seed(0)
     dense_model = timm.create_model(arch, pretrained=False, num_classes=10)
     sparse_model = timm.create_model(arch, pretrained=False, num_classes=10)
@@ -129,7 +208,7 @@ def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, ste
         options = dict(kwargs)
         sp = sw.sparsify(sparse_model, options.pop("method"), **options)
     dense = Stepper(dense_model, None, device, clock, fused)
-    sparse = Stepper(sparse_model, sp, device, clock, fused)
+    sparse = Stepper(sparse_model, sp, device, clock, fused, fused_groups)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     for _ in range(warmup):
@@ -145,13 +224,15 @@ def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, ste
 
 def run_one(name: str, arch: str, size: int, batch: int, row: str, kwargs: dict[str, Any] | None, steps: int,
             warmup: int, device: torch.device, clock: str, repeats: int = 1,
-            fused: bool = False) -> Result:  # fmt: skip
+            fused: bool = False, off: tuple[str, ...] = ()) -> Result:  # fmt: skip
     dense: list[float] = []
     sparse: list[float] = []
     faults: tuple[list[int], list[int]] = ([], [])
     rounds = []
     for _ in range(repeats):
-        d_times, s_times, d_faults, s_faults = measure(arch, size, batch, kwargs, steps, warmup, device, clock, fused)
+        d_times, s_times, d_faults, s_faults = measure(
+            arch, size, batch, kwargs, steps, warmup, device, clock, fused, off
+        )
         rounds.append(statistics.median(s_times) / statistics.median(d_times))
         dense += d_times
         sparse += s_times
@@ -160,7 +241,8 @@ def run_one(name: str, arch: str, size: int, batch: int, row: str, kwargs: dict[
     paired = statistics.median(b / a for a, b in zip(dense, sparse))
     shape = [batch, 3, size, size]
     d_f, s_f = statistics.median(faults[0]), statistics.median(faults[1])
-    return Result(name, row, shape, d * 1e3, s * 1e3, s / d, paired, steps, repeats, rounds, d_f, s_f)
+    return Result(name, row, shape, d * 1e3, s * 1e3, s / d, paired, steps, repeats, rounds, d_f, s_f,
+                  list(off) or None)  # fmt: skip
 
 
 def keep_heap() -> bool:
@@ -203,7 +285,7 @@ def _commit() -> str:
 
 def render(results: list[Result]) -> str:
     lines = [
-        f"{'model':<10} {'row':<20} {'input':<16} {'dense ms':>9} {'sparse ms':>10} {'ratio':>7} {'paired':>7} "
+        f"{'model':<10} {'row':<22} {'input':<16} {'dense ms':>9} {'sparse ms':>10} {'ratio':>7} {'paired':>7} "
         f"{'spread':>13} {'faults d/s':>11}"
     ]
     for r in results:
@@ -211,7 +293,7 @@ def render(results: list[Result]) -> str:
         rounds = r.round_ratios or [r.ratio]
         spread = f"{min(rounds):.3f}-{max(rounds):.3f}" if len(rounds) > 1 else ""
         faults = f"{r.dense_faults or 0:.0f}/{r.sparse_faults or 0:.0f}"
-        lines.append(f"{r.model:<10} {r.row:<20} {'x'.join(map(str, r.input)):<16} {r.dense_ms:9.1f} "
+        lines.append(f"{r.model:<10} {r.row:<22} {'x'.join(map(str, r.input)):<16} {r.dense_ms:9.1f} "
                      f"{r.sparse_ms:10.1f} {r.ratio:7.3f} {r.paired_ratio:7.3f} {spread:>13} "
                      f"{faults:>11}{flag}")  # fmt: skip
     return "\n".join(lines)
@@ -220,7 +302,9 @@ def render(results: list[Result]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=[m[0] for m in MODELS], help="subset of: %(default)s")
-    ap.add_argument("--rows", nargs="*", default=[r[0] for r in METHOD_ROWS], help="subset of: %(default)s")
+    pieces = " ".join(r[0] for r in PIECE_ROWS)
+    ap.add_argument("--rows", nargs="*", default=[r[0] for r in METHOD_ROWS],
+                    help=f"default: %(default)s; also the hot-path rows {pieces}")  # fmt: skip
     ap.add_argument("--steps", type=int, default=20, help="timed steps per model (each)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=1, help="rounds per row, each with freshly built models")
@@ -247,20 +331,23 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = dict(METHOD_ROWS)
+    rows = {name: (kwargs, ()) for name, kwargs in METHOD_ROWS}
+    rows.update({name: (kwargs, off) for name, kwargs, off in PIECE_ROWS})
     unknown = sorted(set(args.rows) - set(rows)) + sorted(set(args.models) - {m[0] for m in MODELS})
     if unknown:
         ap.error(f"unknown model or row {unknown}; models: {[m[0] for m in MODELS]}, rows: {list(rows)}")
     results = []
     for name, arch, size, batch in [m for m in MODELS if m[0] in args.models]:
-        for row in [r for r in rows if r in args.rows]:
+        for row in dict.fromkeys(args.rows):  # in the order given, so that related rows run side by side
             setting = (args.steps, args.warmup, device, args.clock, args.repeats, args.fused)
-            results.append(run_one(name, arch, size, batch, row, rows[row], *setting))
+            kwargs, off = rows[row]
+            results.append(run_one(name, arch, size, batch, row, kwargs, *setting, off=off))
             print(render(results[-1:]).splitlines()[-1], flush=True)
     print()
     print(render(results))
     record = {
         "goals": GOALS,
+        "switches": SWITCHES,
         "device": str(device),
         "clock": args.clock,
         "fused_sgd": args.fused,

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from . import torch_compat
 from .analysis.inputs import InputRecord, watch_first_input
 from .analysis.targets import Patterns, check_model, select_targets
 from .analysis.tracing import analyse
@@ -30,12 +31,8 @@ def _fused_update_fits(params: list[Tensor]) -> bool:
     """Whether torch's fused update (``fused=True``: one kernel per tensor for SGD, Adam, AdamW, Adagrad)
     suits ``params``: float32/float64 tensors on the CPU, where torch's default is otherwise its per-tensor
     loop of several passes (on GPUs its default, ``foreach``, is already batched)."""
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-    except ImportError:  # pragma: no cover - torch without fused optimizers
-        return False
-    if "cpu" not in _get_fused_kernels_supported_devices():
-        return False  # pragma: no cover
+    if not torch_compat.fused_cpu_optimizers():
+        return False  # pragma: no cover - a torch without fused CPU optimizers
     return bool(params) and all(p.device.type == "cpu" and p.dtype in FUSED_DTYPES for p in params)
 
 

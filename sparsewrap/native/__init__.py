@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .. import switches
+
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("hardconcrete.c", "masks.c")]
@@ -125,6 +127,8 @@ def _build(cc: str) -> Path:
 
 def kernels() -> ctypes.CDLL | None:
     """The compiled library (built on first call), or ``None`` when native kernels are unavailable."""
+    if not switches.NATIVE:  # off for a measurement (sparsewrap/switches.py)
+        return None
     if "lib" in _state:  # the common case, on every gated forward and masked gradient: no lock needed
         return _state["lib"]  # type: ignore[return-value]
     with _lock:

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .. import switches, torch_compat
+
 
 class SparseParametrization(nn.Module):
     """A parametrization ``original -> effective tensor`` that sparsifies a weight.
@@ -74,9 +76,10 @@ def version_key(t: Tensor) -> tuple[int, int]:
     """``(data_ptr, version counter)``: changes whenever ``t`` is replaced or written in place (not via ``.data``).
 
     Parametrizations use it to redo a projection (re-zero pruned weights, clamp ``log_alpha``) lazily, only after
-    the tensor has changed since they last did it.
+    the tensor has changed since they last did it. Where torch has no readable version counter
+    (:func:`sparsewrap.torch_compat.version`), every call returns a new key: the projection is redone each time.
     """
-    return (t.data_ptr(), t._version)
+    return (t.data_ptr(), torch_compat.version_or_new(t))
 
 
 def is_ours(module: nn.Module, name: str) -> bool:
@@ -123,7 +126,7 @@ def attach(module: nn.Module, name: str, parametrization: SparseParametrization,
     parametrize.register_parametrization(module, name, parametrization, unsafe=unsafe)
     _generation += 1
     plist = module.parametrizations[name]
-    if type(plist) is parametrize.ParametrizationList:
+    if switches.SHORT_LIST_FORWARD and type(plist) is parametrize.ParametrizationList:
         plist.__class__ = ParametrizationList  # the same state and behaviour; a shorter forward
     return parametrization
 

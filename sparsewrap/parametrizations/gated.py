@@ -19,6 +19,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from .. import torch_compat
 from .base import SparseParametrization
 from .gated_weight import PerForward
 from .hard_concrete import BETA, eval_gates, init_log_alpha, sample_gates_fused
@@ -63,7 +64,7 @@ class GateBank:
         piece = self.pieces.pop(gate, None)
         if (
             piece is None
-            or self.versions[gate] != gate.log_alpha._version
+            or self.versions[gate] != torch_compat.version(gate.log_alpha)
             or (torch.is_grad_enabled() and gate.log_alpha.requires_grad and not piece.requires_grad)
         ):
             self.draw()
@@ -75,7 +76,7 @@ class GateBank:
         z = sample_gates_fused(torch.cat(las) if len(las) > 1 else las[0], self.gates[0].beta)
         self.draws += 1
         self.pieces = dict(zip(self.gates, torch.split(z, [la.numel() for la in las])))
-        self.versions = {g: g.log_alpha._version for g in self.gates}
+        self.versions = {g: torch_compat.version(g.log_alpha) for g in self.gates}
         if z.grad_fn is not None:
             z.grad_fn.register_hook(functools.partial(_expire, weakref.ref(self), self.draws))
 
@@ -121,12 +122,12 @@ class ChannelGate(nn.Module):
         stale = (
             s.value is None
             or member in s.seen
-            or s.version != self.log_alpha._version
+            or s.version != torch_compat.version(self.log_alpha)
             or (torch.is_grad_enabled() and self.log_alpha.requires_grad and not s.value.requires_grad)
         )
         if stale:
             value = self._bank.take(self) if self._bank is not None else sample_gates_fused(self.log_alpha, self.beta)
-            s.value, s.seen, s.version = value, set(), self.log_alpha._version
+            s.value, s.seen, s.version = value, set(), torch_compat.version(self.log_alpha)
         s.seen.add(member)
         return s.value
 

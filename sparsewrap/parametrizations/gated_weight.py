@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .. import native
+from .. import native, switches, torch_compat
 from .base import SparseParametrization, version_key
 from .hard_concrete import (
     BETA,
@@ -130,9 +130,6 @@ def _three_halves(beta: float) -> int:
     return int(abs(beta - 2.0 / 3.0) < 1e-12)  # the kernels use q sqrt(q) for q^(1/beta)
 
 
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)  # absent: buffers are not reused
-
-
 class _Buffer:
     """A buffer handed out again only when no tensor but this one refers to its memory.
 
@@ -143,6 +140,8 @@ class _Buffer:
     dropped the gradient), and a new one is taken while anything still refers to it (gradient accumulation
     over several forwards, ``retain_graph=True``, ``parametrize.cached``).
     Reuse also bumps the version counter, so autograd would refuse a stale saved copy rather than use it.
+    Where torch does not give the storage's use count (:func:`sparsewrap.torch_compat.storage_use_count`), every
+    call takes a new buffer.
     """
 
     __slots__ = ("buf", "storage")
@@ -161,10 +160,10 @@ class _Buffer:
             or buf.shape != like.shape
             or buf.dtype != like.dtype
             or buf.device != like.device
-            or _storage_use_count(self.storage._cdata) != 2  # this buffer and its storage object: nothing else
+            or torch_compat.storage_use_count(self.storage) != 2  # this buffer and its storage object: nothing else
         ):
             buf = torch.empty_like(like, memory_format=torch.contiguous_format)
-            if _storage_use_count is None:
+            if torch_compat.storage_use_count(buf.untyped_storage()) is None:
                 return buf
             self.buf, self.storage = buf, buf.untyped_storage()
         else:
@@ -206,7 +205,7 @@ def _native_backward(grad: Tensor | None, grad_count: Tensor | None, w: Tensor, 
     grad_w = None
     if g is not None and needs[0]:
         # the gated weight's gradient is a fresh tensor owned by autograd: the weight gradient overwrites it
-        grad_w = g if (g is grad and grad._base is None) else torch.empty_like(g)
+        grad_w = g if (g is grad and torch_compat.owns_memory(grad)) else torch.empty_like(g)
     if not needs[1]:
         return (torch.mul(g, z, out=grad_w) if grad_w is not None else None), None
     # the gate gradient goes to log_alpha.grad (stolen by autograd when that is None): its buffer comes back
@@ -250,7 +249,7 @@ class PerForward:
     def __init__(self) -> None:
         self.value: Tensor | None = None
         self.seen: set[int] = set()
-        self.version = -1
+        self.version: object = -1  # what the owner compares to tell that its tensor changed
 
     def __deepcopy__(self, memo: dict) -> PerForward:
         return PerForward()
@@ -295,9 +294,20 @@ class GatedWeight(SparseParametrization):
         self._clamped_at: tuple[int, int] | None = None  # (data_ptr, version) of log_alpha when last projected
         self.register_state_dict_pre_hook(_clamp_before_saving)
 
+    def needs_clamp(self) -> bool:
+        """Whether ``log_alpha`` may be outside ``[-bound, bound]``: it changed since it was last clamped. Where
+        torch has no version counters (:mod:`sparsewrap.torch_compat`) its values tell instead (a read pass), so
+        that a clamped ``log_alpha`` is never written in place again (a forward may have saved it)."""
+        if self.bound is None:
+            return False
+        if torch_compat.version(self.log_alpha) is None:
+            with torch.no_grad():
+                return bool(self.log_alpha.abs().max() > self.bound)
+        return version_key(self.log_alpha) != self._clamped_at
+
     def ensure_clamped(self) -> None:
         """Clamp ``log_alpha`` to ``[-bound, bound]`` in place if it changed since it was last clamped."""
-        if self.bound is not None and version_key(self.log_alpha) != self._clamped_at:
+        if self.needs_clamp():
             with torch.no_grad():
                 self.log_alpha.clamp_(-self.bound, self.bound)
             self._clamped_at = version_key(self.log_alpha)
@@ -305,13 +315,14 @@ class GatedWeight(SparseParametrization):
     def forward(self, original: Tensor) -> Tensor:
         if not self.training:
             return self._deterministic(original, self.final.factors(self) if self.final is not None else None)
-        scratch = self._scratch if torch.is_grad_enabled() else None  # no backward: nothing to keep
-        dirty = self.bound is not None and version_key(self.log_alpha) != self._clamped_at
+        # no backward: nothing to keep
+        scratch = self._scratch if torch.is_grad_enabled() and switches.REUSE_BUFFERS else None
+        dirty = self.needs_clamp()
         out, count = GatedMul.apply(original, self.log_alpha, self.beta, scratch, self.bound if dirty else 0.0)
         if dirty:
             self._clamped_at = version_key(self.log_alpha)
         if count.requires_grad:
-            self._count.value, self._count.version = count, self.log_alpha._version
+            self._count.value, self._count.version = count, version_key(self.log_alpha)
         return out
 
     def _deterministic(self, original: Tensor, z: Tensor | None = None) -> Tensor:
@@ -329,7 +340,7 @@ class GatedWeight(SparseParametrization):
     def expected_count(self) -> Tensor:
         """``sum(P(z != 0))`` (differentiable), from this step's forward when it ran with gradients."""
         kept = self._count
-        if kept.value is not None and kept.version == self.log_alpha._version and torch.is_grad_enabled():
+        if kept.value is not None and kept.version == version_key(self.log_alpha) and torch.is_grad_enabled():
             value, kept.value = kept.value, None  # used once: a second call recomputes
             return value
         self.ensure_clamped()

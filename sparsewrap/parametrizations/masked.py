@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from .. import native
+from .. import native, switches, torch_compat
 from .base import SparseParametrization, version_key
 from .projection import EvalProjection
 
@@ -68,7 +68,7 @@ def _before_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
 def _after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
     for owner, p in _STEPPING.pop(opt, ()):
         # plain attribute writes: Module.__setattr__ is a slow path
-        owner.__dict__["_clean"] = (version_key(p), version_key(owner._buffers["mask"]))
+        owner.__dict__["_clean"] = (version_key(p), version_key(owner.mask))
 
 
 def watch_optimizer(optimizer: Optimizer) -> None:
@@ -80,7 +80,7 @@ def watch_optimizer(optimizer: Optimizer) -> None:
     next forward nor ``sp.step()`` needs a pass over them. An optimizer that is not watched costs that one
     in-place pass per weight instead, with the same values.
     """
-    if optimizer not in _WATCHED:
+    if switches.OPTIMIZER_SKIP and optimizer not in _WATCHED:
         pre = optimizer.register_step_pre_hook(_before_step)
         post = optimizer.register_step_post_hook(_after_step)
         _WATCHED[optimizer] = (pre, post)
@@ -139,11 +139,12 @@ class Masked(SparseParametrization):
     ``hard=False``. An original that requires a gradient but is not a leaf (``torch.func.functional_call``)
     takes an autograd function that masks the gradient on its way back instead.
 
-    On the CPU, a float32 mask (full-size or per output channel) is also kept packed one bit per entry, and
-    the pruned entries are zeroed by native kernels (:mod:`sparsewrap.native`) rather than multiplied by the
-    float mask: a full-size mask costs an eighth of a byte of mask per weight instead of four, and a channel
-    mask writes zeros into the pruned channels only, reading nothing. A pruned gradient entry is then exactly
-    0 even where the incoming gradient is NaN or infinite (the product would give NaN there).
+    Pruned entries are set to zero (``masked_fill_`` with the pruned entries as a boolean tensor, kept until the
+    mask changes), not multiplied by the mask: a pruned gradient entry is exactly 0 even where the incoming
+    gradient is NaN or infinite (the product would give NaN there). On the CPU, a float32 mask (full-size or
+    per output channel) of a large weight is kept packed one bit per entry instead, and native kernels
+    (:mod:`sparsewrap.native`) zero the pruned entries: an eighth of a byte of mask per weight, and a channel
+    mask writes zeros into the pruned channels only, reading nothing.
 
     Writes through ``.data`` bypass the version counter: call :meth:`project` after them. A pruned weight's
     original value is not kept, so a weight that is un-pruned later restarts from zero (as in RigL and SET).
@@ -157,19 +158,20 @@ class Masked(SparseParametrization):
 
     def __init__(self, mask_shape: tuple[int, ...], like: Tensor, hard: bool = True) -> None:
         super().__init__()
-        self.hard = hard
+        self.hard = hard and switches.HARD_MASKS
         self.register_buffer("mask", torch.ones(mask_shape, dtype=like.dtype, device=like.device))
         self._clean: tuple[Key, Key] | None = None  # (original, mask) keys at which the original was clean
         self._grad_clean: Key | None = None  # key of original.grad right after the hook masked it
         self._original: weakref.ref | None = None
         self._hooked = False  # the accumulation hook is on the tracked original
         self._bits: tuple[Tensor, int] | None = None  # the packed mask (see _packed) of the bound call
-        self._call: tuple[tuple, Callable[[int], None] | None] | None = None  # (key, bound call): _zero_pruned
+        # (key, bound native call or None, the pruned entries as booleans or None): see _zero_pruned
+        self._call: tuple[tuple, Callable[[int], None] | None, Tensor | None] | None = None
         self.final: EvalProjection | None = None  # the method's final projection, applied in eval mode (below)
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, original: Tensor) -> Tensor:
-        mask = self._buffers["mask"]  # not self.mask: Module.__getattr__ is a slow path, run at every forward
+        mask = self.mask
         if self.final is not None and not self.training:
             # what one evaluates is what export writes: a method whose export projects the masks (a gradual
             # schedule exported before its end) hands its final mask here; None when it equals the live mask
@@ -184,7 +186,7 @@ class Masked(SparseParametrization):
         if tracked is None or tracked() is not original or (not hooked and original.requires_grad and original.is_leaf):
             self._track(original)  # a new original, or one unfrozen since it was tracked
             hooked = self._hooked
-        if (version_key(original), version_key(mask)) != self._clean:
+        if self.changed_since_clean(original):
             self.project(original)
         if hooked or not original.requires_grad:
             return original  # already original * mask; a gradient is masked where it accumulates
@@ -197,8 +199,18 @@ class Masked(SparseParametrization):
         between steps whatever the optimizer did (a no-op after a step that :func:`watch_optimizer` saw keep
         them zero).
         """
-        if self.hard and (version_key(original), version_key(self._buffers["mask"])) != self._clean:
+        if self.hard and self.changed_since_clean(original):
             self.project(original)
+
+    def changed_since_clean(self, original: Tensor) -> bool:
+        """Whether ``original`` may be non-zero at pruned entries: it or the mask changed since it was last
+        clean. Where torch has no version counters (:mod:`sparsewrap.torch_compat`) the values tell instead (a
+        read pass), so that a clean original is never written in place again (it may be saved for a backward)."""
+        mask = self.mask
+        if torch_compat.version(original) is None or torch_compat.version(mask) is None:
+            with torch.no_grad():
+                return bool(torch.logical_and(original.ne(0), mask.eq(0)).any())
+        return (version_key(original), version_key(mask)) != self._clean
 
     def project(self, original: Tensor) -> None:
         """Zero ``original`` in place wherever the mask is zero (hard masks)."""
@@ -207,25 +219,26 @@ class Masked(SparseParametrization):
         self._clean = (version_key(original), version_key(self.mask))
 
     def _zero_pruned(self, t: Tensor) -> None:
-        """``t *= mask`` in place, for a hard mask (pruned entries become exact zeros).
+        """Zero ``t`` in place at the pruned entries of a hard mask (exact zeros, also where ``t`` is not finite).
 
         On the hot path (each weight gradient, right after autograd wrote it) this runs while the backward's
         convolutions keep the caches full, where every Python operation costs ten times what it costs in a
         loop: the kernel call is prepared once per mask change (:meth:`_native_call`), and a call checks only
         the mask's version and the tensor's layout.
         """
-        mask = self._buffers["mask"]  # not self.mask: Module.__getattr__ is a slow path
-        key = (mask._version, mask.data_ptr(), t.shape)
+        mask = self.mask
+        key = (version_key(mask), t.shape)
         call = self._call
         if call is None or call[0] != key:
             self._bits = self._packed(t)  # kept here while the call bound to its address is in use
-            call = self._call = (key, self._native_call(self._bits, t.numel()))
+            zero = self._native_call(self._bits, t.numel())
+            call = self._call = (key, zero, mask.eq(0) if zero is None else None)
         zero = call[1]
         if zero is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous():
             zero(t.data_ptr())
             torch.autograd.graph.increment_version(t)  # a write autograd did not see; its saved-tensor checks must
         else:
-            t.mul_(mask)
+            t.masked_fill_(call[2] if call[2] is not None else mask.eq(0), 0)
 
     @staticmethod
     def _native_call(packed: tuple[Tensor, int] | None, numel: int) -> Callable[[int], None] | None:
@@ -302,7 +315,7 @@ class Masked(SparseParametrization):
     def _ready_for_step(self, opt: Optimizer, p: Tensor, done: dict[int, tuple]) -> bool:
         """Whether a zero-preserving step leaves ``p`` clean; zeroes the optimizer state at pruned entries
         once per mask change (``done``: this optimizer's record of that, :data:`_STATE_MASKED`)."""
-        mask = self._buffers["mask"]
+        mask = self.mask
         clean = (version_key(p), version_key(mask)) == self._clean
         if not clean or (p.grad is not None and version_key(p.grad) != self._grad_clean):
             # this step may write non-zeros into the state at pruned entries (an unmasked gradient, or weight
