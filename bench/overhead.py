@@ -69,12 +69,10 @@ METHOD_ROWS: list[tuple[str, dict[str, Any] | None]] = [
 ]
 _MAG = dict(method="magnitude", target=0.9)
 _L0 = dict(method="l0", target=0.9)
-_L0C = dict(method="l0", target=0.5, granularity="channel")
 # what each switch turns off (docs/benchmarks.md, "What the hot path keeps")
 SWITCHES = {
     "native": "the C kernels (masks.c, hardconcrete.c): the eager path",
     "hard_masks": "hard masks: every mask is the plain product w * mask",
-    "short_list_forward": "the shorter parametrization-list forward: torch's ParametrizationList.forward",
     "optimizer_skip": "the per-optimizer step hooks: one pass per masked weight at each sp.step()",
     "reuse_buffers": "the per-weight gates' reused buffers: new tensors every step",
     "version_counters": "tensor version counters (torch_compat.no_version): every lazy projection redone",
@@ -87,15 +85,12 @@ PIECE_ROWS: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("magnitude-plain", _MAG, ALL_OFF),
     ("magnitude-no-native", _MAG, ("native",)),
     ("magnitude-no-skip", _MAG, ("optimizer_skip",)),
-    ("magnitude-torch-list", _MAG, ("short_list_forward",)),
     ("magnitude-no-version", _MAG, ("version_counters",)),
     ("l0-plain", _L0, ALL_OFF),
     ("l0-eager", _L0, ("native",)),
     ("l0-no-reuse", _L0, ("reuse_buffers",)),
-    ("l0-torch-list", _L0, ("short_list_forward",)),
     ("l0-unfused", _L0, ("fused_gates",)),
     ("l0-no-version", _L0, ("version_counters",)),
-    ("l0-channel-torch-list", _L0C, ("short_list_forward",)),
 ]
 # the issues' goals (paired ratio), flagged in the table when missed
 GOALS = {"magnitude": 1.05, "magnitude-channel": 1.05, "l0": 1.3, "l0-channel": 1.05}

@@ -217,9 +217,8 @@ def test_the_fused_check_falls_back_to_a_probe_that_gives_the_same_answer(monkey
 
 # -- the measurement switches (sparsewrap/switches.py): each piece off gives the same training ----------------------
 SWITCHES = {
-    "magnitude": ["NATIVE", "HARD_MASKS", "SHORT_LIST_FORWARD", "OPTIMIZER_SKIP"],
-    "l0": ["REUSE_BUFFERS", "SHORT_LIST_FORWARD"],  # NATIVE: the eager gates draw another noise stream
-    "l0-channel": ["SHORT_LIST_FORWARD"],
+    "magnitude": ["NATIVE", "HARD_MASKS", "OPTIMIZER_SKIP"],
+    "l0": ["REUSE_BUFFERS"],  # NATIVE: the eager gates draw another noise stream
 }
 
 
