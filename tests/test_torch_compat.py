@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -178,7 +177,7 @@ def test_training_gives_the_same_model_with_every_fallback(case, monkeypatch) ->
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-# -- storage use counts, views, fused optimizers ------------------------------------------------------------------
+# -- storage use counts, views ------------------------------------------------------------------
 def test_the_storage_use_count_counts_tensors_and_is_none_where_torch_lacks_it(monkeypatch) -> None:
     t = torch.zeros(8)
     storage = t.untyped_storage()
@@ -198,21 +197,6 @@ def test_owns_memory_tells_views_from_tensors() -> None:
     assert torch_compat.owns_memory(t)
     assert not torch_compat.owns_memory(t[1:])
     assert not torch_compat.owns_memory(t.view(16))
-
-
-def test_the_fused_check_falls_back_to_a_probe_that_gives_the_same_answer(monkeypatch) -> None:
-    torch_compat.fused_cpu_optimizers.cache_clear()
-    try:
-        private = torch_compat.fused_cpu_optimizers()
-        assert torch_compat.probe_fused_cpu() == private
-        torch_compat.fused_cpu_optimizers.cache_clear()
-        monkeypatch.setitem(sys.modules, "torch.utils._foreach_utils", None)  # the import now fails
-        assert torch_compat.fused_cpu_optimizers() == private
-        model = _per_weight_model()
-        groups = sw.sparsify(model, "l0", target=0.9).param_groups(lr=0.1)
-        assert [g.get("fused") for g in groups] == [None] + [True if private else None] * (len(groups) - 1)
-    finally:
-        torch_compat.fused_cpu_optimizers.cache_clear()
 
 
 # -- the measurement switches (sparsewrap/switches.py): each piece off gives the same training ----------------------
