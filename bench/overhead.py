@@ -73,7 +73,6 @@ _L0 = dict(method="l0", target=0.9)
 SWITCHES = {
     "native": "the C kernels (masks.c, hardconcrete.c): the eager path",
     "hard_masks": "hard masks: every mask is the plain product w * mask",
-    "optimizer_skip": "the per-optimizer step hooks: one pass per masked weight at each sp.step()",
     "reuse_buffers": "the per-weight gates' reused buffers: new tensors every step",
     "version_counters": "tensor version counters (torch_compat.no_version): every lazy projection redone",
 }
@@ -83,7 +82,6 @@ ALL_OFF = tuple(name for name in SWITCHES if name != "version_counters")
 PIECE_ROWS: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("magnitude-plain", _MAG, ALL_OFF),
     ("magnitude-no-native", _MAG, ("native",)),
-    ("magnitude-no-skip", _MAG, ("optimizer_skip",)),
     ("magnitude-no-version", _MAG, ("version_counters",)),
     ("l0-plain", _L0, ALL_OFF),
     ("l0-eager", _L0, ("native",)),

@@ -17,7 +17,6 @@ from .analysis.tracing import analyse
 from .errors import ConfigError, choices
 from .methods import Method, get_method, make_config
 from .parametrizations import Masked, SparseParametrization, generation, wrapped_tensors
-from .parametrizations.masked import watch_optimizer
 from .report import LayerReport, Report, count_nonzero
 from .train import distributed
 
@@ -107,9 +106,7 @@ class Sparsifier:
         """Tell the controller about the training run, once before training (``sw.fit`` does it).
 
         Methods with phases lay them over ``total_steps`` (options given as fractions of the run), methods that
-        regrow weights reset those entries' state in ``optimizer``, and hard masks follow the optimizer's steps
-        through hooks on it alone (without it, :meth:`step` re-zeroes pruned weights with one pass instead).
-        Calling it again (e.g. when resuming) replaces both.
+        regrow weights reset those entries' state in ``optimizer``. Calling it again (e.g. when resuming) replaces both.
 
         Args:
             total_steps: how many times :meth:`step` will be called in the whole run (epochs x batches).
@@ -129,8 +126,6 @@ class Sparsifier:
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         run = self.method.run
         run.total_steps, run.optimizer = total_steps, optimizer
-        if optimizer is not None:
-            watch_optimizer(optimizer)
         self.method.on_start()
         self._arm_dense_grad()
         return self

@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 import sparsewrap as sw
 from sparsewrap import switches, torch_compat
-from sparsewrap.parametrizations import Masked, attach, masked
+from sparsewrap.parametrizations import Masked, attach
 from sparsewrap.parametrizations.base import version_key
 
 PACKAGE = Path(sw.__file__).resolve().parent
@@ -76,15 +76,13 @@ def _masked_net(reference: bool) -> tuple[nn.Sequential, list[nn.Module]]:
 
 @pytest.mark.parametrize("counters", ["torch", "fallback"])
 def test_hard_masks_train_as_the_plain_product_with_and_without_version_counters(counters, monkeypatch) -> None:
-    """Through a watched optimizer, gradient noise (a writer that does not keep zeros) and a mask change."""
+    """Through gradient noise (a writer that does not keep zeros) and a mask change."""
     if counters == "fallback":
         monkeypatch.setattr(torch_compat, "version", torch_compat.no_version)
     runs = []
     for reference in (False, True):
         net, masks = _masked_net(reference)
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
-        if not reference:
-            masked.watch_optimizer(opt)
         runs.append((net, masks, opt))
     gen = torch.Generator().manual_seed(2)
     for step in range(12):
@@ -201,7 +199,7 @@ def test_owns_memory_tells_views_from_tensors() -> None:
 
 # -- the measurement switches (sparsewrap/switches.py): each piece off gives the same training ----------------------
 SWITCHES = {
-    "magnitude": ["NATIVE", "HARD_MASKS", "OPTIMIZER_SKIP"],
+    "magnitude": ["NATIVE", "HARD_MASKS"],
     "l0": ["REUSE_BUFFERS"],  # NATIVE: the eager gates draw another noise stream
 }
 
