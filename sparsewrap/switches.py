@@ -3,7 +3,7 @@
 ``bench/overhead.py`` sets them to time each piece against the plain path in one process (``docs/benchmarks.md``,
 "What the hot path keeps"). They are not part of the public API: the library never changes them, and
 everything but the benchmark leaves them at ``True``. Each is read where its piece runs; models built while a
-switch is off keep what it decided at build time (the parametrization-list class, hard or plain masks).
+switch is off keep what it decided at build time (hard or plain masks).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ only, which gives the same results (at worst more work per step). ``tests/test_t
 library with every fallback in place and checks that the results do not change.
 
 - :func:`version`: a tensor's in-place version counter (``Tensor._version``). Fallback: ``None``, "unknown";
-  :func:`sparsewrap.parametrizations.base.version_key` then reports a change at every call, so lazy projections
-  are redone every time instead of only after a write.
+  :func:`sparsewrap.parametrizations.base.version_key` then reports a change at every call, and the lazy
+  projections (re-zeroing pruned weights, clamping gates) read the values to tell whether there is anything to
+  write: a read pass where the counter would have said "unchanged".
 - :func:`storage_use_count`: how many tensors and storage objects share a tensor storage
   (``torch._C._storage_Use_Count``). Fallback: ``None``; buffers are then never reused (a new one per step).
 - :func:`owns_memory`: whether a tensor is not a view of another (``Tensor._base``). Fallback: ``False``; a
