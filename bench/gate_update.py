@@ -1,5 +1,5 @@
-"""Optimizer update of per-weight L0 gates: torch's default loop against the fused update ``param_groups()`` asks
-for (``"fused": True`` in the gates' group).
+"""Optimizer update of per-weight L0 gates: torch's default loop against its fused update (``"fused": True`` in
+the gates' group, ``param_groups(gates={"fused": True})``).
 
 Per-weight gates are as many values as the weights (11 M on ResNet-18), so their optimizer step is a pass the
 dense model does not have. This times ``opt.step()`` over the real ``log_alpha`` tensors of

@@ -69,16 +69,12 @@ METHOD_ROWS: list[tuple[str, dict[str, Any] | None]] = [
 ]
 _MAG = dict(method="magnitude", target=0.9)
 _L0 = dict(method="l0", target=0.9)
-_L0C = dict(method="l0", target=0.5, granularity="channel")
 # what each switch turns off (docs/benchmarks.md, "What the hot path keeps")
 SWITCHES = {
     "native": "the C kernels (masks.c, hardconcrete.c): the eager path",
     "hard_masks": "hard masks: every mask is the plain product w * mask",
-    "short_list_forward": "the shorter parametrization-list forward: torch's ParametrizationList.forward",
-    "optimizer_skip": "the per-optimizer step hooks: one pass per masked weight at each sp.step()",
     "reuse_buffers": "the per-weight gates' reused buffers: new tensors every step",
     "version_counters": "tensor version counters (torch_compat.no_version): every lazy projection redone",
-    "fused_gates": "torch's fused optimizer update of the method's own parameters",
 }
 # the plain path: every piece off but the version counters (without them the fallback reads values: slower)
 ALL_OFF = tuple(name for name in SWITCHES if name != "version_counters")
@@ -86,16 +82,11 @@ ALL_OFF = tuple(name for name in SWITCHES if name != "version_counters")
 PIECE_ROWS: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("magnitude-plain", _MAG, ALL_OFF),
     ("magnitude-no-native", _MAG, ("native",)),
-    ("magnitude-no-skip", _MAG, ("optimizer_skip",)),
-    ("magnitude-torch-list", _MAG, ("short_list_forward",)),
     ("magnitude-no-version", _MAG, ("version_counters",)),
     ("l0-plain", _L0, ALL_OFF),
     ("l0-eager", _L0, ("native",)),
     ("l0-no-reuse", _L0, ("reuse_buffers",)),
-    ("l0-torch-list", _L0, ("short_list_forward",)),
-    ("l0-unfused", _L0, ("fused_gates",)),
     ("l0-no-version", _L0, ("version_counters",)),
-    ("l0-channel-torch-list", _L0C, ("short_list_forward",)),
 ]
 # the issues' goals (paired ratio), flagged in the table when missed
 GOALS = {"magnitude": 1.05, "magnitude-channel": 1.05, "l0": 1.3, "l0-channel": 1.05}
@@ -135,7 +126,7 @@ class switched_off:
             if name == "version_counters":
                 self.saved[name] = torch_compat.version
                 torch_compat.version = torch_compat.no_version
-            elif name != "fused_gates":  # fused_gates: the Stepper's param groups
+            else:
                 self.saved[name] = getattr(switches, name.upper())
                 setattr(switches, name.upper(), False)
         return self
@@ -157,13 +148,10 @@ class Stepper:
     """One model, its optimizer and (for the sparse one) its Sparsifier; :meth:`__call__` times one step."""
 
     def __init__(self, model: nn.Module, sp: sw.Sparsifier | None, device: torch.device, clock: str,
-                 fused: bool = False, fused_method_groups: bool = True) -> None:  # fmt: skip
+                 fused: bool = False) -> None:  # fmt: skip
         self.model, self.sp, self.device = model.to(device).train(), sp, device
         self.clock = time.process_time if clock == "cpu" else time.perf_counter
         params = sp.param_groups(lr=0.01) if sp is not None else [{"params": list(model.parameters()), "lr": 0.01}]
-        if not fused_method_groups:
-            for group in params[1:]:
-                group["fused"] = False
         self.opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=fused or None)
         if sp is not None:
             sp.start(optimizer=self.opt)  # hard masks follow this optimizer's steps (no pass per weight and step)
@@ -194,11 +182,11 @@ def measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, ste
     model, the control), then the page faults of their timed steps; the pieces ``off`` are switched off for
     both models, from building them to the last step (the dense model runs none of them)."""
     with switched_off(off):
-        return _measure(arch, size, batch, kwargs, steps, warmup, device, clock, fused, "fused_gates" not in off)
+        return _measure(arch, size, batch, kwargs, steps, warmup, device, clock, fused)
 
 
 def _measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, steps: int, warmup: int,
-             device: torch.device, clock: str, fused: bool, fused_groups: bool) -> tuple[list[float], ...]:  # fmt: skip
+             device: torch.device, clock: str, fused: bool) -> tuple[list[float], ...]:  # fmt: skip
     torch.manual_seed(0)
     dense_model = timm.create_model(arch, pretrained=False, num_classes=10)
     sparse_model = timm.create_model(arch, pretrained=False, num_classes=10)
@@ -208,7 +196,7 @@ def _measure(arch: str, size: int, batch: int, kwargs: dict[str, Any] | None, st
         options = dict(kwargs)
         sp = sw.sparsify(sparse_model, options.pop("method"), **options)
     dense = Stepper(dense_model, None, device, clock, fused)
-    sparse = Stepper(sparse_model, sp, device, clock, fused, fused_groups)
+    sparse = Stepper(sparse_model, sp, device, clock, fused)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     for _ in range(warmup):

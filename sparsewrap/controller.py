@@ -11,29 +11,16 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import torch_compat
 from .analysis.inputs import InputRecord, watch_first_input
 from .analysis.targets import Patterns, check_model, select_targets
 from .analysis.tracing import analyse
 from .errors import ConfigError, choices
 from .methods import Method, get_method, make_config
 from .parametrizations import Masked, SparseParametrization, generation, wrapped_tensors
-from .parametrizations.masked import watch_optimizer
 from .report import LayerReport, Report, count_nonzero
 from .train import distributed
 
 CONTROLLER_ATTR = "_sparsewrap_controller"
-# dtypes of the method's own parameters that get torch's fused optimizer update by default (see param_groups)
-FUSED_DTYPES = (torch.float32, torch.float64)
-
-
-def _fused_update_fits(params: list[Tensor]) -> bool:
-    """Whether torch's fused update (``fused=True``: one kernel per tensor for SGD, Adam, AdamW, Adagrad)
-    suits ``params``: float32/float64 tensors on the CPU, where torch's default is otherwise its per-tensor
-    loop of several passes (on GPUs its default, ``foreach``, is already batched)."""
-    if not torch_compat.fused_cpu_optimizers():
-        return False  # pragma: no cover - a torch without fused CPU optimizers
-    return bool(params) and all(p.device.type == "cpu" and p.dtype in FUSED_DTYPES for p in params)
 
 
 @dataclass
@@ -134,9 +121,7 @@ class Sparsifier:
         """Tell the controller about the training run, once before training (``sw.fit`` does it).
 
         Methods with phases lay them over ``total_steps`` (options given as fractions of the run), methods that
-        regrow weights reset those entries' state in ``optimizer``, and hard masks follow the optimizer's steps
-        through hooks on it alone (without it, :meth:`step` re-zeroes pruned weights with one pass instead).
-        Calling it again (e.g. when resuming) replaces both.
+        regrow weights reset those entries' state in ``optimizer``. Calling it again (e.g. when resuming) replaces both.
 
         Args:
             total_steps: how many times :meth:`step` will be called in the whole run (epochs x batches).
@@ -156,8 +141,6 @@ class Sparsifier:
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         run = self.method.run
         run.total_steps, run.optimizer = total_steps, optimizer
-        if optimizer is not None:
-            watch_optimizer(optimizer)
         self.method.on_start()
         self._arm_dense_grad()
         return self
@@ -215,11 +198,8 @@ class Sparsifier:
         ``overrides`` are either a group name mapped to a dict (``gates={"lr": 6.0}``) or a scalar setting
         applied to the weights group (``weight_decay=5e-4``).
 
-        The method's groups also ask for torch's fused update (``"fused": True``) when their parameters are
-        float32/float64 CPU tensors: SGD, Adam, AdamW and Adagrad then update them in one pass per tensor
-        instead of their default loop of several (per-weight L0 gates are as many values as the weights;
-        ``bench/gate_update.py`` measures the difference), with the same formulas. Other optimizers ignore the key;
-        ``gates={"fused": False}`` turns it off. The weights group is left to the optimizer's own settings.
+        Every group is left to the optimizer's own settings; ``gates={"fused": True}`` asks torch's SGD, Adam,
+        AdamW and Adagrad for their fused update of the gates (``bench/gate_update.py`` times it).
 
         Raises:
             ConfigError: on an unknown group name or a negative learning rate.
@@ -228,9 +208,6 @@ class Sparsifier:
         own_ids = {id(p) for g in own for p in g["params"]}
         weights = {"name": "weights", "params": [p for p in self.model.parameters() if id(p) not in own_ids]}
         groups = [weights] + [dict(g) for g in own]
-        for g in groups[1:]:
-            if _fused_update_fits(g["params"]):
-                g.setdefault("fused", True)
         by_name = {g["name"]: g for g in groups}
         if lr is not None:
             for g in groups:

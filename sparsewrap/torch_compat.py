@@ -6,19 +6,17 @@ only, which gives the same results (at worst more work per step). ``tests/test_t
 library with every fallback in place and checks that the results do not change.
 
 - :func:`version`: a tensor's in-place version counter (``Tensor._version``). Fallback: ``None``, "unknown";
-  :func:`sparsewrap.parametrizations.base.version_key` then reports a change at every call, so lazy projections
-  are redone every time instead of only after a write.
+  :func:`sparsewrap.parametrizations.base.version_key` then reports a change at every call, and the lazy
+  projections (re-zeroing pruned weights, clamping gates) read the values to tell whether there is anything to
+  write: a read pass where the counter would have said "unchanged".
 - :func:`storage_use_count`: how many tensors and storage objects share a tensor storage
   (``torch._C._storage_Use_Count``). Fallback: ``None``; buffers are then never reused (a new one per step).
 - :func:`owns_memory`: whether a tensor is not a view of another (``Tensor._base``). Fallback: ``False``; a
   kernel then writes into a new tensor rather than over the incoming one.
-- :func:`fused_cpu_optimizers`: whether torch has fused optimizer kernels for CPU tensors
-  (``torch.utils._foreach_utils``). Fallback: one tiny fused SGD step, tried once.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Callable
 
@@ -79,25 +77,3 @@ def owns_memory(t: Tensor) -> bool:
     """Whether ``t`` is known not to be a view of another tensor (``False`` when torch does not say)."""
     base = getattr(t, "_base", t)
     return base is None
-
-
-# -- fused optimizers -------------------------------------------------------------------------------------------
-@functools.cache
-def fused_cpu_optimizers() -> bool:
-    """Whether torch's optimizers accept ``fused=True`` for CPU tensors (decided once per process)."""
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-    except ImportError:
-        return probe_fused_cpu()
-    return "cpu" in _get_fused_kernels_supported_devices()
-
-
-def probe_fused_cpu() -> bool:
-    """The fallback of :func:`fused_cpu_optimizers`: one fused SGD step on a CPU tensor of one value."""
-    p = torch.zeros(1, requires_grad=True)
-    p.grad = torch.ones(1)
-    try:
-        torch.optim.SGD([p], lr=0.5, momentum=0.9, fused=True).step()
-    except (RuntimeError, TypeError, ValueError):
-        return False
-    return bool(p.detach()[0] == -0.5)

@@ -137,7 +137,7 @@ def test_penalized_l0_has_no_convergence_note():
 def test_penalty_before_the_forward_with_the_quickstart_optimizer():
     model = mlp_300_100()
     sp = sw.sparsify(model, "l0", target=0.9)
-    opt = torch.optim.Adam(sp.param_groups(lr=1e-3))  # fused for the gates: no version bump on their update
+    opt = torch.optim.Adam(sp.param_groups(lr=1e-3, gates={"fused": True}))  # no version bump on their update
     x, y = batch()
     for _ in range(3):  # the second step raised "Trying to backward through the graph a second time"
         loss = sp.penalty() + F.cross_entropy(model(x), y)
@@ -152,7 +152,7 @@ def test_gates_are_clamped_after_a_fused_step():
     model = mlp_300_100()  # fc1: the native kernel's path; fc2 (30,000 gates): the eager path
     sp = sw.sparsify(model, "l0", target=0.5)
     bound = sp.method.config.log_alpha_max
-    opt = torch.optim.SGD(sp.param_groups(lr=1e-3, gates={"lr": 1e7}))
+    opt = torch.optim.SGD(sp.param_groups(lr=1e-3, gates={"lr": 1e7, "fused": True}))
     assert opt.param_groups[1]["fused"] is True
     x, y = batch()
     for _ in range(2):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from torch.nn.utils import parametrize
 
 import sparsewrap as sw
 from sparsewrap import switches, torch_compat
-from sparsewrap.parametrizations import Masked, attach, masked
+from sparsewrap.parametrizations import Masked, attach
 from sparsewrap.parametrizations.base import version_key
 
 PACKAGE = Path(sw.__file__).resolve().parent
@@ -77,15 +76,13 @@ def _masked_net(reference: bool) -> tuple[nn.Sequential, list[nn.Module]]:
 
 @pytest.mark.parametrize("counters", ["torch", "fallback"])
 def test_hard_masks_train_as_the_plain_product_with_and_without_version_counters(counters, monkeypatch) -> None:
-    """Through a watched optimizer, gradient noise (a writer that does not keep zeros) and a mask change."""
+    """Through gradient noise (a writer that does not keep zeros) and a mask change."""
     if counters == "fallback":
         monkeypatch.setattr(torch_compat, "version", torch_compat.no_version)
     runs = []
     for reference in (False, True):
         net, masks = _masked_net(reference)
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
-        if not reference:
-            masked.watch_optimizer(opt)
         runs.append((net, masks, opt))
     gen = torch.Generator().manual_seed(2)
     for step in range(12):
@@ -178,7 +175,7 @@ def test_training_gives_the_same_model_with_every_fallback(case, monkeypatch) ->
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-# -- storage use counts, views, fused optimizers ------------------------------------------------------------------
+# -- storage use counts, views ------------------------------------------------------------------
 def test_the_storage_use_count_counts_tensors_and_is_none_where_torch_lacks_it(monkeypatch) -> None:
     t = torch.zeros(8)
     storage = t.untyped_storage()
@@ -200,26 +197,10 @@ def test_owns_memory_tells_views_from_tensors() -> None:
     assert not torch_compat.owns_memory(t.view(16))
 
 
-def test_the_fused_check_falls_back_to_a_probe_that_gives_the_same_answer(monkeypatch) -> None:
-    torch_compat.fused_cpu_optimizers.cache_clear()
-    try:
-        private = torch_compat.fused_cpu_optimizers()
-        assert torch_compat.probe_fused_cpu() == private
-        torch_compat.fused_cpu_optimizers.cache_clear()
-        monkeypatch.setitem(sys.modules, "torch.utils._foreach_utils", None)  # the import now fails
-        assert torch_compat.fused_cpu_optimizers() == private
-        model = _per_weight_model()
-        groups = sw.sparsify(model, "l0", target=0.9).param_groups(lr=0.1)
-        assert [g.get("fused") for g in groups] == [None] + [True if private else None] * (len(groups) - 1)
-    finally:
-        torch_compat.fused_cpu_optimizers.cache_clear()
-
-
 # -- the measurement switches (sparsewrap/switches.py): each piece off gives the same training ----------------------
 SWITCHES = {
-    "magnitude": ["NATIVE", "HARD_MASKS", "SHORT_LIST_FORWARD", "OPTIMIZER_SKIP"],
-    "l0": ["REUSE_BUFFERS", "SHORT_LIST_FORWARD"],  # NATIVE: the eager gates draw another noise stream
-    "l0-channel": ["SHORT_LIST_FORWARD"],
+    "magnitude": ["NATIVE", "HARD_MASKS"],
+    "l0": ["REUSE_BUFFERS"],  # NATIVE: the eager gates draw another noise stream
 }
 
 

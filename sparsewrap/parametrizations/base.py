@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .. import switches, torch_compat
+from .. import torch_compat
 
 
 class SparseParametrization(nn.Module):
@@ -89,23 +89,6 @@ def is_ours(module: nn.Module, name: str) -> bool:
     )
 
 
-class ParametrizationList(parametrize.ParametrizationList):
-    """torch's ``ParametrizationList`` with a shorter path for one parametrization of one tensor.
-
-    Every read of a parametrized weight runs the list's ``forward``. torch's looks up ``self[0]`` through
-    ``ModuleList.__getitem__`` and looks for a second parametrization with ``hasattr(self, "1")``, which raises
-    and catches an ``AttributeError`` inside ``Module.__getattr__``, on every read (docs/benchmarks.md has what
-    that costs per training step and what the path below saves). Anything else (several
-    parametrizations, several originals, scripting) takes torch's own ``forward``. :func:`attach` gives its
-    lists this class.
-    """
-
-    def forward(self) -> Tensor:
-        if len(self._modules) == 1 and self.is_tensor and not torch.jit.is_scripting():
-            return self._modules["0"](self.original)
-        return super().forward()
-
-
 _generation = 0  # bumped by attach() and detach_all(): see generation()
 
 
@@ -118,16 +101,12 @@ def generation() -> int:
 def attach(module: nn.Module, name: str, parametrization: SparseParametrization,
            unsafe: bool = False) -> SparseParametrization:  # fmt: skip
     """Register ``parametrization`` on ``module.name``; the original Parameter object is kept (optimizers
-    that already hold it stay valid). The tensor's parametrization list becomes a :class:`ParametrizationList`.
-    ``unsafe=True`` (torch's flag) lets the original take another shape: it becomes
-    ``parametrization.right_inverse(tensor)``, a new Parameter (HashedNet's bank).
+    that already hold it stay valid). ``unsafe=True`` (torch's flag) lets the original take another shape: it
+    becomes ``parametrization.right_inverse(tensor)``, a new Parameter (HashedNet's bank).
     """
     global _generation
     parametrize.register_parametrization(module, name, parametrization, unsafe=unsafe)
     _generation += 1
-    plist = module.parametrizations[name]
-    if switches.SHORT_LIST_FORWARD and type(plist) is parametrize.ParametrizationList:
-        plist.__class__ = ParametrizationList  # the same state and behaviour; a shorter forward
     return parametrization
 
 

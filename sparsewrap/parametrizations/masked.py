@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer
 
 from .. import native, switches, torch_compat
 from .base import SparseParametrization, version_key
@@ -25,70 +24,6 @@ Key = tuple[int, int]  # a version_key
 # packed one bit per entry, and pruned entries are zeroed by the native kernels (sparsewrap/native/masks.c)
 # instead of a multiply by the mask
 NATIVE_MIN_NUMEL = 16384
-
-# optimizers whose update of a weight is zero when the weight, its gradient and its per-weight state are zero
-# there (element-wise rules; weight decay multiplies the weight). Exact types only: a subclass may override step.
-ZERO_PRESERVING: tuple[type[Optimizer], ...] = tuple(
-    getattr(torch.optim, name)
-    for name in ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
-    if hasattr(torch.optim, name)
-)
-
-_TRACKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(original) -> (original, its Masked)
-_STATE_MASKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> {id(param): mask key}
-# optimizer -> the (Masked, original) pairs its step in progress leaves clean (see Masked._ready_for_step)
-_STEPPING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its two hook handles
-
-
-def _tracked(p: Tensor) -> Masked | None:
-    entry = _TRACKED.get(id(p))
-    if entry is None:
-        return None
-    param, owner = entry[0](), entry[1]()
-    if param is not p or owner is None:
-        return None
-    return owner
-
-
-def _before_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
-    if not _TRACKED or type(opt) not in ZERO_PRESERVING:
-        _STEPPING.pop(opt, None)
-        return
-    stays_clean = []
-    done = _STATE_MASKED.setdefault(opt, {})
-    for group in opt.param_groups:
-        for p in group["params"]:
-            owner = _tracked(p)
-            if owner is not None and owner._ready_for_step(opt, p, done):
-                stays_clean.append((owner, p))
-    _STEPPING[opt] = stays_clean
-
-
-def _after_step(opt: Optimizer, args: Any, kwargs: Any) -> None:
-    for owner, p in _STEPPING.pop(opt, ()):
-        # plain attribute writes: Module.__setattr__ is a slow path
-        owner.__dict__["_clean"] = (version_key(p), version_key(owner.mask))
-
-
-def watch_optimizer(optimizer: Optimizer) -> None:
-    """Let hard masks follow ``optimizer``'s steps (idempotent; the controller's ``start(optimizer=...)`` calls it).
-
-    Registers a step pre-hook and post-hook on this optimizer only (never on every optimizer of the process).
-    Before a step of a :data:`ZERO_PRESERVING` optimizer, its per-weight state is zeroed at pruned entries once
-    per mask change; after it, the originals it leaves zero at pruned entries are marked clean, so neither the
-    next forward nor ``sp.step()`` needs a pass over them. An optimizer that is not watched costs that one
-    in-place pass per weight instead, with the same values.
-    """
-    if switches.OPTIMIZER_SKIP and optimizer not in _WATCHED:
-        pre = optimizer.register_step_pre_hook(_before_step)
-        post = optimizer.register_step_post_hook(_after_step)
-        _WATCHED[optimizer] = (pre, post)
-
-
-def is_watched(optimizer: Optimizer) -> bool:
-    """Whether :func:`watch_optimizer` was called on ``optimizer``."""
-    return optimizer in _WATCHED
 
 
 class _MaskGrad(torch.autograd.Function):
@@ -124,14 +59,10 @@ class Masked(SparseParametrization):
     The effective weights and ``original.grad`` are exactly those of ``original * mask``. What keeps the
     original clean:
 
-    - the forward zeroes the pruned entries in place whenever the original or the mask has changed since it
-      was last known clean (tensor version counters tell; one in-place pass);
-    - after a step of a :data:`ZERO_PRESERVING` optimizer (SGD, Adam, AdamW, ...) that the controller knows
-      (:func:`watch_optimizer`), the original is still clean when it was clean before the step, its gradient
-      is as the hook left it, and the optimizer's per-weight state is zero at the pruned entries (zeroed
-      once, in place, whenever the mask changes). The forward then needs no pass at all. Any other writer
-      (an optimizer the controller was not given, gradient clipping or noise, ``load_state_dict``) just costs
-      the in-place pass, at ``sp.step()`` (:meth:`settle`) or at the next forward.
+    - ``sp.step()`` (:meth:`settle`) zeroes the pruned entries in place after each optimizer step, and the
+      forward does whenever the original or the mask has changed since it was last known clean (tensor
+      version counters tell; one in-place pass), so any writer (an optimizer, gradient clipping or noise,
+      ``load_state_dict``) is covered.
 
     The hook masks every gradient that reaches ``original.grad``, also from a loss term that reads the
     original directly, so pruned weights stay frozen at zero. ``torch.autograd.grad`` with respect to the
@@ -161,7 +92,6 @@ class Masked(SparseParametrization):
         self.hard = hard and switches.HARD_MASKS
         self.register_buffer("mask", torch.ones(mask_shape, dtype=like.dtype, device=like.device))
         self._clean: tuple[Key, Key] | None = None  # (original, mask) keys at which the original was clean
-        self._grad_clean: Key | None = None  # key of original.grad right after the hook masked it
         self._original: weakref.ref | None = None
         self._hooked = False  # the accumulation hook is on the tracked original
         self._bits: tuple[Tensor, int] | None = None  # the packed mask (see _packed) of the bound call
@@ -196,8 +126,7 @@ class Masked(SparseParametrization):
         """Zero ``original`` at pruned entries if anything wrote to it since it was last known clean (hard masks).
 
         The controller's ``step()`` calls it after each optimizer step, so that pruned weights are exactly zero
-        between steps whatever the optimizer did (a no-op after a step that :func:`watch_optimizer` saw keep
-        them zero).
+        between steps whatever the optimizer did.
         """
         if self.hard and self.changed_since_clean(original):
             self.project(original)
@@ -286,10 +215,8 @@ class Masked(SparseParametrization):
     # -- bookkeeping for the fast path ------------------------------------------------------------------------
     def _track(self, original: Tensor) -> None:
         self._original = weakref.ref(original)
-        self._clean = self._grad_clean = None
+        self._clean = None
         me = weakref.ref(self)
-        _TRACKED[id(original)] = (self._original, me)
-        weakref.finalize(original, _TRACKED.pop, id(original), None)
         self._hooked = original.requires_grad and original.is_leaf
         if self._hooked:
 
@@ -310,36 +237,12 @@ class Masked(SparseParametrization):
                 self._zero_pruned(grad)
         else:
             self._zero_pruned(grad)
-        self.__dict__["_grad_clean"] = version_key(grad)  # a plain attribute: skip Module.__setattr__
-
-    def _ready_for_step(self, opt: Optimizer, p: Tensor, done: dict[int, tuple]) -> bool:
-        """Whether a zero-preserving step leaves ``p`` clean; zeroes the optimizer state at pruned entries
-        once per mask change (``done``: this optimizer's record of that, :data:`_STATE_MASKED`)."""
-        mask = self.mask
-        clean = (version_key(p), version_key(mask)) == self._clean
-        if not clean or (p.grad is not None and version_key(p.grad) != self._grad_clean):
-            # this step may write non-zeros into the state at pruned entries (an unmasked gradient, or weight
-            # decay of a non-zero pruned entry): zero the state again before the next clean step
-            done.pop(id(p), None)
-            return False
-        state = opt.state.get(p, {})
-        tensors = [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
-        # redone when the mask changed or the state tensors were replaced (optimizer.load_state_dict)
-        record = (version_key(mask), tuple(v.data_ptr() for v in tensors))
-        if done.get(id(p)) != record:
-            if any(v.shape != p.shape for v in tensors):
-                return False  # per-weight state of a layout we do not know
-            with torch.no_grad():
-                for v in tensors:
-                    self._zero_pruned(v)
-            done[id(p)] = record  # zeroing in place changes neither the mask nor the tensors
-        return True
 
     def __getstate__(self) -> dict[str, Any]:
         # copies (deepcopy, pickle) start untracked: the bookkeeping refers to this instance's tensors
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
-        state.update(_clean=None, _grad_clean=None, _original=None, _hooked=False)
+        state.update(_clean=None, _original=None, _hooked=False)
         state.update(_bits=None, _call=None)
         return state
 

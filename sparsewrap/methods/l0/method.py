@@ -285,7 +285,7 @@ class L0(Method):
                     self._defect = dens - self._requested_densities(dens)
             self.duals.update(self._defect)
             self._defect = None
-        # fused optimizers (the gates' group asks for them) do not bump the gates' version counters: bump them for
+        # fused optimizers (gates={"fused": True}) do not bump the gates' version counters: bump them for
         # the lazy clamp, the forward's cached expected count (not for a penalty written before the next forward)
         for p in self.gate_parameters():  # and the eval projection
             torch.autograd.graph.increment_version(p)

@@ -208,6 +208,9 @@ class PenaltyMethod(Method):
                 p.mask.copy_(k)
                 p.pruned = True
                 p.project(w)
+        if self.run.optimizer is not None:  # pruned weights start the fine-tuning with no momentum left
+            for w, k in zip(weights, keep):
+                self.reset_optimizer_state(w, k == 0)
         self.pruned = True
         self._keep = None
 
