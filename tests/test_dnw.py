@@ -5,30 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import sparsewrap as sw
 from sparsewrap.errors import ConfigError, NoTargetsError
 from sparsewrap.parametrizations.topk import keep_largest
 
-
-class Two(nn.Module):
-    """Two bias-free Linear layers with hand-set weights, and a head (excluded by default)."""
-
-    def __init__(self, a: list, b: list) -> None:
-        super().__init__()
-        a_t, b_t = torch.tensor(a), torch.tensor(b)
-        self.a = nn.Linear(a_t.shape[1], a_t.shape[0], bias=False)
-        self.b = nn.Linear(b_t.shape[1], b_t.shape[0], bias=False)
-        self.head = nn.Linear(b_t.shape[0], 1)
-        with torch.no_grad():
-            self.a.weight.copy_(a_t)
-            self.b.weight.copy_(b_t)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(F.relu(self.b(F.relu(self.a(x)))))
-
+from .test_magnitude import Two
 
 A = [[0.1, -0.4], [0.3, -0.2]]
 B = [[1.0, -2.0], [3.0, 0.5], [-5.0, 6.0]]
