@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from torch import nn
 
 import sparsewrap as sw
@@ -72,7 +73,7 @@ def test_update_steps_are_start_plus_multiples_of_every_up_to_end() -> None:
     ("kwargs", "match"),
     [
         (dict(kind="linear"), r"schedule='linear' is unknown; valid: 'cubic', 'exponential', 'oneshot'"),
-        (dict(kind="cubic", start=10, end=10), r"needs 0 <= start < end, got start=10, end=10"),
+        (dict(kind="cubic", start=10, end=5), r"needs 0 <= start <= end, got start=10, end=5"),
         (dict(kind="cubic", start=-1, end=10), r"start=-1"),
         (dict(kind="exponential", start=0, end=10, every=3), r"every=3 must be positive and divide end - start = 10"),
         (dict(kind="cubic", start=0, end=10, every=0), r"every=0"),
@@ -125,10 +126,37 @@ def test_a_schedule_given_in_fractions_is_resolved_against_the_run() -> None:
     odd = Schedule("cubic", 0, 0.75, every=100).resolved(1001, "gmp")  # 751 drops to the last whole interval
     assert (odd.start, odd.end) == (0, 700) and odd.sparsity(700, 0.9) == pytest.approx(0.9)
     assert Schedule("cubic", 0, 40, every=10).resolved(None, "gmp") == Schedule("cubic", 0, 40, every=10)
-    with pytest.raises(ConfigError, match=r"needs start < end, got start=0.8, end=0.5"):
+    with pytest.raises(ConfigError, match=r"needs start <= end, got start=0.8, end=0.5"):
         Schedule("cubic", 0.8, 0.5)
-    with pytest.raises(ConfigError, match=r"give steps 10 and 10 of a 20-step run; end must come after start"):
-        Schedule("cubic", 10, 0.5).resolved(20, "gmp")
+    with pytest.raises(ConfigError, match=r"give steps 12 and 10 of a 20-step run; end must not come before start"):
+        Schedule("cubic", 12, 0.5).resolved(20, "gmp")
+
+
+def test_start_equal_to_end_is_one_prune_event_straight_to_the_target() -> None:
+    """Prune once at a chosen step (e.g. after dense training: start=end=1.0, the run's last step)."""
+    one = Schedule("cubic", 1.0, 1.0, every=50).resolved(200, "magnitude")
+    assert (one.start, one.end, one.events) == (199, 199, 0)
+    assert [t for t in range(200) if one.is_update_step(t)] == [199]
+    assert one.sparsity(198, 0.9) == 0.0 and one.sparsity(199, 0.9) == 0.9 and one.sparsity(500, 0.9) == 0.9
+    fixed = Schedule("exponential", 30, 30, every=7)
+    assert [t for t in range(100) if fixed.is_update_step(t)] == [30] and fixed.sparsity(30, 0.5) == 0.5
+
+
+def test_magnitude_pruned_once_at_the_last_step_trains_dense_until_then() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    sp = sw.sparsify(model, "magnitude", target=0.75, schedule="cubic", start=1.0, end=1.0)
+    opt = torch.optim.SGD(sp.param_groups(lr=0.1), lr=0.1)
+    sp.start(total_steps=5, optimizer=opt)
+    for t in range(5):
+        model.train()
+        loss = model(torch.randn(3, 8)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sp.step()
+        zeros = sum(int((m.weight == 0).sum()) for m in (model[0], model[2]))
+        assert (zeros == 0) if t < 4 else (zeros > 0 and sp.report().achieved == pytest.approx(0.75, abs=1e-6))
 
 
 @pytest.mark.parametrize("bad", ["abc", None, True, -3, 1.5])

@@ -179,7 +179,7 @@ def test_rescaled_keep_counts_caps_full_layers_and_fills_empty_ones_last() -> No
         (dict(s_init=float("inf")), r"s_init=inf must be a finite number"),
         (dict(s_weight_decay=-1e-4), r"s_weight_decay=-0.0001 is negative; give a decay >= 0"),
         (dict(drive=-0.1), r"drive=-0.1 is negative; give a gain >= 0 \(0 turns the controller off\)"),
-        (dict(start=5, end=3), r"schedule 'cubic' needs 0 <= start < end, got start=5, end=3"),
+        (dict(start=5, end=3), r"schedule 'cubic' needs 0 <= start <= end, got start=5, end=3"),
         (dict(target={"a": 0.5}), r"method 'str' learns its own per-layer budgets and takes one overall sparsity"),
     ],
 )

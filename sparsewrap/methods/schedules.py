@@ -98,12 +98,12 @@ class Schedule:
         if self.fractional:
             if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every <= 0:
                 raise ConfigError(f"every={self.every!r} must be a positive step count")
-            if type(self.start) is type(self.end) and self.end <= self.start:
-                raise ConfigError(f"schedule {self.kind!r} needs start < end, got start={self.start}, end={self.end}")
+            if type(self.start) is type(self.end) and self.end < self.start:
+                raise ConfigError(f"schedule {self.kind!r} needs start <= end, got start={self.start}, end={self.end}")
             return
-        if self.start < 0 or self.end <= self.start:
+        if self.start < 0 or self.end < self.start:
             raise ConfigError(
-                f"schedule {self.kind!r} needs 0 <= start < end, got start={self.start}, end={self.end}; "
+                f"schedule {self.kind!r} needs 0 <= start <= end, got start={self.start}, end={self.end}; "
                 "give the step numbers, e.g. start=0, end=1000, every=100"
             )
         if self.every <= 0 or (self.end - self.start) % self.every:
@@ -125,12 +125,13 @@ class Schedule:
             return self
         start = resolve_steps(self.start, total_steps, "start", method)
         end = resolve_steps(self.end, total_steps, "end", method)
-        if end <= start:
+        if end < start:
             raise ConfigError(
                 f"schedule {self.kind!r} of method {method!r}: start={self.start!r} and end={self.end!r} give "
-                f"steps {start} and {end} of a {total_steps}-step run; end must come after start"
+                f"steps {start} and {end} of a {total_steps}-step run; end must not come before start"
             )
-        end = start + max((end - start) // self.every, 1) * self.every
+        if end > start:
+            end = start + max((end - start) // self.every, 1) * self.every
         return replace(self, start=start, end=end)
 
     @property
@@ -159,6 +160,8 @@ class Schedule:
         self._require_steps()
         if t < self.start:
             return self.initial
+        if self.events == 0:  # start == end: a single prune event, straight to the target
+            return final
         k = min((t - self.start) // self.every, self.events)
         frac = k / self.events
         if self.kind == "cubic":

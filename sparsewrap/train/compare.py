@@ -46,7 +46,8 @@ class CompareRow:
         accuracy: validation accuracy after the last epoch (eval mode, i.e. the exported model's).
         loss: validation loss after the last epoch.
         sparsity: sparsity of the exported model's targeted weights.
-        learned_sparsity: sparsity of the deterministic form before the export projection.
+        learned_sparsity: sparsity before the export projection: the method's own "learned sparsity" (its summary)
+            where it reports one, else that of the deterministic form.
         params: parameters of the model after purge (of the dense model for the baseline).
         macs: multiply-accumulates per example after purge.
         step_seconds: mean wall time of one step (training and evaluation of each epoch included).
@@ -108,7 +109,8 @@ def _row_from_history(row: CompareRow, history: History) -> None:
     if last is None:
         return
     row.accuracy, row.loss, row.steps = last.val_accuracy, last.val_loss, last.step
-    row.sparsity, row.learned_sparsity = last.exported, last.achieved
+    row.sparsity = last.exported  # the method's own pre-projection figure where it has one (sp.method.summary())
+    row.learned_sparsity = last.method.get("learned sparsity", last.achieved) if last.method else last.achieved
     seconds = sum(r.seconds for r in history.records)
     row.step_seconds = seconds / last.step if last.step else None
 
