@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import sparsewrap as sw
 from sparsewrap.cli import main
 from sparsewrap.errors import ConfigError
+from sparsewrap.report import BudgetUpdate, LayerReport, Report
 from sparsewrap.train.history import History
 
 pytest.importorskip("matplotlib")
@@ -143,3 +144,18 @@ def test_reports_show_moves_per_update_and_the_layer_budgets_over_time(capsys, t
     out = " ".join(capsys.readouterr().out.split())
     assert exit_info.value.code == 0 and "budget over time" in out
     assert f"step {recorded[-1][0]}" in out and "moved" in out
+
+
+def test_many_layers_thin_the_bar_names_and_trade_the_layer_legend_for_a_colour_bar():
+    layers = [LayerReport(f"blocks.{i}.conv", (10, 10), 100, 10, 10) for i in range(40)]
+    updates = [BudgetUpdate(step, 5, [10 + (i + step) % 3 - 1 for i in range(40)]) for step in (9, 19, 29)]
+    fig = training_figure(Report("dsr", 0.9, 30, layers, updates=updates), History())
+    axes = axes_by_title(fig)
+    names = [t.get_text() for t in axes[TITLES["layers"]].get_xticklabels()]
+    assert names == [f"blocks.{i}.conv" for i in range(0, 40, 2)]  # 40 layers: every other name
+    density = axes[TITLES["density"]]
+    assert len([line for line in density.get_lines() if line.get_gid()]) == 40
+    legend = [t.get_text() for t in density.get_legend().get_texts()]
+    assert legend == ["overall density 0.1", "connections moved (right axis)"]
+    (bar,) = [ax for ax in fig.axes if ax.get_ylabel() == "layer (execution order)"]
+    assert all(float(t).is_integer() for t in bar.get_yticks())

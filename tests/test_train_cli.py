@@ -181,6 +181,11 @@ def test_no_plot_draws_nothing_and_missing_matplotlib_fails_before_any_data(caps
     code, out, err = run(capsys, *TRAIN, "--out", tmp_path / "other")
     assert code == 1 and "drawing figure.png needs matplotlib" in err and "pip install 'sparsewrap[plot]'" in err
     assert "--no-plot" in err and not (tmp_path / "other").exists()
+    from sparsewrap.demo import run as demo_run
+
+    monkeypatch.setattr(demo_run, "build_data", lambda *a, **k: pytest.fail("demo data loaded before the check"))
+    code, out, err = run(capsys, "demo", "--out", tmp_path / "demo")
+    assert code == 1 and "drawing demo.png needs matplotlib" in err and "pip install 'sparsewrap[plot]'" in err
 
 
 def test_ctrl_c_saves_and_resume_continues(tmp_path):  # 15-30 s on two busy cores: in make test

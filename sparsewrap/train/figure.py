@@ -72,7 +72,9 @@ def draw_layers(ax: Any, report: Report) -> None:
                         textcoords="offset points")  # fmt: skip
     if report.requested is not None:
         ax.axhline(report.requested, color="C1", linestyle="--", label=f"requested overall {report.requested:g}")
-    ax.set_xticks(range(len(names)), [short(n) for n in names], rotation=45 if len(names) > 4 else 0,
+    every = max(1, -(-len(names) // 30))  # at most 30 names under the bars: every k-th layer beyond that
+    ticks = range(0, len(names), every)
+    ax.set_xticks(ticks, [short(names[i]) for i in ticks], rotation=45 if len(names) > 4 else 0,
                   ha="right" if len(names) > 4 else "center", fontsize="small")  # fmt: skip
     ax.set_ylim(0, 1.25)  # room above the bars for the legend
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -148,6 +150,8 @@ def draw_density(fig: Any, ax: Any, report: Report) -> None:
         norm, cmap = matplotlib.colors.Normalize(-0.5, n - 0.5), matplotlib.colors.ListedColormap(colors)
         bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, location="right", pad=0.02)
         bar.set_label("layer (execution order)")
+        bar.locator = matplotlib.ticker.MaxNLocator(integer=True)
+        bar.update_ticks()
     lines, labels = ax.get_legend_handles_labels()
     extra, extra_labels = moved.get_legend_handles_labels()
     ax.legend(lines + extra, labels + extra_labels, fontsize="small", ncol=3, loc="upper center",
