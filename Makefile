@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
-	$(PY) -m pip install -c constraints.txt -e ".[dev,data]"
+	$(PY) -m pip install -c constraints.txt -e ".[dev,data,plot]"
 	touch $(STAMP)
 
 install: $(STAMP)

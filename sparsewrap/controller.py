@@ -241,7 +241,7 @@ class Sparsifier:
             layers.append(LayerReport(t.name, tuple(now.shape), now.numel(), count_nonzero(now),
                                       count_nonzero(final.get(key, now))))  # fmt: skip
         return Report(self.spec.method, self.method.requested_sparsity(), self.step_count, layers,
-                      self.method.summary(), self.method.notes())  # fmt: skip
+                      self.method.summary(), self.method.notes(), self.method.budget_history())  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         """Controller state: step counter and the method's own state (the model holds masks and gates)."""

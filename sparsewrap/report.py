@@ -35,8 +35,27 @@ class LayerReport:
 
 
 @dataclass
+class BudgetUpdate:
+    """One recorded update of a dynamic sparse training method (SET, RigL, DSR, DeepR).
+
+    Attributes:
+        step: the step after which the connections moved.
+        moved: connections regrown at new positions (as many left elsewhere).
+        active: active connections per targeted layer after the update, in the order of ``Report.layers``.
+    """
+
+    step: int
+    moved: int
+    active: list[int]
+
+
+@dataclass
 class Report:
-    """Requested vs achieved sparsity, per layer and overall, plus method-specific figures."""
+    """Requested vs achieved sparsity, per layer and overall, plus method-specific figures.
+
+    ``updates`` is the budget history of a dynamic sparse training run (empty for other methods): the connections
+    moved per update and each layer's active count over time (DSR moves budget between layers).
+    """
 
     method: str
     requested: float | None
@@ -44,6 +63,7 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     extras: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    updates: list[BudgetUpdate] = field(default_factory=list)
 
     @property
     def params(self) -> int:
@@ -79,6 +99,24 @@ class Report:
         )
         return rows
 
+    def budget_table(self, columns: int = 6) -> list[list[str]]:
+        """The budget history as text cells (empty without ``updates``).
+
+        A header row (``layer`` and the step of each update shown), one row per layer with its active connections
+        and density after each update, and a ``moved`` row. At most ``columns`` updates are shown, evenly spread
+        from the first recorded to the last.
+        """
+        if not self.updates:
+            return []
+        n = len(self.updates)
+        picks = sorted({round(i * (n - 1) / (columns - 1)) for i in range(columns)}) if n > columns else range(n)
+        shown = [self.updates[i] for i in picks]
+        rows = [["layer"] + [f"step {u.step}" for u in shown]]
+        for i, la in enumerate(self.layers):
+            rows.append([la.name] + [f"{u.active[i]:,} ({u.active[i] / la.params:.3f})" for u in shown])
+        rows.append(["moved"] + [f"{u.moved:,}" for u in shown])
+        return rows
+
     def __str__(self) -> str:
         """The table ``sparsewrap report`` prints, as plain text (``print(sp.report())``)."""
         rows = self.table()
@@ -95,6 +133,13 @@ class Report:
         out.append(f"requested sparsity {requested}   achieved now {self.achieved:.4f}   at export {self.exported:.4f}")
         out += [f"{key}: {value:.6g}" for key, value in self.extras.items()]
         out += [f"note: {note}" for note in self.notes]
+        budgets = self.budget_table()
+        if budgets:
+            widths = [max(len(r[i]) for r in budgets) for i in range(len(budgets[0]))]
+            out.append(f"budget over time ({len(self.updates)} updates recorded): active connections (density) "
+                       "per layer after each update, and connections moved")  # fmt: skip
+            out += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                    for r in budgets]  # fmt: skip
         return "\n".join(out)
 
 

@@ -45,6 +45,9 @@ def test_train_export_purge_load_evaluate(capsys, tmp_path, method):
     epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert len(epochs) == 2 and all(len(line) < 120 for line in epochs), epochs
     assert (tmp_path / "run" / "history.json").is_file()
+    with Image.open(tmp_path / "run" / "figure.png") as img:  # the training figure (tests/test_figure.py: panels)
+        assert img.format == "PNG" and img.size == (1500, 500)
+    assert f"figure{tmp_path / 'run' / 'figure.png'}" in "".join(out.split())  # rich may wrap the path
 
     code, out, err = run(capsys, "export", ckpt, "--purge", "--no-timing", "-o", tmp_path / "small.safetensors")
     assert code == 0, err
@@ -135,7 +138,7 @@ def test_demo_writes_table_and_figure(capsys, tmp_path):
     for row in ("test accuracy", "parameters", "MACs / image", "CPU latency"):
         assert row in text
     with Image.open(tmp_path / "demo" / "demo.png") as img:
-        assert img.format == "PNG" and img.size == (1500, 560)
+        assert img.format == "PNG" and img.size == (1500, 500)
     assert (tmp_path / "demo" / "last.safetensors").is_file()
     # the table's figures, recomputed here from the checkpoint the demo wrote
     sp = sw.load(tmp_path / "demo" / "last.safetensors")
@@ -167,6 +170,22 @@ def test_demo_writes_table_and_figure(capsys, tmp_path):
         assert found and int(found[2].replace(",", "")) == after, (row, table)
         if before is not None:
             assert int(found[1].replace(",", "")) == before, (row, table)
+
+
+def test_no_plot_draws_nothing_and_missing_matplotlib_fails_before_any_data(capsys, tmp_path, monkeypatch):
+    code, out, err = run(capsys, *TRAIN, "--epochs", "1", "--limit", "128", "--out", tmp_path / "run", "--no-plot")
+    assert code == 0, err
+    assert not (tmp_path / "run" / "figure.png").exists() and "figure" not in out
+    monkeypatch.setattr(swdata, "build_data", lambda *a, **k: pytest.fail("data loaded before matplotlib was checked"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    code, out, err = run(capsys, *TRAIN, "--out", tmp_path / "other")
+    assert code == 1 and "drawing figure.png needs matplotlib" in err and "pip install 'sparsewrap[plot]'" in err
+    assert "--no-plot" in err and not (tmp_path / "other").exists()
+    from sparsewrap.demo import run as demo_run
+
+    monkeypatch.setattr(demo_run, "build_data", lambda *a, **k: pytest.fail("demo data loaded before the check"))
+    code, out, err = run(capsys, "demo", "--out", tmp_path / "demo")
+    assert code == 1 and "drawing demo.png needs matplotlib" in err and "pip install 'sparsewrap[plot]'" in err
 
 
 def test_ctrl_c_saves_and_resume_continues(tmp_path):  # 15-30 s on two busy cores: in make test

@@ -44,6 +44,20 @@ def render_report(report, title: str) -> Table:
     return table
 
 
+def render_budgets(report) -> Table | None:
+    """A rich table of a dynamic sparse training run's budget history (None for other methods)."""
+    rows = report.budget_table()
+    if not rows:
+        return None
+    table = Table(title=f"budget over time ({len(report.updates)} updates recorded): active connections (density) "
+                  "per layer after each update, and connections moved")  # fmt: skip
+    for i, head in enumerate(rows[0]):
+        table.add_column(head, justify="left" if i == 0 else "right")
+    for row in rows[1:]:
+        table.add_row(*row, end_section=row is rows[-2])
+    return table
+
+
 @app.command("report")
 def report_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by sparsewrap.save / train."),  # noqa: B008
@@ -62,6 +76,9 @@ def report_cmd(
         console.print(f"{key}: {value:.6g}")
     for note in report.notes:
         console.print(f"note: {note}", style="yellow")
+    budgets = render_budgets(report)
+    if budgets is not None:
+        console.print(budgets)
 
 
 @app.command("budgets")

@@ -215,6 +215,7 @@ def train_cmd(
     image_size: Annotated[int, typer.Option(help="Crop size for imagefolder data.")] = 224,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    plot: Annotated[bool, typer.Option(help="Draw figure.png (needs: pip install 'sparsewrap[plot]').")] = True,
 ) -> None:
     """Sparsify a model while training it; checkpoint every epoch; Ctrl-C saves, --resume continues."""
     # every cheap argument first: a mistake must not cost a data download or an epoch of training
@@ -243,6 +244,7 @@ def train_cmd(
     from ..io.recipe import ModelRecipe
     from ..methods import get_method, make_config
     from ..train import distributed
+    from ..train.figure import FIGURE_NAME, require_matplotlib, write_training_figure
     from ..train.loop import fit
     from ..train.rng import seed_all
     from ..train.state import CHECKPOINT_NAME, refuse_overwrite
@@ -250,6 +252,8 @@ def train_cmd(
     from .options import check_options
 
     check_device(device)
+    if plot:
+        require_matplotlib(FIGURE_NAME, "--no-plot")  # before any data or training
     ModelRecipe.parse(model)  # fail fast on a malformed --model, before loading any data
     method_cls = get_method(method)
     check_options(method, method_cls.Config, options)
@@ -279,7 +283,11 @@ def train_cmd(
         if main:
             text = json.dumps(history.to_dict(), indent=1)
             write_atomic(out / "history.json", lambda tmp: tmp.write_text(text))
-            show.print(render_report(sp.report(), f"{ckpt}: method {method}, step {sp.step_count}"))
+            report = sp.report()
+            show.print(render_report(report, f"{ckpt}: method {method}, step {sp.step_count}"))
+            if plot:
+                figure = write_training_figure(out / FIGURE_NAME, report, history, f"{recipe.name} on {data}, {method}")
+                show.print(f"figure {figure}", highlight=False, soft_wrap=True)
         if history.stopped:
             epoch, batch = history.position
             show.print(f"stopped ({history.stopped}) in epoch {epoch + 1} after batch {batch}; saved {ckpt}; "
@@ -351,6 +359,7 @@ def demo_cmd(
     test_limit: Annotated[int | None, typer.Option(help="Test images to evaluate on (default: all 10,000).")] = None,
     out: Annotated[Path, typer.Option(help="Where the checkpoint, exported model and figure go.")] = Path("runs/demo"),
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 1,
+    plot: Annotated[bool, typer.Option(help="Draw demo.png (needs: pip install 'sparsewrap[plot]').")] = True,
 ) -> None:
     """LeNet-5 on the built-in MNIST: dense, then L0 channel gates to 90 % sparsity, purge, table and figure."""
     import torch
@@ -361,7 +370,8 @@ def demo_cmd(
 
     if threads > 0:  # LeNet-5's layers are too small to gain from more threads; on a busy machine they lose a lot
         torch.set_num_threads(threads)
-    config = DemoConfig(epochs=epochs, dense_epochs=dense_epochs, train_limit=limit, test_limit=test_limit, out=out)
+    config = DemoConfig(epochs=epochs, dense_epochs=dense_epochs, train_limit=limit, test_limit=test_limit, out=out,
+                        plot=plot)  # fmt: skip
     if method is not None:
         config.method = method
     result = run_demo(config, RichProgress(console), lambda text: console.print(f"[bold cyan]{text}"))
@@ -382,5 +392,7 @@ def demo_cmd(
     console.print(table)
     if not result.purged:
         console.print("purge is not available in this version: the exported model keeps its zeros", style="yellow")
-    console.print(f"figure {result.figure}\ncheckpoint {result.checkpoint}\nexported model {result.exported}\n"
+    if result.figure is not None:
+        console.print(f"figure {result.figure}", highlight=False, soft_wrap=True)
+    console.print(f"checkpoint {result.checkpoint}\nexported model {result.exported}\n"
                   f"total time {result.seconds:.0f} s", highlight=False, soft_wrap=True)  # fmt: skip

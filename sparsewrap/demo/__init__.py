@@ -1,1 +1,1 @@
-"""The built-in demo: MNIST data, small models, the figure."""
+"""The built-in demo: MNIST data, small models (its figure: sparsewrap/train/figure.py)."""

@@ -6,7 +6,8 @@
    and the multiplier a fast dual ascent, so that the constraint is met within a few epochs (the paper trains
    200 epochs at 7e-4); the export then projects the gates exactly onto the target.
 3. Export with ``purge=True`` (zeroed channels physically removed) and measure both models the same way: test
-   accuracy, parameters, MACs and CPU latency; write a PNG of per-layer sparsity and the training curves.
+   accuracy, parameters, MACs and CPU latency; write a PNG of per-layer sparsity and the training curves
+   (:mod:`sparsewrap.train.figure`, drawn with matplotlib; ``plot=False`` leaves it out).
 
 The core returns figures (:class:`DemoResult`); the CLI prints the table.
 """
@@ -28,11 +29,12 @@ from ..io.plain import save_plain
 from ..io.recipe import ModelRecipe
 from ..purge.compare import latency
 from ..report import Report
+from ..train.compare_plot import require_matplotlib
+from ..train.figure import write_training_figure
 from ..train.history import Callback, History
 from ..train.loop import evaluate, fit
 from ..train.rng import seed_all
 from .data import build_data, make_loaders
-from .figure import training_figure
 
 MODEL = "sparsewrap.demo.models:lenet5"
 METHOD_NAMES = {"l0": "constrained L0 gates", "magnitude": "magnitude (L1) pruning"}
@@ -66,6 +68,7 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     latency_batch: int = 256
     options: dict[str, Any] = field(default_factory=dict)
+    plot: bool = True
 
 
 @dataclass
@@ -93,7 +96,7 @@ class DemoResult:
     report: Report
     checkpoint: Path
     exported: Path
-    figure: Path
+    figure: Path | None
     seconds: float
 
 
@@ -135,8 +138,11 @@ def run_demo(config: DemoConfig | None = None, callback: Callback | None = None,
         KeyboardInterrupt: after a clean stop of training on Ctrl-C / SIGTERM (the checkpoint is saved).
         MissingDataError: without the MNIST data package (the message gives the install command).
         UnknownNameError: if ``config.method`` is not registered.
+        ConfigError: with ``config.plot`` and no matplotlib installed (before any training).
     """
     config = config or DemoConfig()
+    if config.plot:
+        require_matplotlib("demo.png", "--no-plot, DemoConfig(plot=False)")
     phase = on_phase or (lambda _text: None)
     started = time.perf_counter()
     seed_all(config.seed)
@@ -161,11 +167,9 @@ def run_demo(config: DemoConfig | None = None, callback: Callback | None = None,
     after = measure(plain, test, config.latency_batch)
     exported = save_plain(plain, config.out / "lenet5_sparse.safetensors")
     report, name = sp.report(), METHOD_NAMES.get(config.method, config.method)
-    figure = training_figure(
-        config.out / "demo.png", [(la.name, la.exported_sparsity) for la in report.layers], report.requested,
-        [loss - pen for loss, pen in zip(history.losses, history.penalties)],
-        [(0, before.accuracy, 0.0)] + [(r.epoch, r.val_accuracy, r.achieved) for r in history.records],
-        title=f"LeNet-5 on MNIST: {name}, {config.target:.0%} channel sparsity" + (", purged" if purged else ""),
-    )  # fmt: skip
+    title = f"LeNet-5 on MNIST: {name}, {config.target:.0%} channel sparsity" + (", purged" if purged else "")
+    figure = None
+    if config.plot:
+        figure = write_training_figure(config.out / "demo.png", report, history, title, before.accuracy)
     return DemoResult(config, len(data.train), options, purged, before, after, history, report,
                       history.checkpoint or config.out, exported, figure, time.perf_counter() - started)  # fmt: skip

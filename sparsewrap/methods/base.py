@@ -18,6 +18,7 @@ from ..analysis.targets import Target
 from ..analysis.tracing import ModelGraph
 from ..errors import ConfigError, UnknownNameError, choices
 from ..parametrizations import wrapped_tensors
+from ..report import BudgetUpdate
 from .run import RunContext
 from .schedules import StepSpec
 
@@ -137,6 +138,11 @@ class Method:
 
     def notes(self) -> list[str]:
         """Remarks for the report: what could not be sparsified as asked, and why."""
+        return []
+
+    def budget_history(self) -> list[BudgetUpdate]:
+        """The connections moved per update and each layer's active count over time, for the report and the
+        training figure (dynamic sparse training); empty for methods whose connections do not move."""
         return []
 
     def requested_sparsity(self) -> float | None:

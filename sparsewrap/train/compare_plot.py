@@ -19,8 +19,12 @@ if TYPE_CHECKING:
 INSTALL_HINT = "pip install 'sparsewrap[plot]'"
 
 
-def require_matplotlib() -> Any:
+def require_matplotlib(figure: str = "compare.png", leave_out: str = "--no-plot, plot=False") -> Any:
     """The ``matplotlib.pyplot`` module on the non-interactive Agg backend.
+
+    Args:
+        figure: the file being drawn, named in the error.
+        leave_out: how to do without the figure, named in the error.
 
     Raises:
         ConfigError: when matplotlib is not installed, naming the install command.
@@ -29,8 +33,8 @@ def require_matplotlib() -> Any:
         matplotlib = importlib.import_module("matplotlib")
     except ImportError:
         raise ConfigError(
-            f"drawing compare.png needs matplotlib, which is not installed: {INSTALL_HINT} (or leave the plot "
-            "out: --no-plot, plot=False)"
+            f"drawing {figure} needs matplotlib, which is not installed: {INSTALL_HINT} (or leave the plot "
+            f"out: {leave_out})"
         ) from None
     matplotlib.use("Agg", force=True)
     return importlib.import_module("matplotlib.pyplot")

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ...errors import ConfigError, choices
 from ...parametrizations import Masked, attach
+from ...report import BudgetUpdate
 from ..base import Method
 from ..run import OPTIMIZER_STATE
 from ..schedules import StepSpec, check_steps
@@ -224,6 +225,9 @@ class DynamicSparse(Method):
             "connections moved (last update)": float(self.last_moved),
             "connections moved (total)": float(self.moved_total),
         }
+
+    def budget_history(self) -> list[BudgetUpdate]:
+        return [BudgetUpdate(int(step), int(moved), [int(c) for c in active]) for step, moved, active in self.history]
 
     def state_dict(self) -> dict[str, Any]:
         return {
