@@ -12,7 +12,7 @@ import inspect
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,7 +20,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperCommand
 
 from ..train.history import Callback, EpochRecord, LoopState
-from .checks import check_count, check_number, check_out_dir, check_patterns, group_rates
+
+if TYPE_CHECKING:
+    from ..demo.data import TrainData
+    from ..io.recipe import ModelRecipe
+from .checks import check_out_dir, check_patterns, check_run_options, group_rates
 from .common import app, console
 
 
@@ -146,6 +150,21 @@ def model_recipe(spec: str, num_classes: int, input_shape: tuple[int, ...], kwar
     return ModelRecipe(recipe.source, recipe.name, {**fitted, **kwargs}, list(input_shape))
 
 
+def data_and_recipe(
+    data: str, model: str, limit: int | None, val_limit: int | None, image_size: int, kwargs: dict[str, Any]
+) -> tuple[TrainData, ModelRecipe]:
+    """The data sets of ``--data`` and the recipe of ``--model`` fitted to them (``train`` and ``compare``).
+
+    Raises:
+        ConfigError: for a malformed ``--model`` or ``--data``.
+        MissingDataError: when the data needs a package that is not installed.
+    """
+    from ..demo.data import build_data
+
+    train_data = build_data(data, limit, val_limit, image_size)
+    return train_data, model_recipe(model, train_data.num_classes, train_data.input_shape, kwargs)
+
+
 class Optimizer(str, enum.Enum):  # noqa: UP042  (enum.StrEnum needs Python 3.11)
     """``--optimizer`` choices (``sparsewrap.train.loop.OPTIMIZERS``, kept here so that no torch import is needed)."""
 
@@ -218,17 +237,11 @@ def train_cmd(
 ) -> None:
     """Sparsify a model while training it; checkpoint every epoch; Ctrl-C saves, --resume continues."""
     # every cheap argument first: a mistake must not cost a data download or an epoch of training
-    check_count(epochs, "--epochs", "epochs")
-    check_count(batch_size, "--batch-size", "examples per batch")
-    check_count(limit, "--limit", "training examples", "use them all")
-    check_count(val_limit, "--val-limit", "validation examples", "use them all")
-    check_count(image_size, "--image-size", "pixels")
+    check_run_options(epochs, batch_size, limit, val_limit, image_size, lr, weight_decay)
     if workers < 0:
         raise typer.BadParameter(
             f"{workers} is negative; give 0 (load in the main process) or more", param_hint="--workers"
         )
-    check_number(lr, "--lr", "1e-3")
-    check_number(weight_decay, "--weight-decay", "5e-4")
     groups = group_rates(parse_pairs(group_lr, "--group-lr"))
     options = parse_pairs(option, "--option")
     kwargs = parse_pairs(model_kw, "--model-kw")
@@ -238,7 +251,7 @@ def train_cmd(
     target = parse_target(target)
 
     from ..controller import resolve_target, sparsify
-    from ..demo.data import build_data, make_loaders
+    from ..demo.data import make_loaders
     from ..io.atomic import write_atomic
     from ..io.recipe import ModelRecipe
     from ..methods import get_method, make_config
@@ -262,9 +275,8 @@ def train_cmd(
     try:
         main = ctx is None or ctx.is_main
         show = console if main else Console(quiet=True)
-        dev = ctx.device if ctx else (device or ("cuda" if _cuda() else "cpu"))
-        train_data = build_data(data, limit, val_limit, image_size)
-        recipe = model_recipe(model, train_data.num_classes, train_data.input_shape, kwargs)
+        dev = ctx.device if ctx else default_device(device)
+        train_data, recipe = data_and_recipe(data, model, limit, val_limit, image_size, kwargs)
         seed_all(seed)
         net = recipe.build(trust_factory=True).to(dev)  # --model is the user's own choice
         sp = sparsify(net, method, target=target, density=density, include=include, exclude=exclude, **options)
@@ -330,6 +342,11 @@ def check_device(device: str | None) -> None:
         raise typer.BadParameter(f"{device!r} is not a device; valid: cpu, cuda, cuda:N", param_hint="--device")
     if kind == "cuda" and not _cuda():
         raise ConfigError(f"--device {device} but CUDA is not available here; use --device cpu")
+
+
+def default_device(device: str | None) -> str:
+    """``--device``, or ``"cuda"`` when it is left out and CUDA is available, else ``"cpu"``."""
+    return device or ("cuda" if _cuda() else "cpu")
 
 
 def _cuda() -> bool:
