@@ -6,17 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsewrap.cli import main
 from sparsewrap.cli.train import data_and_recipe, default_device
 from sparsewrap.demo import data as swdata
 
+from .test_train_cli import run
+
 MODEL = ["--model", "sparsewrap.demo.models:lenet5"]
-
-
-def run(capsys, *args) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    return exit_info.value.code, " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.parametrize(
@@ -38,8 +33,8 @@ def test_train_and_compare_check_the_shared_options_alike_before_loading_data(ca
     compare = run(capsys, "compare", *MODEL, "--methods", "magnitude", "--targets", "0.5", "--no-plot", "--out",
                   tmp_path / "c", *args)  # fmt: skip
     assert train[0] == compare[0] == 2
-    assert message in train[1] and message in compare[1], (train[1], compare[1])
-    assert train[1].split("Error: ", 1)[1] == compare[1].split("Error: ", 1)[1]  # the same line, word for word
+    assert message in train[2] and message in compare[2], (train[2], compare[2])
+    assert train[2].split("Error: ", 1)[1] == compare[2].split("Error: ", 1)[1]  # the same line, word for word
     assert not (tmp_path / "t").exists() and not (tmp_path / "c").exists()
 
 
