@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsewrap.cli.train import data_and_recipe, default_device
+from sparsewrap.cli.model_data import data_and_recipe, default_device
 from sparsewrap.demo import data as swdata
 
 from .test_train_cli import run

@@ -173,8 +173,8 @@ def compare_cmd(
     from ..io.recipe import ModelRecipe
     from ..methods import get_method, make_config
     from ..train.compare import accepting_methods, compare
+    from .model_data import check_device, data_and_recipe, default_device
     from .options import check_options
-    from .train import check_device, data_and_recipe, default_device
 
     check_device(device)
     ModelRecipe.parse(model)
