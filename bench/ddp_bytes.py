@@ -38,7 +38,7 @@ from torchvision.models import resnet18
 
 import sparsewrap as sw
 from sparsewrap.io.tensors import join_tensors, split_tensors
-from sparsewrap.train import distributed
+from sparsewrap.train import collectives, distributed
 from sparsewrap.train.history import Callback
 
 CONFIGS = {
@@ -106,13 +106,13 @@ def legacy_buffers(model: torch.nn.Module, src: int = 0) -> None:
 
 def legacy_sync(sp: sw.Sparsifier, src: int = 0, **_: Any) -> None:
     """The old ``sync_sparsity``: every parametrization tensor and the method's state from rank 0, every step."""
-    distributed.broadcast_tensors(distributed.sparsity_tensors(sp.model), src)
+    collectives.broadcast_tensors(distributed.sparsity_tensors(sp.model), src)
     state_json, state_tensors = split_tensors(sp.method.state_dict())
-    state_json = distributed.broadcast_json(state_json, src)
+    state_json = collectives.broadcast_json(state_json, src)
     names = sorted(state_tensors)
     if names:
         received = {k: state_tensors[k].detach().clone() for k in names}
-        distributed.broadcast_tensors([received[k] for k in names], src)
+        collectives.broadcast_tensors([received[k] for k in names], src)
         state_tensors = received
     if dist.get_rank() != src:
         sp.method.load_state_dict(join_tensors(state_json, state_tensors))

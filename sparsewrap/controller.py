@@ -18,7 +18,7 @@ from .errors import ConfigError, choices
 from .methods import Method, get_method, make_config
 from .parametrizations import Masked, SparseParametrization, generation, wrapped_tensors
 from .report import LayerReport, Report, count_nonzero
-from .train import distributed
+from .train import collectives, distributed
 
 CONTROLLER_ATTR = "_sparsewrap_controller"
 
@@ -160,7 +160,7 @@ class Sparsifier:
         """
         ctx = distributed.current()
         if ctx is not None and self._capturing:  # every rank chooses from the whole batch's dense gradient
-            distributed.average_tensors([p.dense_grad for p in self._capturing if p.dense_grad is not None])
+            collectives.average_tensors([p.dense_grad for p in self._capturing if p.dense_grad is not None])
         self.method.step(self.step_count)
         self.step_count += 1
         if ctx is None:

@@ -125,7 +125,7 @@ def test_errors_print_one_line_and_exit_non_zero(tmp_path: Path, capsys, monkeyp
     lines = err.strip().splitlines()
     assert len(lines) == 2 and lines[1] == "(run with --debug for the traceback)"
     text = squeeze(err)
-    assert text.startswith(squeeze(f"error: CheckpointError: checkpoint '{missing}' does not exist"))
+    assert text.startswith(squeeze(f"Error: CheckpointError: checkpoint '{missing}' does not exist"))
     assert squeeze("(run with --debug for the traceback)") in text
 
 

@@ -7,18 +7,14 @@ masks can only come from :func:`sparsewrap.train.distributed.sync_sparsity`, not
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -28,6 +24,8 @@ from sparsewrap.errors import DivergenceError
 from sparsewrap.methods import Method, register_method
 from sparsewrap.parametrizations import Masked, SparseParametrization, attach
 from sparsewrap.train import distributed
+
+from .ddp_launch import digest, process_group, save_record, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -130,22 +128,13 @@ def count_bytes(sent: list[int]) -> tuple:
     return originals
 
 
-def digest(tensors: list[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def magnitude(model: nn.Module) -> sw.Sparsifier:
     return sw.sparsify(model, "magnitude", target=0.9, granularity="channel", allocation="uniform",
                        schedule="cubic", end=8, every=2)  # fmt: skip
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, tmp):
         register_method(CoinFlip)  # in this process only: the test session's registry stays clean
         register_method(Drift)
         register_method(OneRank)
@@ -205,16 +194,12 @@ def _worker(rank: int, world: int, tmp: str) -> None:
                   gates.method.method_parameters()), "sync_bytes": per_step, "diverged": diverged,
                   "bn": bn, "resends": resends,
                   "one_rank": one_rank}  # fmt: skip
-        Path(tmp, f"rank{rank}.json").write_text(json.dumps(record))
-    finally:
-        dist.destroy_process_group()
+        save_record(tmp, rank, record)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, str(tmp)), nprocs=2, join=True)
-    return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(2)]
+    return spawn(_worker, tmp_path_factory.mktemp("ddp"))
 
 
 def test_masks_and_method_state_identical_on_every_rank_at_every_step(ranks):

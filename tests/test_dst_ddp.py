@@ -8,18 +8,15 @@ sees its own shard of the batch).
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import sparsewrap as sw
 from sparsewrap.demo.data import build_data, make_loaders
 from sparsewrap.demo.models import mlp_300_100
+
+from .ddp_launch import digest, process_group, save_record, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -30,17 +27,8 @@ RUNS = {
 }
 
 
-def _digest(tensors: list[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, tmp):
         data = build_data("mnist", limit=512, val_limit=64)
         train, val = make_loaders(data, batch_size=32, seed=0, rank=rank, world_size=world)
         record = {}
@@ -52,21 +40,17 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 
             def recording(drops, grows, t, apply=apply, sp=sp, chosen=chosen) -> None:
                 apply(drops, grows, t)
-                chosen.append(_digest([m.mask for m in sp.method.masks]))  # before rank 0's masks arrive
+                chosen.append(digest([m.mask for m in sp.method.masks]))  # before rank 0's masks arrive
 
             sp.method.apply = recording
             sw.fit(sp, train, val, epochs=1, optimizer="sgd", lr=0.05, seed=0)
             record[method] = {"chosen": chosen, "moved": sp.method.moved_total, "counts": sp.method.active_counts()}
-        Path(tmp, f"rank{rank}.json").write_text(json.dumps(record))
-    finally:
-        dist.destroy_process_group()
+        save_record(tmp, rank, record)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    tmp = tmp_path_factory.mktemp("dst_ddp")
-    mp.spawn(_worker, args=(2, str(tmp)), nprocs=2, join=True)
-    return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(2)]
+    return spawn(_worker, tmp_path_factory.mktemp("dst_ddp"))
 
 
 @pytest.mark.parametrize("method", sorted(RUNS))

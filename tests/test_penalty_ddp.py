@@ -4,20 +4,17 @@ through the pruning step of ``finetune``."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import sparsewrap as sw
 from sparsewrap.demo.data import build_data, make_loaders
 from sparsewrap.train import distributed
+
+from .ddp_launch import digest, process_group, save_record, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -31,17 +28,8 @@ class MLP(nn.Module):
         return self.head(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
 
 
-def _digest(tensors: list[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _worker(rank: int, world: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, tmp):
         data = build_data("mnist", limit=256, val_limit=64)
         train, val = make_loaders(data, batch_size=32, seed=0, rank=rank, world_size=world)
         torch.manual_seed(100 + rank)  # different initial weights on purpose: DDP broadcasts rank 0's
@@ -49,21 +37,18 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         lam = sp.method.coefficients()
         sw.fit(sp, train, val, epochs=2, seed=0, optimizer="sgd", lr=0.05, weight_decay=1e-4)
         record = {
-            "lambda": _digest(lam),
+            "lambda": digest(lam),
             "lambda_moved": float(sum((x - 1.0).abs().sum() for x in lam)),
-            "model": _digest(list(sp.model.state_dict().values())),
+            "model": digest(list(sp.model.state_dict().values())),
             "pruned": sp.method.pruned,
             "xi": sp.method.xi,
             "exported": sp.report().exported,
         }
-        Path(tmp, f"rank{rank}.json").write_text(json.dumps(record))
-    finally:
-        dist.destroy_process_group()
+        save_record(tmp, rank, record)
 
 
 def test_halo_coefficients_and_weights_are_identical_on_every_rank(tmp_path) -> None:
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    zero, one = (json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in range(2))
+    zero, one = spawn(_worker, tmp_path)
     assert zero["lambda_moved"] > 0 and zero["pruned"]  # trained, then pruned at half of the run
     assert zero == one
     assert zero["exported"] == pytest.approx(0.8, abs=1e-3)

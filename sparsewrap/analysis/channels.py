@@ -21,13 +21,14 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from .binary_rules import BinaryVisitor
 from .groups import ChannelAnalysis, ChannelGroup, Seg, State, Use
 from .module_rules import ModuleVisitor, weight_support
 from .op_rules import FunctionVisitor
 from .rules import NORMS
 
 
-class Walker(ModuleVisitor, FunctionVisitor):
+class Walker(ModuleVisitor, FunctionVisitor, BinaryVisitor):
     """One pass over an FX graph (see the module docstring); ``real`` selects the value mode."""
 
     def __init__(self, model: nn.Module, gm: fx.GraphModule, real: bool = False) -> None:

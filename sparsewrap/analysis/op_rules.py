@@ -1,8 +1,9 @@
 """How the channel walk (:mod:`sparsewrap.analysis.channels`) treats functions and tensor methods.
 
 Split from the walker so that each file stays one concept: this one is the op-by-op rulebook (per-channel ops,
-reshapes and permutes, ``cat``/``split``/slicing, broadcasting binary ops). Each rule returns the output's
-:class:`~sparsewrap.analysis.channels.State`, or blocks the spaces it cannot follow and returns ``None``.
+reshapes and permutes, ``cat``/``split``/slicing; the broadcasting binary ops are in :mod:`.binary_rules`).
+Each rule returns the output's :class:`~sparsewrap.analysis.channels.State`, or blocks the spaces it cannot
+follow and returns ``None``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ _CLAMP = {torch.clamp, torch.clip, "clamp", "clamp_", "clip", "clamp_min", "clam
 _POW = {operator.pow, torch.pow, "pow", "pow_"}
 _EXPAND = {"expand", "expand_as"}
 _STACK = {torch.stack}
-_VIEW_CHAIN = {"view", "reshape", "unsqueeze", "to", "type_as", "float", "half", "double", "contiguous",
-               torch.reshape, torch.unsqueeze, "squeeze", torch.squeeze}  # fmt: skip
 
 
 class _Each:
@@ -36,10 +35,6 @@ class _Each:
 
 def _name(target: Any) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
-
-
-def _arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
 
 
 class FunctionVisitor:
@@ -67,23 +62,23 @@ class FunctionVisitor:
             self.block([x, *others], f"{node.name}: {_name(target)} mixes several channel tensors")
             return None
         if target in R.ZERO_FUNCS or target in R.ZERO_METHODS:
-            return self.per_channel(node, x, True, _arg(node, 1, "output_size"))
+            return self.per_channel(node, x, True, R.node_arg(node, 1, "output_size"))
         if target in R.NONZERO_FUNCS or target in R.NONZERO_METHODS:
             return self.per_channel(node, x, False)
         if target in _POW:
-            exponent = _arg(node, 1, "exponent")
+            exponent = R.node_arg(node, 1, "exponent")
             if not isinstance(exponent, (int, float)) or isinstance(exponent, bool):
                 return self.refuse(node, x, target)
             return self.per_channel(node, x, exponent > 0)
         if target in _CLAMP:
-            lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+            lo, hi = R.node_arg(node, 1, "min"), R.node_arg(node, 2, "max")
             if target in ("clamp_max",):
-                lo, hi = None, _arg(node, 1, "max")
+                lo, hi = None, R.node_arg(node, 1, "max")
             ok = all(v is None or isinstance(v, (int, float)) for v in (lo, hi))
             keeps = ok and (lo is None or lo <= 0) and (hi is None or hi >= 0)
             return self.per_channel(node, x, keeps) if ok else self.refuse(node, x, target)
         if target in _SOFTMAX:
-            return self.softmax(node, x, _arg(node, 1, "dim"), node.name)
+            return self.softmax(node, x, R.node_arg(node, 1, "dim"), node.name)
         if target in R.PAD_OPS:
             return self.pad(node, x)
         if target in R.RESHAPE_OPS:
@@ -119,9 +114,9 @@ class FunctionVisitor:
         return x.with_(zero=self.zeros(x.width))
 
     def pad(self, node: fx.Node, x: State) -> State | None:
-        pads = _arg(node, 1, "pad")
-        value = _arg(node, 3, "value", 0.0)
-        mode = _arg(node, 2, "mode", "constant")
+        pads = R.node_arg(node, 1, "pad")
+        value = R.node_arg(node, 3, "value", 0.0)
+        mode = R.node_arg(node, 2, "mode", "constant")
         ok = isinstance(pads, (tuple, list)) and x.ndim is not None and x.axis < x.ndim - len(pads) // 2
         if not ok:
             self.block(x, f"{node.name}: pad touches the channel axis")
@@ -130,7 +125,7 @@ class FunctionVisitor:
         return x.with_(zero=x.zero if keeps else self.zeros(x.width))
 
     def reduce(self, node: fx.Node, x: State) -> State | None:
-        dims = _arg(node, 1, "dim")
+        dims = R.node_arg(node, 1, "dim")
         keep = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
         dims = (dims,) if isinstance(dims, int) else dims
         if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims):
@@ -195,8 +190,8 @@ class FunctionVisitor:
 
     # -- cat / split / slicing -------------------------------------------------------------------------------
     def cat(self, node: fx.Node, stack: bool) -> State | None:
-        parts = _arg(node, 0, "tensors")
-        dim = _arg(node, 1, "dim", 0)
+        parts = R.node_arg(node, 0, "tensors")
+        dim = R.node_arg(node, 1, "dim", 0)
         if not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
             return None
         states = [self.state.get(p) if isinstance(p, fx.Node) else None for p in parts]
@@ -261,7 +256,7 @@ class FunctionVisitor:
 
     def split(self, node: fx.Node, x: State, target: Any) -> object:
         name = _name(target)
-        dim = _arg(node, 1, "dim", 0) if name == "unbind" else _arg(node, 2, "dim", 0)
+        dim = R.node_arg(node, 1, "dim", 0) if name == "unbind" else R.node_arg(node, 2, "dim", 0)
         meta = node.meta.get("tensor_meta")
         if x.ndim is None or meta is None or not isinstance(meta, (tuple, list)) or not isinstance(dim, int):
             if isinstance(dim, int) and x.ndim is not None and dim % x.ndim != x.axis % x.ndim and name != "unbind":
@@ -313,99 +308,6 @@ class FunctionVisitor:
             return st.with_(axis=axis, ndim=ndim)
         self.block(st, f"{node.name}: slices the channel axis at fixed bounds (they would not follow a purge)")
         return None
-
-    # -- binary ops ------------------------------------------------------------------------------------------
-    def binary(self, node: fx.Node, target: Any) -> State | None:
-        operands = [node.args[0] if node.args else node.kwargs.get("input"), _arg(node, 1, "other")]
-        states = [self.state.get(a) if isinstance(a, fx.Node) else None for a in operands]
-        if any(s is not None and not isinstance(s, _state_type()) for s in states):
-            self.block(states, f"{node.name}: arithmetic on a tuple")
-            return None
-        full = [s for s in states if s is not None]
-        if not full:
-            return None
-        out_shape = self.shape(node)
-        x = max(full, key=lambda s: s.width)
-        ndim = len(out_shape) if out_shape is not None else x.ndim
-        axis = x.axis % ndim if ndim is not None else x.axis
-        if target in R.DIV_OPS and states[1] is not None:
-            self.block(states, f"{node.name}: divides by the channel tensor")
-            return None
-        zeros = []
-        for a, s in zip(operands, states):
-            z = self.operand_zero(node, target, a, s, x, axis, ndim)
-            if z is None:
-                return None
-            zeros.append(z)
-        for s in full:
-            if s is not x and s.width == x.width and not self.union(x, s, node.name):
-                return None
-        if target in R.MUL_OPS:
-            zero = zeros[0] | zeros[1]
-        elif target in R.DIV_OPS:
-            zero = zeros[0]
-        else:
-            zero = zeros[0] & zeros[1]
-        return x.with_(axis=axis, ndim=ndim, zero=zero)
-
-    def operand_zero(self, node: fx.Node, target: Any, a: Any, s: State | None, x: State, axis: int,
-                     ndim: int | None) -> torch.Tensor | None:  # fmt: skip
-        """Exact zeros of one operand, per position of ``x``'s channel axis (``None``: blocked)."""
-        width = x.width
-        if s is not None:
-            known = ndim is not None and s.ndim is not None
-            if s.width == width and (ndim - s.ndim + s.axis % s.ndim == axis if known else s.axis == x.axis):
-                return s.zero
-            if ndim is not None and s.ndim is not None and s.width == 1:
-                self.block(s, f"{node.name}: one channel broadcast over the channels of another tensor")
-                return self.zeros(width)
-            self.block([x, s], f"{node.name}: operands disagree on the channel axis")
-            return None
-        if isinstance(a, (int, float, bool)) or a is None:
-            return self.ones(width) if a == 0 else self.zeros(width)
-        if not isinstance(a, fx.Node) or a.meta.get("type") in (int, float, bool):
-            return self.zeros(width)  # a number: the same effect on every channel
-        shape = self.shape(a)
-        if shape is not None and ndim is not None:
-            k = axis - (ndim - len(shape))
-            if k < 0 or shape[k] == 1:
-                return self.broadcast_zero(a, width)  # the same effect on every channel
-        return self.param_zero(node, target, a, x, width)
-
-    def broadcast_zero(self, a: fx.Node, width: int) -> torch.Tensor:
-        """A tensor broadcast over the channels: zero everywhere only if it is a parameter that is all zeros."""
-        if self.real and a.op == "get_attr":
-            owner, _, attr = str(a.target).rpartition(".")
-            tensor = getattr(self.modules.get(owner), attr, None)
-            if isinstance(tensor, torch.Tensor) and not bool(tensor.any()):
-                return self.ones(width)
-        return self.zeros(width)
-
-    def param_zero(self, node: fx.Node, target: Any, a: fx.Node, x: State, width: int) -> torch.Tensor | None:
-        """A per-channel parameter (layer scale, learned offset): becomes a ``param`` use, sliced with x."""
-        src = a
-        while src.op != "get_attr" and src.target in _VIEW_CHAIN and len(src.users) == 1:
-            if not src.args or not isinstance(src.args[0], fx.Node):
-                break
-            src = src.args[0]
-        if src.op != "get_attr" or len(src.users) != 1:
-            self.block(x, f"{node.name}: combined with a tensor the analysis cannot slice")
-            return None
-        twins = [n for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == src.target]
-        owner, _, attr = str(src.target).rpartition(".")
-        tensor = getattr(self.modules.get(owner), attr, None)
-        if len(twins) != 1 or not isinstance(tensor, torch.Tensor) or tensor.numel() != width:
-            self.block(x, f"{node.name}: combined with {src.target}, which is shared or not per-channel")
-            return None
-        dims = [d for d, n in enumerate(tensor.shape) if n != 1] or [0]
-        self.use(owner, "param", x, param=attr, dim=dims[0])
-        single = len(x.segs) == 1 and x.segs[0].space is not None and x.segs[0].width == width
-        is_add = target in R.ADD_OPS
-        if single and is_add and tensor.dim() == 1:
-            self.group(x.segs[0].space).companions.append((owner, attr))
-        if not self.real:
-            return self.ones(width) if is_add else self.zeros(width)
-        return (tensor.detach().reshape(-1) == 0).cpu()
 
 
 def _state_type() -> type:

@@ -149,6 +149,11 @@ except ImportError:  # pragma: no cover - timm is a dependency
 
 
 # -- shape arithmetic -----------------------------------------------------------------------------------------
+def node_arg(node: Any, i: int, key: str, default: Any = None) -> Any:
+    """Argument ``i`` of an FX node, given by position or as keyword ``key`` (``default`` when absent)."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
+
+
 def reshape_axis(src: Sequence[int], dst: Sequence[int], axis: int) -> tuple[int, int] | None:
     """Where the channel axis of a ``src``-shaped tensor lands after a reshape to ``dst``.
 

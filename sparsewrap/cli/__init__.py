@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # every other error: one line, or the traceback with --debug
         if settings["debug"]:
             traceback.print_exc()
-        else:
-            message = f"[bold red]error:[/] {error_name(exc)}: {escape(_one_line(exc))}"
+        else:  # "Error:" as click prints its usage errors (exc.show() above), so that both kinds read alike
+            message = f"[bold red]Error:[/] {error_name(exc)}: {escape(_one_line(exc))}"
             err_console.print(message, highlight=False, soft_wrap=True)
             err_console.print("(run with --debug for the traceback)", style="dim")
         sys.exit(1)

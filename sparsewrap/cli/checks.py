@@ -58,6 +58,29 @@ def check_count(value: int | None, flag: str, what: str, none_means: str | None 
         raise typer.BadParameter(f"{value} uses no {what}; {fix}", param_hint=flag)
 
 
+def check_run_options(
+    epochs: int,
+    batch_size: int,
+    limit: int | None,
+    val_limit: int | None,
+    image_size: int,
+    lr: float,
+    weight_decay: float,
+) -> None:
+    """The training options ``train`` and ``compare`` share: counts >= 1, rates finite and >= 0.
+
+    Raises:
+        typer.BadParameter: for the first bad one, naming its flag, the value and the fix.
+    """
+    check_count(epochs, "--epochs", "epochs")
+    check_count(batch_size, "--batch-size", "examples per batch")
+    check_count(limit, "--limit", "training examples", "use them all")
+    check_count(val_limit, "--val-limit", "validation examples", "use them all")
+    check_count(image_size, "--image-size", "pixels")
+    check_number(lr, "--lr", "1e-3")
+    check_number(weight_decay, "--weight-decay", "5e-4")
+
+
 def group_rates(pairs: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Parsed ``--group-lr GROUP=LR`` pairs → ``{group: {"lr": LR}}``.
 

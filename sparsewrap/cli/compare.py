@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from ..train.history import Callback
-from .checks import check_count, check_number, check_out_dir
+from .checks import check_out_dir, check_run_options
 from .common import app, console
 from .train import LRSchedule, Optimizer, RichProgress, parse_pairs
 
@@ -162,25 +162,19 @@ def compare_cmd(
     seed: Annotated[int, typer.Option(help="Random seed (same initialisation and data order in every cell).")] = 0,
 ) -> None:
     """Train a dense baseline and every (method, target) cell alike; write compare.json, .md and .png."""
-    check_count(epochs, "--epochs", "epochs")
-    check_count(batch_size, "--batch-size", "examples per batch")
-    check_count(limit, "--limit", "training examples", "use them all")
-    check_count(val_limit, "--val-limit", "validation examples", "use them all")
-    check_count(image_size, "--image-size", "pixels")
-    check_number(lr, "--lr", "1e-3")
-    check_number(weight_decay, "--weight-decay", "5e-4")
+    check_run_options(epochs, batch_size, limit, val_limit, image_size, lr, weight_decay)
     target_list = parse_targets(targets)
     kwargs = parse_pairs(model_kw, "--model-kw")
     check_out_dir(out)
     method_list = resolve_methods(methods)
     options = parse_method_options(option, method_list)
 
-    from ..demo.data import build_data, make_loaders
+    from ..demo.data import make_loaders
     from ..io.recipe import ModelRecipe
     from ..methods import get_method, make_config
     from ..train.compare import accepting_methods, compare
+    from .model_data import check_device, data_and_recipe, default_device
     from .options import check_options
-    from .train import check_device, model_recipe
 
     check_device(device)
     ModelRecipe.parse(model)
@@ -192,9 +186,8 @@ def compare_cmd(
         cls = get_method(name)
         check_options(name, cls.Config, opts)
         make_config(cls, opts)
-    dev = device or ("cuda" if _cuda() else "cpu")
-    train_data = build_data(data, limit, val_limit, image_size)
-    recipe = model_recipe(model, train_data.num_classes, train_data.input_shape, kwargs)
+    dev = default_device(device)
+    train_data, recipe = data_and_recipe(data, model, limit, val_limit, image_size, kwargs)
     if methods.strip() == "all":  # every registered method that accepts the model
         method_list, rejected = accepting_methods(lambda: recipe.build(trust_factory=True), method_list,
                                                   target_list[0], options)  # fmt: skip
@@ -225,9 +218,3 @@ def compare_cmd(
     if failed:
         console.print(f"{len(failed)} cell(s) failed (see the status column)", style="red")
         raise typer.Exit(1)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

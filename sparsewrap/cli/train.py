@@ -7,8 +7,6 @@ prints and writes.
 from __future__ import annotations
 
 import enum
-import importlib
-import inspect
 import json
 import time
 from pathlib import Path
@@ -20,8 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperCommand
 
 from ..train.history import Callback, EpochRecord, LoopState
-from .checks import check_count, check_number, check_out_dir, check_patterns, group_rates
+from .checks import check_out_dir, check_patterns, check_run_options, group_rates
 from .common import app, console
+from .model_data import check_device, data_and_recipe, default_device
 
 
 class RichProgress(Callback):
@@ -118,34 +117,6 @@ def parse_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
     return out
 
 
-def _accepts(spec: str) -> set[str] | None:
-    """Keyword names a ``pkg.mod:factory`` accepts (None when it takes ``**kwargs`` or cannot be inspected)."""
-    mod, _, attr = spec.partition(":")
-    try:
-        params = inspect.signature(getattr(importlib.import_module(mod), attr)).parameters.values()
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params}
-
-
-def model_recipe(spec: str, num_classes: int, input_shape: tuple[int, ...], kwargs: dict[str, Any]):
-    """The recipe of ``--model`` for this data: ``num_classes``/``in_chans`` where the model takes them.
-
-    Raises:
-        ConfigError: for a spec that is neither ``timm:<arch>`` nor ``package.module:factory``.
-    """
-    from ..io.recipe import ModelRecipe
-
-    recipe = ModelRecipe.parse(spec)
-    fitted = {"num_classes": num_classes, "in_chans": input_shape[0]}
-    if recipe.source != "timm":
-        accepted = _accepts(spec)
-        fitted = {k: v for k, v in fitted.items() if accepted is None or k in accepted}
-    return ModelRecipe(recipe.source, recipe.name, {**fitted, **kwargs}, list(input_shape))
-
-
 class Optimizer(str, enum.Enum):  # noqa: UP042  (enum.StrEnum needs Python 3.11)
     """``--optimizer`` choices (``sparsewrap.train.loop.OPTIMIZERS``, kept here so that no torch import is needed)."""
 
@@ -219,17 +190,11 @@ def train_cmd(
 ) -> None:
     """Sparsify a model while training it; checkpoint every epoch; Ctrl-C saves, --resume continues."""
     # every cheap argument first: a mistake must not cost a data download or an epoch of training
-    check_count(epochs, "--epochs", "epochs")
-    check_count(batch_size, "--batch-size", "examples per batch")
-    check_count(limit, "--limit", "training examples", "use them all")
-    check_count(val_limit, "--val-limit", "validation examples", "use them all")
-    check_count(image_size, "--image-size", "pixels")
+    check_run_options(epochs, batch_size, limit, val_limit, image_size, lr, weight_decay)
     if workers < 0:
         raise typer.BadParameter(
             f"{workers} is negative; give 0 (load in the main process) or more", param_hint="--workers"
         )
-    check_number(lr, "--lr", "1e-3")
-    check_number(weight_decay, "--weight-decay", "5e-4")
     groups = group_rates(parse_pairs(group_lr, "--group-lr"))
     options = parse_pairs(option, "--option")
     kwargs = parse_pairs(model_kw, "--model-kw")
@@ -239,7 +204,7 @@ def train_cmd(
     target = parse_target(target)
 
     from ..controller import resolve_target, sparsify
-    from ..demo.data import build_data, make_loaders
+    from ..demo.data import make_loaders
     from ..io.atomic import write_atomic
     from ..io.recipe import ModelRecipe
     from ..methods import get_method, make_config
@@ -266,9 +231,8 @@ def train_cmd(
     try:
         main = ctx is None or ctx.is_main
         show = console if main else Console(quiet=True)
-        dev = ctx.device if ctx else (device or ("cuda" if _cuda() else "cpu"))
-        train_data = build_data(data, limit, val_limit, image_size)
-        recipe = model_recipe(model, train_data.num_classes, train_data.input_shape, kwargs)
+        dev = ctx.device if ctx else default_device(device)
+        train_data, recipe = data_and_recipe(data, model, limit, val_limit, image_size, kwargs)
         seed_all(seed)
         net = recipe.build(trust_factory=True).to(dev)  # --model is the user's own choice
         sp = sparsify(net, method, target=target, density=density, include=include, exclude=exclude, **options)
@@ -320,30 +284,6 @@ def parse_target(value: str | None) -> float | dict[str, float] | None:
     from ..methods.budgets import read_budgets
 
     return read_budgets(value)
-
-
-def check_device(device: str | None) -> None:
-    """Validate ``--device``.
-
-    Raises:
-        typer.BadParameter: for anything but ``cpu``, ``cuda`` or ``cuda:N``.
-        ConfigError: for CUDA on a machine without it.
-    """
-    from ..errors import ConfigError
-
-    if device is None:
-        return
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-        raise typer.BadParameter(f"{device!r} is not a device; valid: cpu, cuda, cuda:N", param_hint="--device")
-    if kind == "cuda" and not _cuda():
-        raise ConfigError(f"--device {device} but CUDA is not available here; use --device cpu")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _change(before: float, after: float) -> str:

@@ -22,7 +22,8 @@ from .. import __version__
 from ..controller import Sparsifier, controller_of, sparsify
 from ..errors import CheckpointError, ConfigError
 from .atomic import write_atomic
-from .recipe import ModelRecipe, recipe_for
+from .reading import read_safetensors
+from .recipe import ModelRecipe, rebuild_model, recipe_for
 from .tensors import join_tensors, split_tensors, unshare_storage
 
 FORMAT_VERSION = 1
@@ -108,22 +109,13 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
     Raises:
         CheckpointError: if the file is missing, truncated, corrupted, or not a sparsewrap checkpoint.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if path.is_dir():
         hint = path / "last.safetensors"
         raise CheckpointError(
             f"checkpoint {str(path)!r} is a directory; give the checkpoint file in it, e.g. {str(hint)!r}"
         )
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # safetensors raises its own error types for bad headers and short files
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+    meta, tensors = read_safetensors(path, "checkpoint")
     if "sparsewrap" not in meta:
         raise CheckpointError(
             f"{path} is a safetensors file but not a sparsewrap checkpoint (no 'sparsewrap' metadata); "
@@ -223,12 +215,7 @@ def load(
     """
     header, tensors = read(path)
     if model is None:
-        if not header.get("model"):
-            raise CheckpointError(f"{path} records no model recipe; pass model=<a fresh instance of the architecture>")
-        try:
-            model = ModelRecipe.from_dict(header["model"]).build(trust_factory, origin=str(path))
-        except (ConfigError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{path}: cannot rebuild the model from its recipe: {exc}") from exc
+        model = rebuild_model(header.get("model"), path, trust_factory)
     model.to(map_location)
     layers = set(header.get("layers") or [])
     if layers:  # the exact layers of the saved run, whatever patterns (or callables) selected them

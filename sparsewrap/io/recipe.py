@@ -112,6 +112,25 @@ class ModelRecipe:
         return cls(d["source"], d["name"], dict(d.get("kwargs") or {}), d.get("input_shape"))
 
 
+def rebuild_model(recipe: dict[str, Any] | None, path: Any, trust_factory: bool = False) -> nn.Module:
+    """Build the model a file's recipe describes (a checkpoint's ``model``, a purged file's ``recipe``).
+
+    Args:
+        recipe: the recipe as the file records it (``None`` or empty when it records none).
+        path: the file, for the messages and as the origin a refused factory names.
+        trust_factory: import and call the ``pkg.mod:fn`` factory the recipe names (see :meth:`ModelRecipe.build`).
+
+    Raises:
+        CheckpointError: if there is no recipe, or it is malformed or cannot be built.
+    """
+    if not recipe:
+        raise CheckpointError(f"{path} records no model recipe; pass model=<a fresh instance of the architecture>")
+    try:
+        return ModelRecipe.from_dict(recipe).build(trust_factory, origin=str(path))
+    except (ConfigError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: cannot rebuild the model from its recipe: {exc}") from exc
+
+
 def create_model(spec: str, **kwargs: Any) -> nn.Module:
     """Build ``"timm:<arch>"`` or ``"pkg.mod:factory"`` with ``kwargs`` and remember the recipe on the model,
     so that :func:`sparsewrap.save` can record how to rebuild it.

@@ -240,17 +240,10 @@ def read_plan(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor
     Raises:
         CheckpointError: if the file is missing, unreadable, not a purged model, or corrupted.
     """
-    from safetensors import safe_open
+    from ..io.reading import read_safetensors
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"purged model {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # safetensors raises its own types for bad headers and short files
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+    meta, tensors = read_safetensors(path, "purged model")
     if META_KEY not in meta:
         raise CheckpointError(f"{path} has no purge plan; it is not a purged model written by sparsewrap")
     if meta.get("sha256") != _digest(meta[META_KEY], tensors):
@@ -287,14 +280,9 @@ def load_purged(path: str | os.PathLike, model: nn.Module | None = None, trust_f
     """
     plan, tensors = read_plan(path)
     if model is None:
-        if not plan.get("recipe"):
-            raise CheckpointError(f"{path} records no model recipe; pass model=<a fresh instance of the architecture>")
-        from ..io.recipe import ModelRecipe
+        from ..io.recipe import rebuild_model
 
-        try:
-            model = ModelRecipe.from_dict(plan["recipe"]).build(trust_factory, origin=str(path))
-        except (ConfigError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{path}: cannot rebuild the model from its recipe: {exc}") from exc
+        model = rebuild_model(plan.get("recipe"), path, trust_factory)
     source = plan["source"]
     if fingerprint(model) != source.get("fingerprint"):
         raise CheckpointError(

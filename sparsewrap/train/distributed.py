@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, DivergenceError
 from ..parametrizations import wrapped_tensors
+from .collectives import broadcast_json, broadcast_tensors, comm_device
 
 CHECK_EVERY = 100  # default steps between two checks that the ranks agree (check_identical)
 
@@ -138,86 +139,6 @@ def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
 
 
 # -- keeping sparsity state identical ----------------------------------------------------------------------------
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def broadcast_tensors(tensors: list[Tensor], src: int = 0) -> None:
-    """Overwrite ``tensors`` in place with rank ``src``'s values, in one collective per dtype."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    comm = _comm_device()
-    for group in by_dtype.values():
-        flat = torch.cat([t.detach().reshape(-1).to(comm) for t in group])
-        dist.broadcast(flat, src)
-        if dist.get_rank() == src:
-            continue  # its tensors already hold what it sent
-        offset = 0
-        with torch.no_grad():
-            for t in group:
-                n = t.numel()
-                t.copy_(flat[offset : offset + n].view_as(t))
-                offset += n
-
-
-def average_tensors(tensors: list[Tensor]) -> None:
-    """Replace ``tensors`` in place by their mean over all ranks, in one all-reduce per dtype.
-
-    The controller applies it to the dense gradients a method asked for (``Method.dense_grad_step``), so that
-    every rank chooses from the gradient of the whole batch, as DDP's averaged weight gradients are.
-    """
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    comm, world = _comm_device(), dist.get_world_size()
-    for group in by_dtype.values():
-        flat = torch.cat([t.detach().reshape(-1).to(comm) for t in group])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= world
-        offset = 0
-        with torch.no_grad():
-            for t in group:
-                n = t.numel()
-                t.copy_(flat[offset : offset + n].view_as(t))
-                offset += n
-
-
-def broadcast_json(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s JSON-able ``obj`` on every rank (sent as bytes in a tensor)."""
-    comm = _comm_device()
-    data = json.dumps(obj).encode() if dist.get_rank() == src else b""
-    size = torch.tensor([len(data)], dtype=torch.int64, device=comm)
-    dist.broadcast(size, src)
-    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=comm)
-    if dist.get_rank() == src:
-        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buf, src)
-    return json.loads(bytes(buf.cpu().tolist()).decode())
-
-
-def gather_json(obj: Any) -> list[Any]:
-    """Every rank's JSON-able ``obj``, as a list indexed by rank (on every rank)."""
-    comm = _comm_device()
-    data = json.dumps(obj).encode()
-    size = torch.tensor([len(data)], dtype=torch.int64, device=comm)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    longest = max(int(s.item()) for s in sizes)
-    buf = torch.zeros(longest, dtype=torch.uint8, device=comm)
-    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(comm)
-    bufs = [torch.zeros_like(buf) for _ in sizes]
-    dist.all_gather(bufs, buf)
-    return [json.loads(bytes(b[: int(s.item())].cpu().tolist()).decode()) for b, s in zip(bufs, sizes)]
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Element-wise sum of ``values`` over all ranks (float64)."""
-    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 def sparsity_tensors(model: nn.Module) -> list[Tensor]:
     """Every parameter and buffer of every sparsewrap parametrization in ``model`` (masks, gates, scores)."""
     seen: set[int] = set()
@@ -259,7 +180,7 @@ _SYNCED: weakref.WeakKeyDictionary[Any, Synced] = weakref.WeakKeyDictionary()
 def _differs(kept: Tensor | None, now: Tensor | None) -> Tensor:
     """1 (int32, on the collectives' device) where ``now`` differs from ``kept`` or either is missing, else 0,
     without waiting for the device."""
-    comm = _comm_device()
+    comm = comm_device()
     if kept is None or now is None or kept.shape != now.shape or kept.dtype != now.dtype or kept.device != now.device:
         return torch.ones((), dtype=torch.int32, device=comm)
     return (kept != now).any().to(device=comm, dtype=torch.int32)
@@ -331,7 +252,7 @@ def sync_sparsity(sp: Any, src: int = 0, *, check_every: int = CHECK_EVERY, full
         elif k in local and list(local[k].shape) == shape and str(local[k].dtype) == dtype:
             received[k] = local[k].clone()
         else:
-            received[k] = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=_comm_device())
+            received[k] = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=comm_device())
         if c:
             send.append(received[k])
     if full:
@@ -388,7 +309,7 @@ def check_identical(sp: Any) -> None:
         _digest([t for t in everything if is_trained(t)]),
         _digest([state[k] for k in sorted(state)], json.dumps(state_json, sort_keys=True)),
     ]
-    both = torch.tensor(hashes + [-h for h in hashes], dtype=torch.int64, device=_comm_device())
+    both = torch.tensor(hashes + [-h for h in hashes], dtype=torch.int64, device=comm_device())
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     high, low = both[:3].tolist(), (-both[3:]).tolist()
     differ = [part for part, a, b in zip(PARTS, high, low) if a != b]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..controller import Sparsifier, controller_of
 from ..errors import ConfigError, SparsewrapError, choices
 from ..io.atomic import remove_orphans
-from . import distributed, rng
+from . import collectives, distributed, rng
 from .history import Callback, EpochRecord, History, LoopState
 from .state import CHECKPOINT_NAME, StopSignal, refuse_overwrite, restore, run_settings, save_state
 
@@ -92,7 +92,7 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable[[Any, Tensor]
     finally:
         model.train(was_training)
     if distributed.current() is not None:
-        loss_sum, correct, counted, n = distributed.all_reduce_sum([loss_sum, correct, counted, n])
+        loss_sum, correct, counted, n = collectives.all_reduce_sum([loss_sum, correct, counted, n])
     return Evaluation(loss_sum / max(n, 1), correct / counted if counted else None, int(n))
 
 
@@ -224,7 +224,7 @@ def _stop_wanted(run: Run, stop: StopSignal) -> bool:
     """Whether to stop now; under torchrun every rank takes the same decision at the same step."""
     wanted = stop.requested is not None or run.state.stop
     if run.ctx is not None:
-        wanted = distributed.all_reduce_sum([float(wanted)])[0] > 0
+        wanted = collectives.all_reduce_sum([float(wanted)])[0] > 0
     if wanted:
         run.state.history.stopped = stop.requested or "callback"
     return wanted
@@ -239,7 +239,7 @@ def _train_epoch(run: Run, loader: Iterable, stop: StopSignal) -> bool:
         state.batch += 1
         state.step += 1
         if run.ctx is not None:
-            loss, penalty = (v / run.ctx.world_size for v in distributed.all_reduce_sum([loss, penalty]))
+            loss, penalty = (v / run.ctx.world_size for v in collectives.all_reduce_sum([loss, penalty]))
         state.loss, state.penalty = loss, penalty
         state.history.losses.append(loss)
         state.history.penalties.append(penalty)
@@ -253,7 +253,7 @@ def _train_epoch(run: Run, loader: Iterable, stop: StopSignal) -> bool:
 def _end_epoch(run: Run, val_loader: Iterable | None, started: float) -> EpochRecord:
     state, sp, sums = run.state, run.sp, run.sums
     if run.ctx is not None:
-        sums = distributed.all_reduce_sum(sums)
+        sums = collectives.all_reduce_sum(sums)
     steps = max(state.batch, 1) * (run.ctx.world_size if run.ctx else 1)
     val = evaluate(run.model, val_loader, run.loss_fn) if val_loader is not None else None
     report = sp.report() if sp is not None else None

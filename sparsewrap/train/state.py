@@ -24,7 +24,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import CTRL, EXTRA, MODEL, load_controller, read, save
 from ..io.recipe import recipe_for
 from ..io.tensors import join_tensors
-from . import distributed, rng
+from . import collectives, rng
 from .history import EpochRecord
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ def save_state(run: Run) -> None:
     state = run.state
     now, at_epoch_start = [rng.get_state(run.generators)], [run.epoch_rng]
     if run.ctx is not None:
-        now, at_epoch_start = distributed.gather_json(now[0]), distributed.gather_json(run.epoch_rng)
+        now, at_epoch_start = collectives.gather_json(now[0]), collectives.gather_json(run.epoch_rng)
     if run.main:
         loop = {
             "format": LOOP_FORMAT, "epoch": state.epoch, "batch": state.batch, "step": state.step,

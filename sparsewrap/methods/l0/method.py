@@ -44,8 +44,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...analysis.macs import layer_macs
-from ...analysis.targets import matcher
 from ...errors import ConfigError, NoTargetsError, choices
 from ...parametrizations import wrapped_tensors
 from ...parametrizations.base import version_key
@@ -54,6 +52,7 @@ from ...parametrizations.hard_concrete import BETA, eval_gates, prob_nonzero
 from ...parametrizations.projection import EvalProjection
 from ..base import Method, register_method
 from ..dual import DualAscent
+from .constraints import check_floor, constraint_name, constraints, layer_costs
 from .layout import ExpectedCost, GatedLayer, attach_channel_gates, attach_weight_gates
 from .projection import Final, project_channels, project_weights
 
@@ -155,9 +154,9 @@ class L0(Method):
             )
         if cfg.lmbda is None and self.target is None:
             raise ConfigError("method 'l0' needs target= (or density=) for the constrained form, or lmbda= to penalize")
-        constraint_of, self.densities = self._constraints()
+        constraint_of, self.densities = constraints(self.target, self.targets, cfg.granularity == "channel")
         self.targets[:] = [t for t in self.targets if t.name in constraint_of]
-        costs = self._costs()
+        costs = layer_costs(self.model, self.targets, cfg.budget, cfg.input_shape)
         self.notes_: list[str] = []
         self.plan = None
         self.eval_projection = EvalProjection()  # the parametrizations' eval forward asks it for final_factors()
@@ -180,7 +179,8 @@ class L0(Method):
                     "use granularity='weight'"
                 )
             self.targets[:] = [t for t in self.targets if t.name in gated]  # the others are not sparsified at all
-            constraint_of, self.densities = self._constraints()  # a layer-wise pattern may now match nothing
+            # a layer-wise pattern may now match nothing
+            constraint_of, self.densities = constraints(self.target, self.targets, channel=True)
             self.layers = [self._channel_layer(t, constraint_of[t.name], costs[t.name]) for t in self.targets]
         self.totals = [0.0] * len(self.densities)
         for layer in self.layers:
@@ -194,7 +194,7 @@ class L0(Method):
         self._defect: Tensor | None = None
         self.last_projection: dict[str, float] = {}
         if cfg.lmbda is None:
-            self._check_floor()
+            check_floor(self.layers, self.densities, self.totals, self.p_min, cfg.log_alpha_max)
         if cfg.budget == "macs":
             self.notes_.append("budget='macs': the requested sparsity is a fraction of the targeted layers' MACs")
         self.eval_projection.bind(self.final_factors)
@@ -204,55 +204,9 @@ class L0(Method):
         if "eval_projection" in state:  # a copy (deepcopy, pickle): its parametrizations ask this copy
             self.eval_projection.bind(self.final_factors)
 
-    def _constraints(self) -> tuple[dict[str, int], list[float | None]]:
-        if not isinstance(self.target, dict):
-            density = None if self.target is None else 1.0 - float(self.target)
-            return {t.name: 0 for t in self.targets}, [density]
-        matchers = [(p, matcher(p), s) for p, s in self.target.items()]
-        for pattern, fn, _s in matchers:
-            if not any(fn(t.name, t.module) for t in self.targets):
-                names = ", ".join(t.name for t in self.targets[:4]) + (", ..." if len(self.targets) > 4 else "")
-                gran = " that can be channel-gated" if self.config.granularity == "channel" else ""
-                raise NoTargetsError(
-                    f"layer-wise target pattern {pattern!r} matches no targeted layer{gran}; layers are named like "
-                    f"{names} (globs match the full name; use 're:<regex>' for a regular expression)"
-                )
-        constraint_of, densities = {}, []
-        for t in self.targets:
-            for _p, fn, sparsity in matchers:
-                if fn(t.name, t.module):
-                    constraint_of[t.name] = len(densities)
-                    densities.append(1.0 - sparsity)
-                    break
-        return constraint_of, densities
-
-    def _costs(self) -> dict[str, float]:
-        if self.config.budget == "params":
-            return {t.name: 1.0 for t in self.targets}
-        found = layer_macs(self.model, self.config.input_shape)
-        return {t.name: float(found[t.name].positions) if t.name in found else 0.0 for t in self.targets}
-
     def _channel_layer(self, target: Any, constraint: int, cost: float) -> GatedLayer:
         return GatedLayer(target, constraint, cost, out_gate=self.plan.out_gates.get(target.name),
                           in_segs=self.plan.in_segs.get(target.name, ()))  # fmt: skip
-
-    def _check_floor(self) -> None:
-        floors = [0.0] * len(self.densities)
-        for layer in self.layers:
-            floors[layer.constraint] += layer.cost * (layer.floor(self.p_min) if layer.gated else layer.numel)
-        for k, (floor, total, density) in enumerate(zip(floors, self.totals, self.densities)):
-            if density is not None and density <= floor / total:
-                where = "the model" if len(self.densities) == 1 else f"layer {self._constraint_name(k)}"
-                raise ConfigError(
-                    f"target sparsity {1 - density:.4g} is out of reach for {where}: with log_alpha clamped at "
-                    f"{-self.config.log_alpha_max:.4g} every gate keeps P(z != 0) >= {self.p_min:.4f}, so the expected "
-                    f"density cannot go below {floor / total:.4f}; ask for a sparsity below {1 - floor / total:.4f}, "
-                    "raise log_alpha_max, or use granularity='weight' if channel groups are left ungated"
-                )
-
-    def _constraint_name(self, k: int) -> str:
-        names = [la.name for la in self.layers if la.constraint == k]
-        return names[0] if len(names) == 1 else "model"
 
     # -- training hooks ---------------------------------------------------------------------------------------
     def gate_parameters(self) -> list[torch.nn.Parameter]:
@@ -367,7 +321,7 @@ class L0(Method):
             requested = sum(d * t for d, t in zip(self.densities, self.totals)) / total
             out["requested density"] = requested
             for k, lam in enumerate(self.duals.value.tolist()):
-                key = "multiplier" if len(self.densities) == 1 else f"multiplier[{self._constraint_name(k)}]"
+                key = "multiplier" if len(self.densities) == 1 else f"multiplier[{constraint_name(self.layers, k)}]"
                 out[key] = lam
         out.update(self.last_projection)
         return out
@@ -380,7 +334,7 @@ class L0(Method):
             expected = self.expected_densities().double().cpu().tolist()
         for k, (e, d) in enumerate(zip(expected, self.densities)):
             if abs(e - d) > FAR * d:
-                where = "" if len(self.densities) == 1 else f" of {self._constraint_name(k)}"
+                where = "" if len(self.densities) == 1 else f" of {constraint_name(self.layers, k)}"
                 out.append(
                     f"expected density{where} {e:.3f} is far from the requested {d:.3f} after {self.steps} steps: "
                     "the gates have not converged, and export's projection changes the model the more; train "
