@@ -142,7 +142,7 @@ def compare_cmd(
     out: Annotated[Path, typer.Option("--out", help="Directory of the cells, compare.json and compare.md.")],
     methods: Annotated[str, typer.Option(help="Comma-separated methods, or all.")],
     targets: Annotated[str, typer.Option(help="Comma-separated sparsities in (0, 1), e.g. 0.5,0.9.")],
-    data: Annotated[str, typer.Option(help="mnist (built in) or imagefolder:PATH.")] = "mnist",
+    data: Annotated[str, typer.Option(help="mnist, fashion-mnist (make data) or imagefolder:PATH.")] = "mnist",
     epochs: Annotated[int, typer.Option(help="Epochs per cell.")] = 3,
     force: Annotated[bool, typer.Option("--force", help="Retrain every cell, finished ones included.")] = False,
     plot: Annotated[bool, typer.Option(help="Draw compare.png (needs: pip install 'sparsewrap[plot]').")] = True,

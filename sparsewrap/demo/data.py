@@ -36,11 +36,13 @@ class Split:
 
     images: Tensor
     labels: Tensor
+    mean: float = MNIST_MEAN  # of the training images scaled to [0, 1]
+    std: float = MNIST_STD
 
     def dataset(self, limit: int | None = None) -> TensorDataset:
         """Normalised float images ``(N, 1, H, W)`` and labels, optionally the first ``limit`` examples."""
         images, labels = self.images[:limit], self.labels[:limit]
-        x = (images.unsqueeze(1).float() / 255.0 - MNIST_MEAN) / MNIST_STD
+        x = (images.unsqueeze(1).float() / 255.0 - self.mean) / self.std
         return TensorDataset(x, labels)
 
 
@@ -125,7 +127,8 @@ def image_folder(path: str | Path, image_size: int = 224, train: bool = True):
 
 
 # -- data sets and loaders for training ---------------------------------------------------------------------------
-DATA_FORMS = "'mnist' (built in) or 'imagefolder:PATH' (one sub-folder per class; PATH/train and PATH/val if present)"
+DATA_FORMS = ("'mnist' (built in), 'fashion-mnist' (`make data` or apt-get install dataset-fashion-mnist) or "
+              "'imagefolder:PATH' (one sub-folder per class; PATH/train and PATH/val if present)")  # fmt: skip
 VAL_DIRS = ("val", "validation", "test")
 
 
@@ -169,20 +172,28 @@ def _image_folders(root: Path, image_size: int) -> tuple[Dataset, Dataset, int]:
 
 
 def build_data(spec: str, limit: int | None = None, val_limit: int | None = None, image_size: int = 224) -> TrainData:
-    """The data sets named by ``spec``: ``"mnist"`` or ``"imagefolder:PATH"``.
+    """The data sets named by ``spec``: ``"mnist"``, ``"fashion-mnist"`` or ``"imagefolder:PATH"``.
 
     Args:
         spec: the data spec.
-        limit: use only this many training examples (MNIST: the first ones; folders: a fixed random subset).
+        limit: use only this many training examples ((Fashion-)MNIST: the first ones; folders: a fixed random
+            subset).
         val_limit: likewise for the validation set.
         image_size: side of the square crops of an image folder.
 
     Raises:
         ConfigError: for an unknown spec (listing the accepted forms) or a bad folder.
-        MissingDataError: for MNIST without the data extra (the message gives the install command).
+        MissingDataError: for MNIST without the data extra, or Fashion-MNIST without its files (the message gives
+            the install command).
+        SparsewrapError: for a Fashion-MNIST file whose hash is not the recorded one.
     """
-    if spec == "mnist":
-        splits = load_mnist()
+    if spec in ("mnist", "fashion-mnist"):
+        if spec == "mnist":
+            splits = load_mnist()
+        else:
+            from .fashion_mnist import load_fashion_mnist
+
+            splits = load_fashion_mnist()
         train, val = splits["train"].dataset(limit), splits["test"].dataset(val_limit)
         return TrainData(spec, train, val, 10, (1, 28, 28))
     if spec.startswith("imagefolder:") and spec[len("imagefolder:") :]:
