@@ -161,3 +161,14 @@ def test_cli_jobs_must_be_positive(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in argv])
     assert exit_info.value.code == 2 and "--jobs" in capsys.readouterr().err
+
+
+def test_cli_jobs_under_torchrun_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: the process group is never set up here
+    argv = ["compare", "--model", "sparsewrap.demo.models:mlp_300_100", "--methods", "magnitude", "--targets", "0.5",
+            "--jobs", "2", "--out", tmp_path]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_info.value.code == 2 and "2 under torchrun" in err and "drop --jobs" in err
+    assert not (tmp_path / "compare.json").exists()
