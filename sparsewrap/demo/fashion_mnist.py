@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SparsewrapError
-from .data import MissingDataError, Split
+from .splits import MissingDataError, Split
 
 PACKAGE = "dataset-fashion-mnist"
 PACKAGE_DIR = Path("usr/share/datasets/fashion-mnist")  # where the package puts the files, under / or .data/

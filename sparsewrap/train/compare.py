@@ -15,68 +15,31 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..analysis.macs import total_macs
 from ..errors import ConfigError
 from ..io.atomic import write_atomic
 from . import distributed, rng
-from .history import Callback
+from .compare_cell import (
+    CELL_FILE,
+    CellTask,
+    CompareCallback,
+    CompareRow,
+    loader_generators,
+    macs_or_none,
+    one_line,
+    read_decision,
+    run_cell,
+)
 
-CELL_FILE = "cell.json"
+__all__ = ["CELL_FILE", "DENSE", "CompareCallback", "CompareRow", "accepting_methods", "cell_name", "cell_settings",
+           "compare", "loader_generators", "macs_or_none", "markdown", "one_line", "write_tables"]  # fmt: skip
+
 DENSE = "dense"
-
-
-@dataclass
-class CompareRow:
-    """One cell of a comparison.
-
-    Attributes:
-        method: the method's name (``"dense"`` for the baseline).
-        target: the requested sparsity (``None`` for the baseline).
-        status: ``"done"``, ``"failed"`` or ``"interrupted"``.
-        accuracy: validation accuracy after the last epoch (eval mode, i.e. the exported model's).
-        loss: validation loss after the last epoch.
-        sparsity: sparsity of the exported model's targeted weights.
-        learned_sparsity: sparsity of the deterministic form before the export projection.
-        params: parameters of the model after purge (of the dense model for the baseline).
-        macs: multiply-accumulates per example after purge.
-        step_seconds: mean wall time of one step (training and evaluation of each epoch included).
-        relative_time: ``step_seconds`` over the dense baseline's.
-        steps: optimizer steps taken.
-        error: the one-line error of a failed cell.
-        directory: the cell's directory (checkpoint ``last.safetensors``, ``cell.json``).
-    """
-
-    method: str
-    target: float | None
-    status: str
-    accuracy: float | None = None
-    loss: float | None = None
-    sparsity: float | None = None
-    learned_sparsity: float | None = None
-    params: int | None = None
-    macs: int | None = None
-    step_seconds: float | None = None
-    relative_time: float | None = None
-    steps: int = 0
-    error: str | None = None
-    directory: str = ""
-
-
-class CompareCallback(Callback):
-    """Progress hooks of :func:`compare`: the fit hooks of the cell in progress, plus a cell's start and end."""
-
-    def on_cell_begin(self, index: int, total: int, method: str, target: float | None) -> None:
-        """Before cell ``index`` (0-based) of ``total`` starts or is read from its ``cell.json``."""
-
-    def on_cell_end(self, index: int, total: int, row: CompareRow, cached: bool) -> None:
-        """After a cell; ``cached`` when it was read from a previous run."""
 
 
 def cell_name(method: str, target: float | None) -> str:
@@ -84,29 +47,9 @@ def cell_name(method: str, target: float | None) -> str:
     return DENSE if target is None else f"{method}-{target:g}"
 
 
-def one_line(exc: BaseException) -> str:
-    """``ClassName: message`` on one line (at most 300 characters)."""
-    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def loader_generators(loader: Iterable) -> list[torch.Generator]:
-    """The ``torch.Generator`` objects of a DataLoader and of its sampler (their state sets the data order)."""
-    found = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
-    return [g for g in found if isinstance(g, torch.Generator)]
-
-
 def _input_shape(loader: Iterable) -> tuple[int, ...]:
     x = next(iter(loader))[0]
     return tuple(x.shape[1:])
-
-
-def macs_or_none(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
-    """MACs per example, or None for a model the count cannot run (the cell's other figures still stand)."""
-    try:
-        return total_macs(model, input_shape)
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def accepting_methods(model_fn: Callable[[], nn.Module], methods: Sequence[str], target: float,
@@ -211,8 +154,6 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loade
         from .compare_jobs import require_picklable
 
         require_picklable(jobs, model_fn=model_fn, train_loader=train_loader, val_loader=val_loader)
-    from .compare_cell import CellTask, read_decision, run_cell
-
     main = ctx is None or ctx.is_main
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)

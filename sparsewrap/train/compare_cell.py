@@ -1,5 +1,6 @@
-"""One cell of ``sw.compare``: what it needs (:class:`CellTask`), whether a previous run finished or left it
-(:func:`read_decision`), and training it (:func:`run_cell`), which records its row in ``cell.json``.
+"""One cell of ``sw.compare``: its row (:class:`CompareRow`), its progress hooks (:class:`CompareCallback`), what
+it needs (:class:`CellTask`), whether a previous run finished or left it (:func:`read_decision`), and training
+it (:func:`run_cell`), which records its row in ``cell.json``.
 
 A task holds the model builder and the loaders, so with ``jobs > 1`` it is sent whole to a worker process
 (:mod:`sparsewrap.train.compare_jobs`); the same :func:`run_cell` trains it there as in the main process.
@@ -15,13 +16,83 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from ..analysis.macs import total_macs
 from ..io.atomic import write_atomic
 from . import distributed, rng
-from .compare import CELL_FILE, CompareRow, loader_generators, macs_or_none, one_line
 from .history import Callback, History
 from .state import CHECKPOINT_NAME
+
+CELL_FILE = "cell.json"
+
+
+@dataclass
+class CompareRow:
+    """One cell of a comparison.
+
+    Attributes:
+        method: the method's name (``"dense"`` for the baseline).
+        target: the requested sparsity (``None`` for the baseline).
+        status: ``"done"``, ``"failed"`` or ``"interrupted"``.
+        accuracy: validation accuracy after the last epoch (eval mode, i.e. the exported model's).
+        loss: validation loss after the last epoch.
+        sparsity: sparsity of the exported model's targeted weights.
+        learned_sparsity: sparsity of the deterministic form before the export projection.
+        params: parameters of the model after purge (of the dense model for the baseline).
+        macs: multiply-accumulates per example after purge.
+        step_seconds: mean wall time of one step (training and evaluation of each epoch included).
+        relative_time: ``step_seconds`` over the dense baseline's.
+        steps: optimizer steps taken.
+        error: the one-line error of a failed cell.
+        directory: the cell's directory (checkpoint ``last.safetensors``, ``cell.json``).
+    """
+
+    method: str
+    target: float | None
+    status: str
+    accuracy: float | None = None
+    loss: float | None = None
+    sparsity: float | None = None
+    learned_sparsity: float | None = None
+    params: int | None = None
+    macs: int | None = None
+    step_seconds: float | None = None
+    relative_time: float | None = None
+    steps: int = 0
+    error: str | None = None
+    directory: str = ""
+
+
+class CompareCallback(Callback):
+    """Progress hooks of :func:`compare`: the fit hooks of the cell in progress, plus a cell's start and end."""
+
+    def on_cell_begin(self, index: int, total: int, method: str, target: float | None) -> None:
+        """Before cell ``index`` (0-based) of ``total`` starts or is read from its ``cell.json``."""
+
+    def on_cell_end(self, index: int, total: int, row: CompareRow, cached: bool) -> None:
+        """After a cell; ``cached`` when it was read from a previous run."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``ClassName: message`` on one line (at most 300 characters)."""
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def loader_generators(loader: Iterable) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects of a DataLoader and of its sampler (their state sets the data order)."""
+    found = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
+    return [g for g in found if isinstance(g, torch.Generator)]
+
+
+def macs_or_none(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
+    """MACs per example, or None for a model the count cannot run (the cell's other figures still stand)."""
+    try:
+        return total_macs(model, input_shape)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 @dataclass

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .compare import CompareCallback, CompareRow, one_line
-from .compare_cell import CellTask, read_decision, run_cell
+from .compare_cell import CellTask, CompareCallback, CompareRow, one_line, read_decision, run_cell
 from .history import Callback
 
 POLL_SECONDS = 0.25  # how often a worker's cell looks at the stop event
