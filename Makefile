@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-all lint bench install clean
+.PHONY: demo test test-slow test-all lint bench install clean data
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,20 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sparsewrap tests bench examples
 	$(VENV)/bin/ruff format --check sparsewrap tests bench examples
+
+# Fashion-MNIST for `--data fashion-mnist`, without root: Debian's package unpacked into .data/ (git-ignored);
+# `sudo apt-get install dataset-fashion-mnist` puts the same files under /usr/share/datasets instead
+DATA      ?= .data
+FASHION   := $(DATA)/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+data: $(FASHION)
+
+$(FASHION):
+	mkdir -p $(DATA)/deb
+	cd $(DATA)/deb && apt-get download dataset-fashion-mnist
+	dpkg-deb -x $(DATA)/deb/dataset-fashion-mnist_*_all.deb $(DATA)
+	rm -rf $(DATA)/deb
+	touch $@
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py

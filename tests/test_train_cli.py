@@ -86,7 +86,7 @@ def test_out_dir_is_not_overwritten_without_force(capsys, tmp_path):
     [
         (["--model", "resnet18"], "accepted forms: 'timm:<architecture>' (e.g. timm:resnet18) or 'package.module:"),
         (["--model", "timm:resnet_nope"], "timm has no architecture 'resnet_nope'"),
-        (["--data", "cifar10"], "data 'cifar10' is not understood; accepted forms: 'mnist' (built in) or"),
+        (["--data", "cifar10"], "data 'cifar10' is not understood; accepted forms: 'mnist' (built in), 'fashion"),
         (["--data", "imagefolder:/no/such/dir"], "imagefolder path '/no/such/dir' is not a directory"),
         (["--method", "nope"], "unknown method 'nope'; registered methods:"),
         (["-O", "granularity=row"], "granularity='row' is unknown; valid: 'channel', 'weight'"),

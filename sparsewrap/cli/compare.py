@@ -6,6 +6,7 @@ progress and renders the table.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,7 +14,7 @@ import typer
 from rich.console import Console
 
 from ..train.history import Callback
-from .checks import check_out_dir, check_run_options
+from .checks import check_count, check_out_dir, check_run_options
 from .common import app, console
 from .train import LRSchedule, Optimizer, RichProgress, parse_pairs
 
@@ -96,18 +97,25 @@ class CompareProgress(Callback):
     def __init__(self, console: Console) -> None:
         self.console = console
         self.bars = RichProgress(console)
+        self.trained_here = False  # whether fit's hooks ran here (not with --jobs: the cells train elsewhere)
 
     def on_cell_begin(self, index: int, total: int, method: str, target: float | None) -> None:
         what = "dense baseline" if target is None else f"{method} at {target:g}"
         self.console.print(f"[bold cyan]cell {index + 1}/{total}: {what}", highlight=False)
 
     def on_cell_end(self, index: int, total: int, row: CompareRow, cached: bool) -> None:
+        what = "dense baseline" if row.target is None else f"{row.method} at {row.target:g}"
         if cached:
             self.console.print(f"  finished in an earlier run ({row.directory})", style="dim", highlight=False)
         elif row.status == "failed":
             self.console.print(f"  failed: {row.error}", style="red", highlight=False, soft_wrap=True)
+        elif not self.trained_here:  # a worker process trained it: one line with its result
+            result = "—" if row.accuracy is None else f"{row.accuracy:.4f}"
+            self.console.print(f"  cell {index + 1}/{total} ({what}) {row.status}: accuracy {result}",
+                               highlight=False, soft_wrap=True)  # fmt: skip
 
     def on_train_begin(self, state: Any) -> None:
+        self.trained_here = True
         self.bars.on_train_begin(state)
 
     def on_step_end(self, state: Any) -> None:
@@ -142,7 +150,7 @@ def compare_cmd(
     out: Annotated[Path, typer.Option("--out", help="Directory of the cells, compare.json and compare.md.")],
     methods: Annotated[str, typer.Option(help="Comma-separated methods, or all.")],
     targets: Annotated[str, typer.Option(help="Comma-separated sparsities in (0, 1), e.g. 0.5,0.9.")],
-    data: Annotated[str, typer.Option(help="mnist (built in) or imagefolder:PATH.")] = "mnist",
+    data: Annotated[str, typer.Option(help="mnist, fashion-mnist (make data) or imagefolder:PATH.")] = "mnist",
     epochs: Annotated[int, typer.Option(help="Epochs per cell.")] = 3,
     force: Annotated[bool, typer.Option("--force", help="Retrain every cell, finished ones included.")] = False,
     plot: Annotated[bool, typer.Option(help="Draw compare.png (needs: pip install 'sparsewrap[plot]').")] = True,
@@ -160,9 +168,11 @@ def compare_cmd(
     val_limit: Annotated[int | None, typer.Option(help="Use only this many validation examples.")] = None,
     image_size: Annotated[int, typer.Option(help="Crop size for imagefolder data.")] = 224,
     seed: Annotated[int, typer.Option(help="Random seed (same initialisation and data order in every cell).")] = 0,
+    jobs: Annotated[int, typer.Option(help="Cells trained at once, each in its own process (GPUs: one each).")] = 1,
 ) -> None:
     """Train a dense baseline and every (method, target) cell alike; write compare.json, .md and .png."""
     check_run_options(epochs, batch_size, limit, val_limit, image_size, lr, weight_decay)
+    check_count(jobs, "--jobs", "processes")
     target_list = parse_targets(targets)
     kwargs = parse_pairs(model_kw, "--model-kw")
     check_out_dir(out)
@@ -172,11 +182,15 @@ def compare_cmd(
     from ..demo.data import make_loaders
     from ..io.recipe import ModelRecipe
     from ..methods import get_method, make_config
+    from ..train import distributed
     from ..train.compare import accepting_methods, compare
     from .model_data import check_device, data_and_recipe, default_device
     from .options import check_options
 
     check_device(device)
+    if jobs > 1 and distributed.launched_by_torchrun():
+        raise typer.BadParameter(f"{jobs} under torchrun: each cell is already a DDP run over the torchrun processes; "
+                                 "drop --jobs, or run without torchrun", param_hint="--jobs")  # fmt: skip
     ModelRecipe.parse(model)
     if plot:
         from ..train.compare_plot import require_matplotlib
@@ -186,13 +200,15 @@ def compare_cmd(
         cls = get_method(name)
         check_options(name, cls.Config, opts)
         make_config(cls, opts)
-    dev = default_device(device)
+    ctx = distributed.setup(device)  # under torchrun every cell is a DDP run over the processes
+    show = console if ctx is None or ctx.is_main else Console(quiet=True)
+    dev = ctx.device if ctx else default_device(device)
     train_data, recipe = data_and_recipe(data, model, limit, val_limit, image_size, kwargs)
     if methods.strip() == "all":  # every registered method that accepts the model
-        method_list, rejected = accepting_methods(lambda: recipe.build(trust_factory=True), method_list,
+        method_list, rejected = accepting_methods(partial(recipe.build, trust_factory=True), method_list,
                                                   target_list[0], options)  # fmt: skip
         for name, error in rejected.items():
-            console.print(f"left out {name}: {error}", style="yellow", highlight=False, soft_wrap=True)
+            show.print(f"left out {name}: {error}", style="yellow", highlight=False, soft_wrap=True)
         if not method_list:
             from ..errors import ConfigError
 
@@ -200,18 +216,25 @@ def compare_cmd(
                 f"no registered method accepts {model} (each one's error is above); name methods and their "
                 "options instead of all, e.g. --methods magnitude -O magnitude:granularity=channel"
             )
-    train, val = make_loaders(train_data, batch_size, 0, seed)
-    console.print(f"{recipe.name} on {data} ({len(train_data.train):,} training examples): dense + "
-                  f"{len(method_list)} method(s) × {len(target_list)} target(s), {epochs} epoch(s) each, on {dev}",
-                  highlight=False, soft_wrap=True)  # fmt: skip
-    rows = compare(lambda: recipe.build(trust_factory=True), train, val, methods=method_list, targets=target_list,
-                   epochs=epochs, out=out, options=options, force=force, seed=seed, callback=CompareProgress(console),
-                   plot=plot, device=dev, optimizer=optimizer.value, lr=lr, weight_decay=weight_decay,
-                   lr_schedule=lr_schedule.value)  # fmt: skip
+    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+    train, val = make_loaders(train_data, batch_size, 0, seed, rank, world)
+    show.print(f"{recipe.name} on {data} ({len(train_data.train):,} training examples): dense + "
+               f"{len(method_list)} method(s) × {len(target_list)} target(s), {epochs} epoch(s) each, on {dev}"
+               + (f", {jobs} at a time" if jobs > 1 else f", {world} process(es) per cell" if ctx else ""),
+               highlight=False, soft_wrap=True)  # fmt: skip
+    try:  # the model builder is a partial, not a lambda: with --jobs it goes to the worker processes
+        rows = compare(partial(recipe.build, trust_factory=True), train, val, methods=method_list,
+                       targets=target_list, epochs=epochs, out=out, options=options, force=force, seed=seed,
+                       callback=CompareProgress(show), plot=plot, device=dev, optimizer=optimizer.value, lr=lr,
+                       weight_decay=weight_decay, lr_schedule=lr_schedule.value, jobs=jobs)  # fmt: skip
+    finally:
+        distributed.teardown()
+    if ctx is not None and not ctx.is_main:
+        return
     console.print(render_rows(rows, f"{recipe.name} on {data}, {epochs} epoch(s) per cell"))
     files = ["compare.json", "compare.md"] + (["compare.png"] if plot else [])
     console.print(f"wrote {', '.join(str(out / f) for f in files)}", highlight=False, soft_wrap=True)
-    if rows[-1].status == "interrupted":
+    if any(r.status == "interrupted" for r in rows):
         console.print("stopped; run the same command again to continue", style="yellow")
         raise typer.Exit(130)
     failed = [r for r in rows if r.status == "failed"]

