@@ -388,6 +388,8 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=None, help="default: a new file under results/overhead/")
     args = ap.parse_args()
+    # named by the commit the run started from (the code it imported), not the one checked out when it ends
+    stem, started_at = run_stem("overhead"), _commit()
     kept = args.malloc == "keep" and keep_heap()
     if args.malloc == "keep" and not kept:
         print("--malloc keep: not glibc, allocator left as is")
@@ -423,11 +425,11 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "commit": _commit(),
+        "commit": started_at,
         "results": [asdict(r) for r in results],
     }
     text = json.dumps(record, indent=2)
-    args.out = write_new(args.out or run_stem("overhead").with_suffix(".json"), text + "\n")
+    args.out = write_new(args.out or stem.with_suffix(".json"), text + "\n")
     print(f"\nwrote {args.out}")
 
 
