@@ -18,7 +18,27 @@ times of all rounds, and ``spread`` gives the lowest and highest ratio of a sing
 times a second, identical dense model in place of the sparse one: its distance from 1.00 is what the machine's
 noise alone does to a ratio.
 
-Goals (``GOALS``, on the paired ratio): 1.05x dense for masks and channel gates, 1.3x for per-weight gates.
+Goals (``GOALS``, on the paired ratio): 1.05x dense for masks and channel gates, 1.3x for per-weight gates;
+issues 16-18: 1.3x for ``str``, ``cs`` and ``dnw``, 1.05x between updates for ``static``, ``set``, ``deepr`` and
+``dsr``, 1.10x amortised for ``rigl``, 1.2x for ``halo``, ``l1`` and ``sws`` (``hashednet``: measured, no goal).
+
+The run's length. The sparse model's ``sp.start(total_steps=...)`` is told a run of ``RUN_SHARE`` (100) times the
+steps of one round (warm-up and timed), so the timed steps are the first 1 % of a run: schedules laid over the
+run are in their first phase (CS's first search round, with its rewind point; the penalties' steering, every
+1 % of the run, once per round; RigL's ``end=0.75`` far ahead), and cadences counted in steps keep their
+value: the DST rows rewire every 100 steps (rigl ``every=100`` as issue 17 states; ``set`` and ``dsr`` their
+default 100; ``deepr`` every step). ``MIN_STEPS`` raises the timed steps of those rows so that updates fall
+inside the timed window: 100 for ``set`` and ``dsr`` (the update after step 99), 200 for ``rigl`` (two whole
+intervals: its dense-gradient backward and rewiring after steps 99 and 199).
+
+Update steps. The sparse model's steps on which the method updates (``is_update_step`` or ``dense_grad_step``
+of step ``t``: the dense-gradient backward and the rewiring both fall in that timed step) are flagged. Besides
+the paired ratio over all steps, each row gives the paired ratio over the steps *between* updates, over the
+*update* steps, and the *amortised* ratio, the two weighted by their share of the timed steps (with whole
+intervals timed, 1/every for the update steps): ``(1 - u) * between + u * update``. Medians keep one slow step
+from moving a figure, so the update steps are timed apart rather than averaged in. A row's goal is checked on
+the amortised ratio for ``AMORTISED`` rows (rigl), else on the ratio between updates (the amortised one when
+every step updates, as DeepR's). The ``control`` row is the noise floor of the paired ratio.
 
 The rows of ``PIECE_ROWS`` run a method with pieces of the hot path switched off (``SWITCHES``; set through
 ``sparsewrap/switches.py`` and ``sparsewrap/torch_compat.py``, for measurement only): a piece's gain is its
