@@ -10,7 +10,7 @@ from torch.overrides import TorchFunctionMode
 
 import sparsewrap as sw
 from sparsewrap.errors import ConfigError, NoTargetsError
-from sparsewrap.parametrizations.topk import keep_largest
+from sparsewrap.parametrizations.topk import keep_largest, keep_largest_near
 
 from .test_magnitude import Two
 
@@ -26,6 +26,32 @@ def test_keep_largest_keeps_exactly_k_and_drops_the_earliest_ties() -> None:
     assert keep_largest(ties, 0).tolist() == [False] * 4
     assert keep_largest(ties, 4).tolist() == [True] * 4
     assert keep_largest(torch.tensor([[2.0, 1.0], [4.0, 3.0]]), 3).tolist() == [[True, False], [True, True]]
+
+
+def test_keep_largest_near_gives_keep_largest_with_any_guess_and_selects_in_the_band() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4000, generator=g).abs()
+    keep = 400
+    exact = keep_largest(scores, keep)
+    threshold = float(scores.kthvalue(4000 - keep).values)
+    sizes: list[int] = []
+
+    class Sizes(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "kthvalue":
+                sizes.append(args[0].numel())
+            return func(*args, **(kwargs or {}))
+
+    for guess in (None, threshold * 1.01, threshold * 0.97, threshold * 3, 1e-9, float("nan")):
+        sizes.clear()
+        with Sizes():
+            mask, found = keep_largest_near(scores, keep, guess)
+        assert torch.equal(mask, exact), guess
+        assert found == threshold
+        assert len(sizes) == 1 and (sizes[0] < 400) == (guess in (threshold * 1.01, threshold * 0.97))
+    ties = torch.tensor([1.0, 1.0, 1.0, 2.0, 0.5])  # ties at the threshold: the rule drops the earliest
+    assert torch.equal(keep_largest_near(ties, 2, 1.0)[0], keep_largest(ties, 2))
+    assert keep_largest_near(ties, 2, None)[0].tolist() == [False, False, True, True, False]
 
 
 def test_forward_keeps_the_top_k_magnitudes_of_each_layer() -> None:

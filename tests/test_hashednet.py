@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import sparsewrap as sw
 from sparsewrap.errors import ConfigError
-from sparsewrap.parametrizations.hashed import coverage_index
+from sparsewrap.parametrizations.hashed import Hashed, coverage_index
 
 from .zoo import ZOO
 
@@ -43,6 +44,25 @@ def test_forward_is_the_bank_gathered_and_the_gradient_its_scatter_add(sign: boo
     scatter = torch.zeros_like(bank).index_add_(0, p.index.reshape(-1), (grad_w * p.sign).reshape(-1))
     torch.testing.assert_close(bank.grad, scatter, rtol=1e-5, atol=1e-6)
     assert any(q is bank for q in sp.param_groups()[0]["params"])  # the bank is what the optimizer sees
+
+
+def test_without_the_sign_hash_the_forward_is_the_gather_alone() -> None:
+    index = torch.tensor([[2, 0, 1], [1, 2, 0]])
+    bank = torch.tensor([10.0, -20.0, 30.0], requires_grad=True)
+    calls: list[str] = []
+
+    class Calls(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    plain = Hashed(index, None, bank.detach(), 3)
+    with Calls():
+        out = plain(bank)
+    assert torch.equal(out, torch.tensor([[30.0, 10.0, -20.0], [-20.0, 30.0, 10.0]]))
+    assert not {"mul", "__mul__"} & set(calls)  # no product with a tensor of ones
+    signed = Hashed(index, torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, 1.0]]), bank.detach(), 3)
+    assert torch.equal(signed(bank), torch.tensor([[30.0, -10.0, -20.0], [20.0, 30.0, 10.0]]))
 
 
 def test_report_gives_the_bank_size_and_the_compression() -> None:

@@ -42,6 +42,20 @@ def test_soft_threshold_matches_the_formula_on_random_weights() -> None:
     torch.testing.assert_close(p.s.grad, s2.grad)
 
 
+def test_the_cpu_softshrink_path_has_the_bits_of_the_clamp_form_and_zeros_counts_ties() -> None:
+    torch.manual_seed(1)
+    w = torch.cat([torch.randn(4000) * 0.3, torch.tensor([0.5, -0.5, 0.0])]).requires_grad_()  # +-t itself too
+    g = torch.randn(4003)
+    p = SoftThreshold(w, s_init=0.0)  # t = 0.5
+    out = p(w)
+    assert torch.equal(out, w.detach() - torch.clamp(w.detach(), -0.5, 0.5))  # the formula's two-pass form
+    out.backward(g)
+    kept = w.detach().abs() > 0.5
+    assert torch.equal(w.grad, torch.where(kept, g, 0))
+    torch.testing.assert_close(p.s.grad, -(g * torch.sign(w.detach()) * kept).sum() * 0.25)
+    assert int(p.zeros(w)) == int((w.detach().abs() <= 0.5).sum())
+
+
 def test_the_paper_init_is_the_identity_and_gives_s_no_gradient() -> None:
     w = torch.tensor([0.3, -1e-6, 2.0], requires_grad=True)
     p = SoftThreshold(w, s_init=-3200.0)

@@ -42,9 +42,11 @@ class Hashed(SparseParametrization):
         self.register_buffer("index", index.to(device=like.device, dtype=torch.int64))
         ones = torch.ones(index.shape) if sign is None else sign
         self.register_buffer("sign", ones.to(device=like.device, dtype=like.dtype))
+        self.signed = sign is not None  # without the sign hash the forward skips the product with ones
 
     def forward(self, bank: Tensor) -> Tensor:
-        return bank[self.index] * self.sign
+        tied = bank[self.index]
+        return tied * self.sign if self.signed else tied
 
     @torch.no_grad()
     def right_inverse(self, weight: Tensor) -> Tensor:

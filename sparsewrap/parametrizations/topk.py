@@ -7,6 +7,8 @@ receive gradients and may come back).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -38,12 +40,62 @@ def keep_largest(scores: Tensor, keep: int) -> Tensor:
     return (~dropped).reshape(scores.shape)
 
 
+def keep_largest_near(
+    scores: Tensor, keep: int, guess: float | None, width: float = 0.05
+) -> tuple[Tensor, float | None]:
+    """:func:`keep_largest`'s mask, found faster on the CPU when ``guess`` is close to its threshold.
+
+    DNW recomputes the mask at every forward, and the threshold moves little from one step to the next: the
+    entries in ``[guess * (1 - width), guess * (1 + width))`` are selected (two comparisons and two counts), and
+    ``kthvalue`` runs on those alone when the threshold lies among them (otherwise on all entries, as
+    :func:`keep_largest`). When no tie at the threshold needs the tie rule (the common case for float scores),
+    the mask is ``scores > threshold``, one comparison and one count instead of the rule's cumulative count. The
+    counts are read on the host, so on other devices (where that would synchronise a stream), under
+    ``torch.compile``, for other dtypes and when ties need the rule, this returns :func:`keep_largest` itself:
+    the mask is the same in every case.
+
+    Args:
+        scores: the scores (any shape).
+        keep: how many of the largest to keep.
+        guess: the threshold of the previous call (``None``: not known).
+        width: the relative half-width of the band around ``guess``.
+
+    Returns:
+        The bool mask (``scores``' shape) and the threshold, the guess for the next call (``None`` when not
+        computed here).
+    """
+    flat = scores.reshape(-1)
+    n = flat.numel()
+    if (
+        flat.device.type != "cpu"
+        or flat.dtype not in (torch.float32, torch.float64)
+        or not 0 < keep < n
+        or torch.compiler.is_compiling()  # host reads would break the graph
+    ):
+        return keep_largest(scores, keep), None
+    drop = n - keep
+    threshold = None
+    if guess is not None and math.isfinite(guess) and guess > 0:
+        low = flat < guess * (1 - width)
+        below_low = int(torch.count_nonzero(low))
+        if below_low < drop:
+            high = flat < guess * (1 + width)
+            if int(torch.count_nonzero(high)) >= drop:  # the drop-th smallest lies in the band
+                threshold = flat[high ^ low].kthvalue(drop - below_low).values
+    if threshold is None:
+        threshold = flat.kthvalue(drop).values
+    kept = flat > threshold
+    if int(torch.count_nonzero(kept)) == keep:  # every entry equal to the threshold is dropped, as the tie rule
+        return kept.reshape(scores.shape), float(threshold)
+    return keep_largest(scores, keep), float(threshold)
+
+
 class TopMagnitude(SparseParametrization):
     """``w_eff = w * topk_mask(|w|)`` in the forward; the gradient reaches every weight unchanged (straight-through).
 
     DNW (Wortsman et al. 2019, https://arxiv.org/abs/1906.00586): the forward value is exactly ``w * mask``
     with the ``keep`` largest ``|w|`` kept, and the backward treats the mask as the identity, so that pruned
-    weights keep learning and can re-enter. Computed as ``w - w.detach().masked_fill(mask, 0)``: exact zeros where
+    weights keep learning and can re-enter. Computed as ``w - where(mask, 0, w.detach())``: exact zeros where
     pruned (``x - x == 0``), ``w`` itself where kept, and the identity as the gradient, with no custom autograd
     function (the model still traces and compiles).
 
@@ -54,16 +106,18 @@ class TopMagnitude(SparseParametrization):
     def __init__(self, keep: int) -> None:
         super().__init__()
         self.keep = int(keep)
+        self.guess: float | None = None  # the last threshold (a hint for the next one, see keep_largest_near)
 
     def mask(self, original: Tensor) -> Tensor:
         """The current keep-mask (bool) of ``original``."""
         with torch.no_grad():
-            return keep_largest(original.detach().abs(), self.keep)
+            mask, self.guess = keep_largest_near(original.detach().abs(), self.keep, self.guess)
+            return mask
 
     def forward(self, original: Tensor) -> Tensor:
         if self.keep >= original.numel():
             return original
-        return original - original.detach().masked_fill(self.mask(original), 0)
+        return original - torch.where(self.mask(original), 0, original.detach())
 
     def bake(self, original: Tensor) -> Tensor:
         with torch.no_grad():
