@@ -63,11 +63,23 @@ def run(model_name: str, method: str, target: float, args: argparse.Namespace) -
     train, test = loaders(args)
     torch.manual_seed(args.seed)
     model = MODELS[model_name]()
-    options = dict(OPTIONS.get(method, {}))
+    options = dict(OPTIONS.get(method, {})) | args.overrides.get(method, {})
     started = time.perf_counter()
     try:
         sp = sw.sparsify(model, method, target=target, **options)
-        sw.fit(sp, train, None, epochs=args.epochs, lr=1e-3, seed=args.seed, handle_signals=False)
+        sw.fit(
+            sp,
+            train,
+            None,
+            epochs=args.epochs,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            lr_schedule=args.lr_schedule,
+            seed=args.seed,
+            handle_signals=False,
+        )
     except sw.SparsewrapError as exc:
         return {"model": model_name, "method": method, "target": target, "error": str(exc)}
     report = sp.report()
@@ -109,7 +121,19 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd"], help="shared by every row")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="METHOD.OPTION=JSON",
+                    help="override a method's option, e.g. --set rigl.every=100 cs.rounds=2")  # fmt: skip
     args = ap.parse_args()
+    args.overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        method, _, option = key.partition(".")
+        args.overrides.setdefault(method, {})[option] = json.loads(value)
     methods = args.methods or list(sw.list_methods())
     unknown = sorted(set(methods) - set(sw.list_methods()))
     if unknown:
@@ -124,7 +148,7 @@ def main() -> None:
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     text = table(rows)
     print(text)
-    config = {k: v for k, v in vars(args).items()}
+    config = {k: v for k, v in vars(args).items() if k != "overrides"}
     write_new(stem.with_suffix(".json"), json.dumps({"config": config, "rows": rows}, indent=2, default=float) + "\n")
     write_new(stem.with_suffix(".md"), text + "\n")
     print(f"wrote {stem}.json and .md")
