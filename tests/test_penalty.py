@@ -254,6 +254,7 @@ def test_finetune_prunes_at_the_planned_step_and_trains_the_masked_model(tmp_pat
     _eval_equals_export(sp)
     report = sp.report()
     assert report.exported == pytest.approx(round(0.6 * 1152) / 1152) and report.extras["pruned"] == 1.0
+    assert report.extras["learned sparsity"] == sp.method.learned_at_prune < 0.6  # near zero before the pruning
     # resumed from the checkpoint taken before the pruning step (with a fresh optimizer, here and in a rerun of
     # the original from the same point): the same pruning, the same fine-tuned model
     again = sw.load(path, model=ZOO["mlp"][0]())
@@ -323,6 +324,9 @@ def test_report_gives_near_zero_fractions_xi_psi_lambda_and_what_the_projection_
     threshold = weights.sort().values[round(0.6 * weights.numel()) - 1]
     removed = int(((weights <= threshold) & (weights > 0.05)).sum())
     assert summary["removed, not near zero"] == removed > 0
+    # what training learned before the projection: the near-zero fraction at the method's tol (0.05)
+    near = float((weights <= 0.05).float().mean())
+    assert summary["learned sparsity"] == pytest.approx(near) and near > 0
     assert summary["xi"] == 1e-4 and summary["psi"] == 1e-4 and summary["pruned"] == 0.0
     assert summary["|lambda| mean"] == summary["|lambda| min"] == summary["|lambda| max"] == 1.0
 
