@@ -272,6 +272,16 @@ def test_finetune_prunes_at_the_planned_step_and_trains_the_masked_model(tmp_pat
         assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("method", ["halo", "sws"])
+def test_steering_xi_scales_psi_alike_so_the_optimal_lambda_stays(method: str) -> None:
+    sp = sw.sparsify(ZOO["mlp"][0](), method, target=0.5, xi=2e-4, psi=5e-4)
+    assert sp.method.psi() == pytest.approx(5e-4)
+    sp.method.xi = 8e-4  # the controller raised ξ four-fold
+    assert sp.method.psi() == pytest.approx(4 * 5e-4)  # the whole penalty scales by 4 ...
+    w = 0.3  # ... and λ* = (2 ξ |w| / ψ)^(1/3) stays where it was
+    assert (2 * sp.method.xi * w / sp.method.psi()) ** (1 / 3) == pytest.approx((2 * 2e-4 * w / 5e-4) ** (1 / 3))
+
+
 def test_finetune_needs_the_run_length() -> None:
     sp = sw.sparsify(ZOO["mlp"][0](), "l1", target=0.5, finetune=0.1)
     match = r"finetune=0.1 is a fraction of the run, but method 'l1' was not told the run's length; call sp.start"
@@ -370,4 +380,5 @@ def test_the_command_line_trains_halo_with_finetune_and_a_reg_schedule(capsys, t
     assert sp.step_count == 8 and sp.method.pruned and sp.method.config.reg_schedule == (10.0, 0.25)
     report = sp.report()
     assert report.exported == pytest.approx(0.9, abs=1e-4) and report.achieved == report.exported
-    assert report.extras["psi"] == pytest.approx(1e-4 * 10**4)  # x10 after steps 2, 4, 6 and 8
+    steered = report.extras["xi"] / 1e-4  # the controller's factor on ξ scales ψ too
+    assert report.extras["psi"] == pytest.approx(1e-4 * 10**4 * steered)  # x10 after steps 2, 4, 6 and 8

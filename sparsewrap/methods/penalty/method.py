@@ -10,8 +10,8 @@ where the seed's code departs from its paper.
 - ``sws``:  ``ξ Σ|w| / λ² + ψ λ²`` with one learned ``λ`` shared by every weight
 - ``halo``: ``ξ Σ_j |w_j| / λ_j² + ψ R(λ)``, one learned ``λ_j`` per weight, ``R = |Σ|λ_j| - p|`` (or squared)
 
-ξ is steered during training (:func:`~sparsewrap.methods.penalty.pruning.steer_xi`) so that the fraction of
-weights with ``|w| <= tol`` follows a ramp to the target by the pruning step.
+ξ is steered during training (:func:`~sparsewrap.methods.penalty.pruning.steer_xi`), ψ by the same factor, so
+that the fraction of weights with ``|w| <= tol`` follows a ramp to the target by the pruning step.
 """
 
 from __future__ import annotations
@@ -116,12 +116,17 @@ class PenaltyMethod(Method):
         return max(1, self.resolve_steps(cfg.steer_every, "steer_every"))
 
     def psi(self) -> float:
-        """ψ at the current step (``reg_schedule`` applied)."""
+        """ψ at the current step: ``reg_schedule`` applied, and scaled by the controller's factor on ξ
+        (``ξ / xi``), so that steering scales the whole penalty and leaves the coefficients' optimum
+        ``λ*`` (a function of ``ξ / ψ``) where it is."""
         cfg = self.config
+        steered = self.xi / float(cfg.xi) if cfg.xi > 0 else 1.0
         if cfg.reg_schedule is None:
-            return float(cfg.psi)
+            return float(cfg.psi) * steered
         factor, every = cfg.reg_schedule
-        return float(cfg.psi) * factor ** (self.steps_done // max(1, self.resolve_steps(every, "reg_schedule")))
+        return (
+            float(cfg.psi) * steered * factor ** (self.steps_done // max(1, self.resolve_steps(every, "reg_schedule")))
+        )
 
     def on_start(self) -> None:
         self.prune_step()
