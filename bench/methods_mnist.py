@@ -1,17 +1,21 @@
 """Every registered method on MNIST through ``sw.compare``: LeNet-300-100 and LeNet-5, one table, one figure.
 
-For each model, one ``sw.compare`` run trains the dense baseline and every (method, target) cell alike: the same
-initialisation, data order and optimizer (``FIT``: Adam, lr 1e-3, cosine decay, batch 128) for the model's
-epoch budget (``MODELS``; LeNet-5 has fewer epochs, its epochs cost ~6x more on the CPU). The per-method
-options (``OPTIONS``) are the papers' where they fit the budget; schedule-driven methods reach the target at
-75 % of the run. ``VARIANTS`` adds rows that are a method with other options: one-shot magnitude pruning after
-dense training (the baseline of the HALO paper), the penalty methods with a fine-tuning tail, L0 with channel
-gates (the constrained-L0 paper's MNIST setting). Each row shows the exported model's test error, the learned
+For each model, ``sw.compare`` trains the dense baseline and every (method, target) cell alike: the same
+initialisation, data order and optimizer settings (``FIT``: SGD lr 0.1, momentum 0.9, weight decay 5e-4, cosine
+decay, batch 128, the setting of the DST papers' MNIST code; every row gained over Adam, docs/methods/*.md) for
+the model's epoch budget (``MODELS``: LeNet-300-100 10 epochs, the dynamic sparse training rows 20, as the DST
+issue allows; LeNet-5 3 epochs, its epochs cost ~6x more on the CPU). The per-method options (``OPTIONS``) are
+the papers' where they fit the budget; schedule-driven methods reach the target at 75 % of the run, and ``cs``
+runs one round without rewind (one decaying lr schedule spans the run, docs/methods/learned.md).
+``VARIANTS`` adds rows that are a method with other options: magnitude pruning once after dense training (the
+baseline of the HALO paper), the penalty methods with a fine-tuning tail, L0 with channel gates (the
+constrained-L0 paper's MNIST setting). Each row shows the exported model's test error, the learned
 sparsity before the final projection (where the method has one), the exported sparsity, and the paper's MNIST
 figure at that sparsity where a paper reports one (``PAPER``).
 
     python bench/methods_mnist.py                                   # every method, both models (hours on 2 cores)
     python bench/methods_mnist.py --models mlp --methods str dnw magnitude --targets 0.9
+    python bench/methods_mnist.py --models mlp --methods rigl --fit optimizer='"adam"' lr=1e-3 --set rigl.every=50
     python bench/methods_mnist.py --data fashion-mnist --models mlp --targets 0.9
 
 The cells live under ``--workdir`` (default ``runs/methods_mnist/<data>``): a rerun reads finished cells and
@@ -37,27 +41,30 @@ import sparsewrap as sw
 from sparsewrap.demo import models
 from sparsewrap.demo.data import build_data
 
-# model: (constructor, targets, epochs per cell)
-MODELS: dict[str, tuple[Any, tuple[float, ...], int]] = {
-    "mlp": (models.mlp_300_100, (0.9, 0.98, 0.99), 10),
-    "lenet5": (models.lenet5, (0.9, 0.98), 3),
+# model: (constructor, targets, epochs per cell, epochs of the dynamic sparse training rows)
+MODELS: dict[str, tuple[Any, tuple[float, ...], int, int]] = {
+    "mlp": (models.mlp_300_100, (0.9, 0.98, 0.99), 10, 20),
+    "lenet5": (models.lenet5, (0.9, 0.98), 3, 3),
 }
-FIT = dict(optimizer="adam", lr=1e-3, lr_schedule="cosine", handle_signals=False)
+DST = ("static", "set", "rigl", "dsr", "deepr")  # sparse from scratch: their own epoch budget
+FIT: dict[str, Any] = dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, lr_schedule="cosine")
 BATCH = 128
 # per method: options that make a fair run within the budget (the rest are the method's defaults)
 OPTIONS: dict[str, dict[str, Any]] = {
     "magnitude": {"schedule": "cubic", "start": 0.0, "end": 0.75, "every": 50},
     "gmp": {"start": 0.0, "end": 0.75, "every": 50},
     "str": {"end": 0.75},
+    "cs": {"rounds": 1, "rewind": 1.0},
 }
-# row label: (method, options) — the same method with other options, in its own compare run
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "magnitude-after-dense": ("magnitude", {"schedule": "cubic", "start": 1.0, "end": 1.0}),
-    "magnitude-finetune": ("magnitude", {"schedule": "cubic", "start": 0.9, "end": 0.9}),
-    "halo-finetune": ("halo", {"finetune": 0.1}),
-    "l1-finetune": ("l1", {"finetune": 0.1}),
-    "sws-finetune": ("sws", {"finetune": 0.1}),
-    "l0-channel": ("l0", {"granularity": "channel"}),
+# row label: (method, options, models) — the same method with other options, in its own compare run (at the
+# model's first two targets)
+BOTH = ("mlp", "lenet5")
+VARIANTS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
+    "magnitude-after-dense": ("magnitude", {"schedule": "cubic", "start": 1.0, "end": 1.0}, BOTH),
+    "halo-finetune": ("halo", {"finetune": 0.1}, BOTH),
+    "l1-finetune": ("l1", {"finetune": 0.1}, BOTH),
+    "sws-finetune": ("sws", {"finetune": 0.1}, BOTH),
+    "l0-channel": ("l0", {"granularity": "channel"}, ("lenet5",)),
 }
 # (model, row, sparsity): (test error %, where it comes from) — the papers' own MNIST figures
 PAPER: dict[tuple[str, str, float], tuple[float, str]] = {
@@ -89,28 +96,48 @@ def loaders(data: str, limit: int | None, seed: int) -> tuple[DataLoader, DataLo
 
 
 def run_model(name: str, methods: list[str], variants: list[str], targets: tuple[float, ...], epochs: int,
-              args: argparse.Namespace) -> list[dict[str, Any]]:  # fmt: skip
+              dst_epochs: int, args: argparse.Namespace) -> list[dict[str, Any]]:  # fmt: skip
     """The model's dense baseline, every method's cells and every variant's cells, as table rows."""
     build = MODELS[name][0]
     train, test = loaders(args.data, args.limit, args.seed)
     root = Path(args.workdir) / name
-    common = dict(targets=targets, epochs=epochs, seed=args.seed, plot=False, **FIT)
-    found = sw.compare(build, train, test, methods=methods, out=root / "methods",
-                       options={m: OPTIONS[m] for m in methods if m in OPTIONS}, **common)  # fmt: skip
-    rows = [table_row(name, r.method, r) for r in found]
+    fit = {**FIT, **args.fit, "handle_signals": False}
+    rows: list[dict[str, Any]] = []
+    apart = dst_epochs != epochs
+    groups = [("methods", [m for m in methods if m not in DST or not apart], epochs),
+              ("sparse-from-scratch", [m for m in methods if m in DST and apart], dst_epochs)]  # fmt: skip
+    for group, members, budget in groups:
+        if not members:
+            continue
+        options = {m: {**OPTIONS.get(m, {}), **args.overrides.get(m, {})} for m in members}
+        found = sw.compare(build, train, test, methods=members, targets=targets, epochs=budget, seed=args.seed,
+                           out=root / group, options={m: o for m, o in options.items() if o}, plot=False,
+                           jobs=args.jobs, **fit)  # fmt: skip
+        rows += [table_row(name, r.method if r.target is not None or group == "methods" else f"dense ({budget} epochs)",
+                           r, budget) for r in found]  # fmt: skip
     for label in variants:
-        method, options = VARIANTS[label]
+        method, options, _ = VARIANTS[label]
         out = root / label
         dense = out / "dense"
         if not dense.exists() and (root / "methods" / "dense").exists():  # the same baseline: reuse it
             shutil.copytree(root / "methods" / "dense", dense)
-        found = sw.compare(build, train, test, methods=[method], out=out, options={method: options}, **common)
-        rows += [table_row(name, label, r) for r in found if r.target is not None]
+        found = sw.compare(build, train, test, methods=[method], targets=targets[:2], epochs=epochs, seed=args.seed,
+                           out=out, options={method: options}, plot=False, jobs=args.jobs, **fit)  # fmt: skip
+        rows += [table_row(name, label, r, epochs) for r in found if r.target is not None]
     return rows
 
 
-def table_row(model: str, label: str, r: Any) -> dict[str, Any]:
-    row = {"model": model, "row": label, **asdict(r)}
+def pair(item: str) -> tuple[str, Any]:
+    """``KEY=JSON`` as ``(KEY, value)``; a value that is not JSON is kept as a string."""
+    key, _, text = item.partition("=")
+    try:
+        return key, json.loads(text)
+    except ValueError:
+        return key, text
+
+
+def table_row(model: str, label: str, r: Any, epochs: int) -> dict[str, Any]:
+    row = {"model": model, "row": label, "epochs": epochs, **asdict(r)}
     row["test error %"] = None if r.accuracy is None else 100.0 * (1.0 - r.accuracy)
     paper = PAPER.get((model, label, r.target)) if r.target is not None else None
     row["paper error %"], row["paper source"] = paper if paper else (None, None)
@@ -122,16 +149,18 @@ def _num(value: Any, digits: int = 2) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| model | row | target | test error % | paper error % | gap | learned sparsity | exported sparsity | params after purge | time/step ×dense |"  # noqa: E501
+    head = "| model | row | epochs | target | test error % | paper error % | gap | learned sparsity | exported sparsity | params after purge | time/step ×dense |"  # noqa: E501
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         target = "—" if r["target"] is None else f"{r['target']:g}"
         if r["status"] != "done":
-            lines.append(f"| {r['model']} | {r['row']} | {target} | {r['status']}: {r['error']} | | | | | | |")
+            lines.append(
+                f"| {r['model']} | {r['row']} | {r['epochs']} | {target} | {r['status']}: {r['error']} | | | | | | |"
+            )
             continue
         gap = None if r["paper error %"] is None else r["test error %"] - r["paper error %"]
         params = "—" if r["params"] is None else f"{r['params']:,}"
-        lines.append(f"| {r['model']} | {r['row']} | {target} | {_num(r['test error %'])} | "
+        lines.append(f"| {r['model']} | {r['row']} | {r['epochs']} | {target} | {_num(r['test error %'])} | "
                      f"{_num(r['paper error %'])} | "
                      f"{'—' if gap is None else f'{gap:+.2f}'} | {_num(r['learned_sparsity'], 4)} | "
                      f"{_num(r['sparsity'], 4)} | {params} | {_num(r['relative_time'])} |")  # fmt: skip
@@ -181,8 +210,17 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     ap.add_argument("--workdir", default=None, help="where the cells live (default runs/methods_mnist/<data>)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="threads per process")
+    ap.add_argument("--jobs", type=int, default=1, help="cells trained at once (sw.compare's jobs)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="METHOD.OPTION=JSON",
+                    help="override a method's option, e.g. --set rigl.every=100 cs.rounds=2")  # fmt: skip
+    ap.add_argument("--fit", nargs="*", default=[], metavar="KEY=JSON",
+                    help='override a shared fit setting, e.g. --fit optimizer=\"adam\" lr=1e-3')  # fmt: skip
     args = ap.parse_args()
+    args.overrides, args.fit = {}, dict(pair(item) for item in args.fit)
+    for key, value in map(pair, args.set):
+        method, _, option = key.partition(".")
+        args.overrides.setdefault(method, {})[option] = value
     methods = args.methods or list(sw.list_methods())
     unknown = sorted(set(methods) - set(sw.list_methods()))
     if unknown:
@@ -194,12 +232,15 @@ def main() -> None:
     stem = run_stem("methods_mnist" if args.data == "mnist" else f"methods_{args.data.replace('-', '_')}")
     rows: list[dict[str, Any]] = []
     for name in args.models:
-        _, targets, epochs = MODELS[name]
-        rows += run_model(name, methods, variants, tuple(args.targets or targets), args.epochs or epochs, args)
+        _, targets, epochs, dst_epochs = MODELS[name]
+        chosen = [v for v in variants if name in VARIANTS[v][2]]
+        rows += run_model(name, methods, chosen, tuple(args.targets or targets), args.epochs or epochs,
+                          args.epochs or dst_epochs, args)  # fmt: skip
     text = markdown(rows)
     print(text)
-    config = {**vars(args), "fit": {k: v for k, v in FIT.items() if k != "handle_signals"}, "batch": BATCH,
-              "budgets": {n: {"targets": MODELS[n][1], "epochs": MODELS[n][2]} for n in args.models},
+    config = {**vars(args), "fit": {**FIT, **args.fit}, "batch": BATCH,
+              "budgets": {n: {"targets": MODELS[n][1], "epochs": MODELS[n][2], "dst epochs": MODELS[n][3]}
+                          for n in args.models},
               "options": OPTIONS, "variants": {k: VARIANTS[k] for k in variants}}  # fmt: skip
     write_new(stem.with_suffix(".json"), json.dumps({"config": config, "rows": rows}, indent=1, default=str) + "\n")
     write_new(stem.with_suffix(".md"), text)

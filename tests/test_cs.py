@@ -253,3 +253,19 @@ def test_the_run_length_is_checked_at_start() -> None:
     rms = sw.sparsify(Two(A, B), "cs", target=0.5)
     with pytest.raises(ConfigError, match=r"cannot for RMSprop; use one of 'Adam', 'AdamW', 'SGD'"):
         rms.start(total_steps=40, optimizer=torch.optim.RMSprop(rms.param_groups(lr=0.1)))
+
+
+def test_the_learned_sparsity_is_the_search_s_rule_not_the_ticket() -> None:
+    sp = sw.sparsify(Two(A, B), "cs", target=0.6, rounds=1, ticket_start=3)  # the ticket keeps 4 of 10
+    _set_scores(sp, [[[0.3, -0.5], [-0.1, 0.05]], [[0.2, -0.3], [1.0, -2.0], [0.05, 0.0]]])  # 5 scores > 0
+    assert sp.report().extras["learned sparsity"] == pytest.approx(0.5)
+    sp.method.draw_ticket()
+    _set_scores(sp, [[[-1.0] * 2] * 2, [[-1.0] * 2] * 3])  # the scores no longer matter once the ticket is drawn
+    report = sp.report()
+    assert report.extras["learned sparsity"] == pytest.approx(0.5)  # as the search left it, before the ticket
+    assert report.extras["gap to target"] == pytest.approx(-0.1)
+    assert report.achieved == pytest.approx(0.6) and report.exported == pytest.approx(0.6)
+    state = sp.method.state_dict()
+    fresh = sw.sparsify(Two(A, B), "cs", target=0.6, rounds=1, ticket_start=3)
+    fresh.method.load_state_dict(state)
+    assert fresh.method.learned_sparsity() == pytest.approx(0.5)  # kept in the checkpoint

@@ -254,6 +254,7 @@ def test_finetune_prunes_at_the_planned_step_and_trains_the_masked_model(tmp_pat
     _eval_equals_export(sp)
     report = sp.report()
     assert report.exported == pytest.approx(round(0.6 * 1152) / 1152) and report.extras["pruned"] == 1.0
+    assert report.extras["learned sparsity"] == sp.method.learned_at_prune < 0.6  # near zero before the pruning
     # resumed from the checkpoint taken before the pruning step (with a fresh optimizer, here and in a rerun of
     # the original from the same point): the same pruning, the same fine-tuned model
     again = sw.load(path, model=ZOO["mlp"][0]())
@@ -269,6 +270,16 @@ def test_finetune_prunes_at_the_planned_step_and_trains_the_masked_model(tmp_pat
     assert resumed.method.pruned and all(p.pruned for p in resumed.method.layers)
     for (k, a), b in zip(sw.export(sp).state_dict().items(), sw.export(resumed).state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("method", ["halo", "sws"])
+def test_steering_xi_scales_psi_alike_so_the_optimal_lambda_stays(method: str) -> None:
+    sp = sw.sparsify(ZOO["mlp"][0](), method, target=0.5, xi=2e-4, psi=5e-4)
+    assert sp.method.psi() == pytest.approx(5e-4)
+    sp.method.xi = 8e-4  # the controller raised ξ four-fold
+    assert sp.method.psi() == pytest.approx(4 * 5e-4)  # the whole penalty scales by 4 ...
+    w = 0.3  # ... and λ* = (2 ξ |w| / ψ)^(1/3) stays where it was
+    assert (2 * sp.method.xi * w / sp.method.psi()) ** (1 / 3) == pytest.approx((2 * 2e-4 * w / 5e-4) ** (1 / 3))
 
 
 def test_finetune_needs_the_run_length() -> None:
@@ -323,6 +334,9 @@ def test_report_gives_near_zero_fractions_xi_psi_lambda_and_what_the_projection_
     threshold = weights.sort().values[round(0.6 * weights.numel()) - 1]
     removed = int(((weights <= threshold) & (weights > 0.05)).sum())
     assert summary["removed, not near zero"] == removed > 0
+    # what training learned before the projection: the near-zero fraction at the method's tol (0.05)
+    near = float((weights <= 0.05).float().mean())
+    assert summary["learned sparsity"] == pytest.approx(near) and near > 0
     assert summary["xi"] == 1e-4 and summary["psi"] == 1e-4 and summary["pruned"] == 0.0
     assert summary["|lambda| mean"] == summary["|lambda| min"] == summary["|lambda| max"] == 1.0
 
@@ -366,4 +380,5 @@ def test_the_command_line_trains_halo_with_finetune_and_a_reg_schedule(capsys, t
     assert sp.step_count == 8 and sp.method.pruned and sp.method.config.reg_schedule == (10.0, 0.25)
     report = sp.report()
     assert report.exported == pytest.approx(0.9, abs=1e-4) and report.achieved == report.exported
-    assert report.extras["psi"] == pytest.approx(1e-4 * 10**4)  # x10 after steps 2, 4, 6 and 8
+    steered = report.extras["xi"] / 1e-4  # the controller's factor on ξ scales ψ too
+    assert report.extras["psi"] == pytest.approx(1e-4 * 10**4 * steered)  # x10 after steps 2, 4, 6 and 8

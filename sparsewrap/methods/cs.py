@@ -180,6 +180,7 @@ class ContinuousSparsification(Method):
         self.log_gain = torch.zeros((), dtype=torch.float64)  # I_t of the driven coefficient
         self.phase = "search"
         self.plan: tuple[int, int, int] | None = None  # (ticket_start, round length, rewind), resolved lazily
+        self.search_sparsity: float | None = None  # the sparsity of 1[s > 0] when the ticket was drawn
 
     # -- the run's layout -------------------------------------------------------------------------------------
     def on_start(self) -> None:
@@ -287,6 +288,7 @@ class ContinuousSparsification(Method):
     def draw_ticket(self) -> None:
         """Freeze the masks at the ticket and rewind the weights (the search is over)."""
         keep = self.ticket_masks()
+        self.search_sparsity = 1.0 - float(self.hard_density())  # what the search learned, before the projection
         for p in self.layers:
             p.ticket.copy_(keep[p])
             p.hard = True
@@ -327,9 +329,11 @@ class ContinuousSparsification(Method):
         return 1.0 - sum(self.counts) / max(self.numel, 1)
 
     def learned_sparsity(self) -> float:
-        """The sparsity of the hard rule ``s > 0`` (the ticket once drawn), before the export's projection."""
-        kept = sum(int(p.learned().sum()) for p in self.layers)
-        return 1.0 - kept / self.numel if self.numel else 0.0
+        """The sparsity of the hard rule ``s > 0`` before the ticket's projection: now during the search, as it was
+        when the ticket was drawn afterwards (the ticket itself is at the target by construction)."""
+        if self.phase == "ticket" and self.search_sparsity is not None:
+            return self.search_sparsity
+        return 1.0 - float(self.hard_density()) if self.numel else 0.0
 
     def summary(self) -> dict[str, float]:
         out = {
@@ -344,11 +348,15 @@ class ContinuousSparsification(Method):
 
     def state_dict(self) -> dict[str, Any]:
         beta = self.layers[0].beta if self.layers else 1.0
-        return {"phase": self.phase, "beta": beta, "log_gain": float(self.log_gain), "snapshot": dict(self.snapshot)}
+        state = {"phase": self.phase, "beta": beta, "log_gain": float(self.log_gain), "snapshot": dict(self.snapshot)}
+        if self.search_sparsity is not None:
+            state["search_sparsity"] = self.search_sparsity
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.phase = state.get("phase", self.phase)
         self.log_gain = torch.tensor(float(state.get("log_gain", 0.0)), dtype=torch.float64)
+        self.search_sparsity = state.get("search_sparsity", self.search_sparsity)
         for p in self.layers:
             p.beta = float(state.get("beta", p.beta))
             p.hard = self.phase == "ticket"

@@ -10,8 +10,8 @@ where the seed's code departs from its paper.
 - ``sws``:  ``ξ Σ|w| / λ² + ψ λ²`` with one learned ``λ`` shared by every weight
 - ``halo``: ``ξ Σ_j |w_j| / λ_j² + ψ R(λ)``, one learned ``λ_j`` per weight, ``R = |Σ|λ_j| - p|`` (or squared)
 
-ξ is steered during training (:func:`~sparsewrap.methods.penalty.pruning.steer_xi`) so that the fraction of
-weights with ``|w| <= tol`` follows a ramp to the target by the pruning step.
+ξ is steered during training (:func:`~sparsewrap.methods.penalty.pruning.steer_xi`), ψ by the same factor, so
+that the fraction of weights with ``|w| <= tol`` follows a ramp to the target by the pruning step.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class PenaltyMethod(Method):
         self.steps_done = 0
         self.near_zero: float | None = None  # the fraction the controller last measured
         self.removed_not_near_zero: int | None = None  # counted when pruning during the run
+        self.learned_at_prune: float | None = None  # the near-zero fraction (|w| <= tol) just before that pruning
         self._keep: tuple[tuple, list[Tensor]] | None = None  # (weights' versions, keep-masks at the target)
         self.eval_projection = EvalProjection()  # eval mode shows what export writes
         self.eval_projection.bind(self.final_masks)
@@ -115,12 +116,17 @@ class PenaltyMethod(Method):
         return max(1, self.resolve_steps(cfg.steer_every, "steer_every"))
 
     def psi(self) -> float:
-        """ψ at the current step (``reg_schedule`` applied)."""
+        """ψ at the current step: ``reg_schedule`` applied, and scaled by the controller's factor on ξ
+        (``ξ / xi``), so that steering scales the whole penalty and leaves the coefficients' optimum
+        ``λ*`` (a function of ``ξ / ψ``) where it is."""
         cfg = self.config
+        steered = self.xi / float(cfg.xi) if cfg.xi > 0 else 1.0
         if cfg.reg_schedule is None:
-            return float(cfg.psi)
+            return float(cfg.psi) * steered
         factor, every = cfg.reg_schedule
-        return float(cfg.psi) * factor ** (self.steps_done // max(1, self.resolve_steps(every, "reg_schedule")))
+        return (
+            float(cfg.psi) * steered * factor ** (self.steps_done // max(1, self.resolve_steps(every, "reg_schedule")))
+        )
 
     def on_start(self) -> None:
         self.prune_step()
@@ -203,6 +209,7 @@ class PenaltyMethod(Method):
         keep = self.keep_masks()
         weights = [t.original for t in self.targets]
         self.removed_not_near_zero = self.count_removed_not_near_zero(weights, keep)
+        self.learned_at_prune = self.near_zero_fraction()
         with torch.no_grad():
             for w, p, k in zip(weights, self.layers, keep):
                 p.mask.copy_(k)
@@ -213,6 +220,19 @@ class PenaltyMethod(Method):
                 self.reset_optimizer_state(w, k == 0)
         self.pruned = True
         self._keep = None
+
+    def near_zero_fraction(self) -> float:
+        """The fraction of the targeted weights with ``|w| <= tol`` now."""
+        weights = [t.original for t in self.targets]
+        (count,) = near_zero_counts(weights, [self.config.tol])
+        return count / max(1, sum(w.numel() for w in weights))
+
+    def learned_sparsity(self) -> float:
+        """What training learned before the projection to the target: the near-zero fraction ``|w| <= tol`` now,
+        or just before the pruning once pruned (``finetune``)."""
+        if self.pruned and self.learned_at_prune is not None:
+            return self.learned_at_prune
+        return self.near_zero_fraction()
 
     def count_removed_not_near_zero(self, weights: list[Tensor], keep: list[Tensor]) -> int:
         """How many weights the projection removes that are not near zero (``|w| > tol``)."""
@@ -238,7 +258,8 @@ class PenaltyMethod(Method):
         weights = [t.original for t in self.targets]
         total = max(1, sum(w.numel() for w in weights))
         counts = near_zero_counts(weights, REPORT_TOLERANCES)
-        out = {f"near zero (|w| <= {tol:g})": c / total for tol, c in zip(REPORT_TOLERANCES, counts)}
+        out = {"learned sparsity": self.learned_sparsity()}
+        out |= {f"near zero (|w| <= {tol:g})": c / total for tol, c in zip(REPORT_TOLERANCES, counts)}
         out["xi"] = self.xi
         if hasattr(self.config, "psi"):
             schedule = self.config.reg_schedule
@@ -274,6 +295,8 @@ class PenaltyMethod(Method):
             state["near_zero"] = self.near_zero
         if self.removed_not_near_zero is not None:
             state["removed_not_near_zero"] = self.removed_not_near_zero
+        if self.learned_at_prune is not None:
+            state["learned_at_prune"] = self.learned_at_prune
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -284,6 +307,7 @@ class PenaltyMethod(Method):
             self.run.total_steps = int(state["total_steps"])
         self.near_zero = state.get("near_zero", self.near_zero)
         self.removed_not_near_zero = state.get("removed_not_near_zero", self.removed_not_near_zero)
+        self.learned_at_prune = state.get("learned_at_prune", self.learned_at_prune)
         for p in self.layers:
             p.pruned = self.pruned
         self._keep = None
