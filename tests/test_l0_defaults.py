@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -238,3 +239,33 @@ def test_a_deep_copy_evaluates_as_its_own_export():
         assert torch.equal(twin(x), sw.export(twin_sp).eval()(x))
         assert torch.equal(model(x), sw.export(sp).eval()(x))
         assert not torch.equal(twin(x), model(x))
+
+
+def test_per_weight_gates_under_plain_sgd_at_a_small_gate_lr_warn_and_do_not_move() -> None:
+    """The trap the warning names: at gate_lr 0.05 plain SGD leaves per-weight gates where they started, Adam
+    moves them; a gate_lr of 1 or more, Adam, or channel gates give no warning."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+
+    def expected_density_after(optimizer: str, **options) -> float:
+        sp = sw.sparsify(mlp_300_100(), "l0", target=0.9, **options)
+        groups = sp.param_groups(lr=0.1)
+        opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9) if optimizer == "sgd" else torch.optim.Adam(groups)
+        sp.start(total_steps=20, optimizer=opt)
+        for _ in range(20):
+            loss = F.cross_entropy(sp.model(x), y) + sp.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sp.step()
+        return sp.method.summary()["expected density"]
+
+    with pytest.warns(UserWarning, match=r"^l0: per-weight gates under plain SGD at gate_lr=0.05 barely move"):
+        stuck = expected_density_after("sgd")
+    initial = sw.sparsify(mlp_300_100(), "l0", target=0.9).method.summary()["expected density"]
+    assert abs(stuck - initial) < 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moved = expected_density_after("adam")
+        expected_density_after("sgd", gate_lr=2.0)
+    assert initial - moved > 0.005  # Adam: 0.013 in 20 steps; SGD less than 0.001

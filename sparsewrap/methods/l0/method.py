@@ -38,6 +38,7 @@ pretrained model use ``droprate_init <= 0.15`` so that every learned eval gate s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -310,6 +311,20 @@ class L0(Method):
         self._clamp()
         kept = sum(la.cost * int((eval_gates(la.weight_gate.log_alpha, beta) > 0).sum()) for la in self.layers)
         return kept / sum(self.totals)
+
+    def on_start(self) -> None:
+        optimizer = self.run.optimizer
+        if optimizer is None or self.config.granularity != "weight" or type(optimizer) is not torch.optim.SGD:
+            return
+        lrs = [g["lr"] for g in optimizer.param_groups if g.get("name") == "gates"]
+        if lrs and lrs[0] < 1.0:
+            warnings.warn(
+                f"l0: per-weight gates under plain SGD at gate_lr={lrs[0]:g} barely move (the constraint's gradient "
+                "per gate is the multiplier over the number of gates); use Adam (sw.fit's default) or a gate_lr of "
+                "1 or more",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def summary(self) -> dict[str, float]:
         with torch.no_grad():
