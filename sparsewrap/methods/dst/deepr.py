@@ -335,6 +335,6 @@ class DeepR(DynamicSparse):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.next_step = int(state.get("next_step", self.next_step))
-        for i, s in enumerate(state.get("signs", [])):
-            if s is not self.signs[i]:  # read at the next use, against the masks then in place
+        for i, (s, mine) in enumerate(zip(state.get("signs", []), self.signs)):
+            if s is not mine:  # read at the next use, against the masks then in place
                 self.pending[i] = s.detach()

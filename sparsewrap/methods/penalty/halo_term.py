@@ -75,8 +75,8 @@ class HaloTerm(torch.autograd.Function):
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         tensors = ctx.saved_tensors
         g = g.detach().to("cpu", torch.float64)
-        slope = 2 * ctx.excess if ctx.squared else torch.sign(ctx.excess)
-        a, c = g * ctx.xi, g * ctx.psi * slope.to(torch.float64)
+        slope = (2 * ctx.excess if ctx.squared else torch.sign(ctx.excess)).to("cpu", torch.float64)
+        a, c = g * ctx.xi, g * ctx.psi * slope  # 0-d CPU tensors, moved to each pair's device and dtype below
         grads: list[Tensor | None] = []
         for w, lam in zip(tensors[0::2], tensors[1::2]):
             gw, glam = _grads(w, lam, a.to(w.device, w.dtype), c.to(w.device, w.dtype))
