@@ -2,8 +2,8 @@
 
 :func:`sparsewrap.train.distributed.sync_sparsity` makes rank 0's masks win after every step, so equal masks alone
 prove nothing; the workers record the masks each rank chose *before* that sync. Equal choices need the growth RNG
-seeded alike on every rank and, for RigL, the dense gradients averaged over the ranks before choosing (each rank
-sees its own shard of the batch).
+seeded alike on every rank (for DeepR, as many noise draws on every rank before the growth) and, for RigL,
+the dense gradients averaged over the ranks before choosing (each rank sees its own shard of the batch).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ RUNS = {
     "rigl": dict(target=0.9, every=2, end=0.9),
     "set": dict(target=0.9, every=2, end=0.9, fraction=0.3),
     "dsr": dict(target=0.9, every=2, end=0.9, n_prune=500),
+    # noise drawn per active weight: every rank draws as many, so the growth that follows draws alike
+    "deepr": dict(target=0.9, every=2, end=0.9, temperature=1e-2, eta=0.5),
 }
 
 
@@ -36,13 +38,13 @@ def _worker(rank: int, world: int, tmp: str) -> None:
             torch.manual_seed(0)
             sp = sw.sparsify(mlp_300_100(), method, **options)
             chosen: list[str] = []
-            apply = sp.method.apply
+            record_update = sp.method.record  # called at the end of every update (DeepR's too)
 
-            def recording(drops, grows, t, apply=apply, sp=sp, chosen=chosen) -> None:
-                apply(drops, grows, t)
+            def recording(t, moved, record_update=record_update, sp=sp, chosen=chosen) -> None:
+                record_update(t, moved)
                 chosen.append(digest([m.mask for m in sp.method.masks]))  # before rank 0's masks arrive
 
-            sp.method.apply = recording
+            sp.method.record = recording
             sw.fit(sp, train, val, epochs=1, optimizer="sgd", lr=0.05, seed=0)
             record[method] = {"chosen": chosen, "moved": sp.method.moved_total, "counts": sp.method.active_counts()}
         save_record(tmp, rank, record)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 import sparsewrap as sw
 from sparsewrap.errors import ConfigError
 from sparsewrap.methods import reset_optimizer_state, unregister_method
+from sparsewrap.methods.run import reset_optimizer_state_at
 from sparsewrap.methods.schedules import StepSpec, check_steps
 from sparsewrap.parametrizations import Masked, attach, wrapped_tensors
 
@@ -249,6 +250,39 @@ def test_reset_optimizer_state_zeroes_the_chosen_entries_only(opt_cls, kwargs, k
     assert all(torch.all(opt.state[w][k][0] == 0) for k in keys)
     fresh = nn.Parameter(torch.randn(3))
     reset_optimizer_state(opt_cls([fresh], **kwargs), fresh, torch.ones(3, dtype=torch.bool))  # no state yet: no-op
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.AdamW], ids=["SGD", "AdamW"])
+def test_reset_optimizer_state_at_positions_equals_the_bool_mask_form(opt_cls, layout: str) -> None:
+    init = torch.randn(3, 2, 2, 2)
+    if layout == "channels_last":
+        init = init.to(memory_format=torch.channels_last)
+    ws = [nn.Parameter(init.clone(memory_format=torch.preserve_format)) for _ in range(2)]
+    kwargs = {"momentum": 0.9} if opt_cls is torch.optim.SGD else {}
+    opts = [opt_cls([w], lr=0.1, **kwargs) for w in ws]
+    for w, opt in zip(ws, opts):
+        for _ in range(2):
+            opt.zero_grad()
+            (w**2).sum().backward()
+            opt.step()
+    assert ws[1].is_contiguous() == (layout == "contiguous")
+    positions = torch.tensor([0, 5, 17, 23])
+    chosen = torch.zeros(24, dtype=torch.bool)
+    chosen[positions] = True
+    state = {k: v for k, v in opts[0].state[ws[0]].items() if torch.is_tensor(v) and v.shape == init.shape}
+    before = {k: v.clone() for k, v in state.items()}
+    reset_optimizer_state(opts[0], ws[0], chosen.reshape(init.shape))
+    reset_optimizer_state_at(opts[1], ws[1], positions)
+    for k in state:
+        assert torch.equal(opts[1].state[ws[1]][k], opts[0].state[ws[0]][k]), k
+        assert torch.all(before[k].reshape(-1)[chosen] != 0), k
+        assert torch.equal(opts[1].state[ws[1]][k].reshape(-1)[~chosen], before[k].reshape(-1)[~chosen]), k
+    w = ws[1]
+    with pytest.raises(ConfigError, match=r"the optimizer does not hold this parameter"):
+        reset_optimizer_state_at(opts[1], nn.Parameter(torch.randn(3)), positions)
+    with pytest.raises(ConfigError, match=r"positions must be an integer tensor .*got torch.bool"):
+        reset_optimizer_state_at(opts[1], w, chosen)
 
 
 def test_reset_optimizer_state_refuses_what_it_does_not_know() -> None:

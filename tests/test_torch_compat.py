@@ -158,6 +158,8 @@ CASES = {
     "magnitude": (dict(method="magnitude", target=0.9), _per_weight_model, (16, 64)),
     "l0": (dict(method="l0", target=0.9), _per_weight_model, (16, 64)),
     "l0-channel": (dict(method="l0", target=0.5, granularity="channel"), _channel_model, (8, 3, 8, 8)),
+    # DeepR's index lists are refreshed when a mask's version changes: every call without the counters
+    "deepr": (dict(method="deepr", target=0.9, temperature=1e-2, eta=0.5, anneal=[]), _per_weight_model, (16, 64)),
 }
 
 
@@ -201,6 +203,7 @@ def test_owns_memory_tells_views_from_tensors() -> None:
 SWITCHES = {
     "magnitude": ["NATIVE", "HARD_MASKS"],
     "l0": ["REUSE_BUFFERS"],  # NATIVE: the eager gates draw another noise stream
+    "deepr": ["HARD_MASKS"],  # the masked weight w * mask: the penalty's gradient reaches the original through it
 }
 
 

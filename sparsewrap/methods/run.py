@@ -65,6 +65,34 @@ def reset_optimizer_state(optimizer: Optimizer, param: Tensor, index_mask: Tenso
                 value.masked_fill_(index_mask.to(value.device), 0)
 
 
+def reset_optimizer_state_at(optimizer: Optimizer, param: Tensor, positions: Tensor) -> None:
+    """:func:`reset_optimizer_state` at the flat (row-major) ``positions`` of ``param`` (int64), writing those
+    entries alone rather than passing over the whole state (for a few positions of a large weight).
+
+    Raises:
+        ConfigError: for an optimizer whose state is not known, a parameter it does not hold, or positions that
+            are not integers.
+    """
+    if type(optimizer) not in OPTIMIZER_STATE or not any(
+        p is param for g in optimizer.param_groups for p in g["params"]
+    ):
+        reset_optimizer_state(optimizer, param, torch.zeros(param.shape, dtype=torch.bool))  # raises, naming which
+    if positions.dtype not in (torch.int64, torch.int32):
+        raise ConfigError(f"positions must be an integer tensor of flat positions, got {positions.dtype}")
+    state = optimizer.state.get(param, {})
+    with torch.no_grad():
+        for key in OPTIMIZER_STATE[type(optimizer)]:
+            value = state.get(key)
+            if not (torch.is_tensor(value) and value.shape == param.shape):
+                continue
+            at = positions.to(device=value.device, dtype=torch.int64)
+            if value.is_contiguous():
+                value.view(-1).index_fill_(0, at, 0)
+            else:  # another layout (channels_last): through a bool tensor in the logical order
+                where = torch.zeros(value.numel(), dtype=torch.bool, device=value.device).index_fill_(0, at, True)
+                value.masked_fill_(where.reshape(value.shape), 0)
+
+
 class RunContext:
     """The run's length and optimizer, as far as the controller was told (``None`` where it was not).
 

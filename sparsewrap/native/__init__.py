@@ -4,8 +4,9 @@ The hard-concrete gate of :mod:`sparsewrap.parametrizations.gated` costs about f
 tensor in eager PyTorch (noise, logit, sigmoid, clamp, products, and as many in backward); the kernels in
 ``hardconcrete.c`` do the forward and the backward in one pass each, vectorized (``-O3 -ffast-math``, an
 inlined ``exp``; the gate gradient written with non-temporal stores). ``masks.c`` zeroes the pruned entries of
-a hard mask from the mask packed one bit per weight (:mod:`sparsewrap.parametrizations.masked`). Plain C with
-no Python or torch headers: it builds in about a second. When torch runs on GNU OpenMP (its pip wheels do),
+a hard mask from the mask packed one bit per weight (:mod:`sparsewrap.parametrizations.masked`); ``halo.c``
+computes HALO's penalty and its gradients in one pass each (:mod:`sparsewrap.methods.penalty.halo_term`).
+Plain C with no Python or torch headers: it builds in about a second. When torch runs on GNU OpenMP (its pip wheels do),
 the library is built with ``-fopenmp`` and links to the ``libgomp`` torch has already loaded, so its loops run
 on torch's own thread pool with ``torch.get_num_threads()`` threads (separate Python threads would fight
 torch's spinning OpenMP workers for the cores). The shared library is cached under ``$SPARSEWRAP_CACHE``
@@ -35,7 +36,8 @@ from .. import switches
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("hardconcrete.c", "masks.c")]
+# masks.c last (tests/test_native.py builds it alone as SOURCES[-1])
+SOURCES = [Path(__file__).with_name(name) for name in ("hardconcrete.c", "halo.c", "masks.c")]
 # -mprefer-vector-width=512: the gate math is compute-bound, so 16-wide AVX-512 lanes pay where the CPU has them
 FLAGS = [
     "-O3",
@@ -63,6 +65,9 @@ SIGNATURES = {
     "sw_mask_pack": [_p, _p, _i64],
     "sw_mask_zero_rows": [_p, _i64, _i64, _p],
     "sw_mask_vectorized": [],
+    "sw_halo_forward": [_p, _p, _i64, ctypes.POINTER(ctypes.c_double)],
+    "sw_halo_backward": [_p, _p, _p, _p, _i64, _f32, _f32],
+    "sw_halo_clamp": [_p, _i64, _f32],
 }
 RESTYPES = {"sw_mask_vectorized": _i32}
 

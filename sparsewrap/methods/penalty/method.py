@@ -29,6 +29,7 @@ from ..base import Method, register_method
 from ..schedules import START_FIX
 from .coefficients import Penalized
 from .config import HaloConfig, L1Config, SWSConfig
+from .halo_term import clamp_magnitude, halo_term
 from .pruning import (
     REPORT_TOLERANCES,
     keep_at_target,
@@ -182,7 +183,7 @@ class PenaltyMethod(Method):
         with torch.no_grad():
             floor = LAMBDA_FLOOR * abs(float(getattr(self.config, "lambda_init", 1.0)))
             for lam in self.coefficients():
-                lam.copy_(torch.copysign(lam.abs().clamp_min(floor), lam))
+                clamp_magnitude(lam, floor)
         every, prune = self.steer_every(), self.prune_step()
         if every is not None and (t + 1) % every == 0:
             weights = [x.original for x in self.targets]
@@ -357,8 +358,6 @@ class HALO(PenaltyMethod):
         return float(self.config.lambda_init) ** 2
 
     def term(self, xi: float) -> Tensor:
-        parts = self.penalized()
-        lasso = torch.stack([(x.abs() / lam.square()).sum() for x, lam in parts]).sum()
-        total = torch.stack([lam.abs().sum() for _, lam in parts]).sum() - self.config.p
-        reg = total.abs() if self.config.hierarchy == "l1" else total.square()
-        return xi * lasso + self.psi() * reg
+        # one pass forward and one backward over each weight and its coefficients (halo_term.py)
+        squared = self.config.hierarchy != "l1"
+        return halo_term(xi, self.psi(), self.config.p, squared, self.penalized())
