@@ -21,7 +21,9 @@ figure at that sparsity where a paper reports one (``PAPER``).
 The cells live under ``--workdir`` (default ``runs/methods_mnist/<data>``): a rerun reads finished cells and
 resumes an interrupted one, so two processes can fill disjoint models at once and a last run with every
 model only gathers the table. Each run writes ``bench/results/methods_mnist/<commit>-<time>.{json,md,png}``
-(never overwritten) and copies them to ``bench/results/methods_mnist.{json,md,png}`` (the latest table).
+(never overwritten) and copies them to ``bench/results/methods_mnist.{json,md,png}`` (the latest table). The
+``time/step ×dense`` column means something only for cells trained with ``--jobs 1`` on an otherwise idle
+machine (it includes each epoch's evaluation); ``bench/overhead.py`` is the benchmark for step cost.
 """
 
 from __future__ import annotations
@@ -141,9 +143,9 @@ def run_model(name: str, methods: list[str], variants: list[str], targets: tuple
         baselines.setdefault(key, out / "dense")
         for r in found:
             if r.target is not None:
-                rows.append(table_row(name, labels[r.method], r, budget))
+                rows.append(table_row(name, labels[r.method], r, budget, args.data))
             elif dense_label is not None:
-                rows.append(table_row(name, dense_label, r, budget))
+                rows.append(table_row(name, dense_label, r, budget, args.data))
     return rows
 
 
@@ -156,10 +158,10 @@ def pair(item: str) -> tuple[str, Any]:
         return key, text
 
 
-def table_row(model: str, label: str, r: Any, epochs: int) -> dict[str, Any]:
+def table_row(model: str, label: str, r: Any, epochs: int, data: str = "mnist") -> dict[str, Any]:
     row = {"model": model, "row": label, "epochs": epochs, **asdict(r)}
     row["test error %"] = None if r.accuracy is None else 100.0 * (1.0 - r.accuracy)
-    paper = PAPER.get((model, label, r.target)) if r.target is not None else None
+    paper = PAPER.get((model, label, r.target)) if r.target is not None and data == "mnist" else None
     row["paper error %"], row["paper source"] = paper if paper else (None, None)
     return row
 
@@ -168,7 +170,7 @@ def _num(value: Any, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], data: str = "mnist") -> str:
     head = "| model | row | epochs | target | test error % | paper error % | gap | learned sparsity | exported sparsity | params after purge | time/step ×dense |"  # noqa: E501
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -185,6 +187,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                      f"{'—' if gap is None else f'{gap:+.2f}'} | {_num(r['learned_sparsity'], 4)} | "
                      f"{_num(r['sparsity'], 4)} | {params} | {_num(r['relative_time'])} |")  # fmt: skip
     notes = [f"- {model} {row}: {text}" for (model, row), text in PAPER_NEAR.items()]
+    if data != "mnist":  # the papers' figures are MNIST's
+        return "\n".join(lines) + "\n"
     return "\n".join(lines) + "\n\nPublished figures at other sparsities:\n" + "\n".join(notes) + "\n"
 
 
@@ -256,7 +260,7 @@ def main() -> None:
         chosen = [v for v in variants if name in VARIANTS[v][2]]
         rows += run_model(name, methods, chosen, tuple(args.targets or targets), args.epochs or epochs,
                           args.epochs or dst_epochs, args)  # fmt: skip
-    text = markdown(rows)
+    text = markdown(rows, args.data)
     print(text)
     config = {**vars(args), "fit": {**FIT, **args.fit}, "batch": BATCH,
               "budgets": {n: {"targets": MODELS[n][1], "epochs": MODELS[n][2], "dst epochs": MODELS[n][3]}
