@@ -197,6 +197,8 @@ def figure(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     from sparsewrap.train.compare_plot import require_matplotlib
 
     plt = require_matplotlib()
+    from matplotlib.ticker import FormatStrFormatter
+
     names = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names) + 3, 5.5), squeeze=False)
     markers = "osD^vP*Xh<>p"
@@ -204,16 +206,20 @@ def figure(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         done = [r for r in rows if r["model"] == name and r["status"] == "done"]
         labels = list(dict.fromkeys(r["row"] for r in done if r["target"] is not None))
         for i, label in enumerate(labels):
-            cells = sorted((r for r in done if r["row"] == label), key=lambda r: r["sparsity"])
-            ax.plot([1 - r["sparsity"] for r in cells], [r["test error %"] for r in cells], label=label,
+            cells = sorted((r for r in done if r["row"] == label), key=lambda r: r["target"])
+            ax.plot([1 - r["target"] for r in cells], [r["test error %"] for r in cells], label=label,
                     marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20), linewidth=1.2)  # fmt: skip
         dense = next((r for r in done if r["target"] is None), None)
         if dense is not None:
             ax.axhline(dense["test error %"], color="black", linestyle="--", linewidth=1, label="dense")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("density of the exported model (share of weights kept, log)")
-        ax.set_ylabel("test error % (log)")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(which="minor", labelsize="x-small")
+        ax.set_xlabel("density: share of the targeted weights kept (hashednet: of free parameters), log")
+        ax.set_ylabel("test error %, log")
         ax.set_title({"mlp": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}.get(name, name))
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
