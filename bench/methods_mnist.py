@@ -202,10 +202,12 @@ def figure(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     names = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names) + 3, 5.5), squeeze=False)
     markers = "osD^vP*Xh<>p"
+    labels = list(dict.fromkeys(r["row"] for r in rows if r["target"] is not None and r["status"] == "done"))
     for ax, name in zip(axes[0], names):
         done = [r for r in rows if r["model"] == name and r["status"] == "done"]
-        labels = list(dict.fromkeys(r["row"] for r in done if r["target"] is not None))
-        for i, label in enumerate(labels):
+        for i, label in enumerate(labels):  # one colour and marker per row label in every panel
+            if not any(r["row"] == label for r in done):
+                continue
             cells = sorted((r for r in done if r["row"] == label), key=lambda r: r["target"])
             ax.plot([1 - r["target"] for r in cells], [r["test error %"] for r in cells], label=label,
                     marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20), linewidth=1.2)  # fmt: skip
@@ -222,7 +224,11 @@ def figure(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_ylabel("test error %, log")
         ax.set_title({"mlp": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}.get(name, name))
         ax.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}  # every label once, in table order
+    shown = [k for k in [*labels, "dense"] if k in handles]
+    axes[0][-1].legend(
+        [handles[k] for k in shown], shown, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0)
+    )
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
