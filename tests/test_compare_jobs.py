@@ -13,26 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from sparsewrap.cli import main
 from sparsewrap.errors import ConfigError
 from sparsewrap.train import compare_jobs
 from sparsewrap.train.compare import CompareCallback, compare
+from tests import test_compare
 from tests.test_compare import OPTIONS, Tiny, loaders
 
 METHODS = ["magnitude", "gmp", "dnw"]
 ONE = {"magnitude": OPTIONS["magnitude"]}
 BROKEN = {**OPTIONS, "dnw": {"nosuch": 1}}  # the dnw cell fails inside its cell: unknown option
-
-
-@pytest.fixture(scope="module")
-def data() -> tuple[TensorDataset, TensorDataset]:
-    """test_compare's samples: three classes from the signs of two inputs."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(384, 8, generator=g)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    return TensorDataset(x[:256], y[:256]), TensorDataset(x[256:], y[256:])
+data = test_compare.data  # the same samples fixture (three classes from the signs of two inputs)
 
 
 class Events(CompareCallback):

@@ -15,6 +15,7 @@ import sparsewrap as sw
 from sparsewrap import switches, torch_compat
 from sparsewrap.parametrizations import Masked, attach
 from sparsewrap.parametrizations.base import version_key
+from tests.test_masked import Product
 
 PACKAGE = Path(sw.__file__).resolve().parent
 
@@ -44,17 +45,6 @@ def test_the_version_counter_grows_at_in_place_writes_and_its_fallback_reports_a
     monkeypatch.setattr(torch_compat, "version", torch_compat.no_version)
     assert torch_compat.version(t) is None
     assert version_key(t) != version_key(t)  # unknown: every lazy projection is redone
-
-
-class Product(nn.Module):
-    """The reference: the textbook ``w * mask`` parametrization."""
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask.clone())
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
 
 
 def _masked_net(reference: bool) -> tuple[nn.Sequential, list[nn.Module]]:
