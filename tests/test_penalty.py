@@ -313,13 +313,17 @@ def test_the_coefficients_take_the_weights_learning_rate_momentum_and_weight_dec
     assert sum(p.numel() for p in lam["params"]) == sum(t.numel for t in sp.targets)  # one per weight
 
 
-def test_lambda_is_kept_away_from_zero() -> None:
-    sp = _small("halo", xi=XI, psi=PSI)
+@pytest.mark.parametrize("method", ["halo", "sws"])
+def test_lambda_is_kept_away_from_zero(method: str) -> None:
+    """|λ| is at or above the floor wherever it is used: sws clamps after each step, halo in its penalty's pass."""
+    sp = _small(method, xi=XI, psi=PSI)
     lam = sp.method.layers[0].lam
+    small = [[0.0, -1e-9], [3.0, -2.0]] if method == "halo" else 0.0
     with torch.no_grad():
-        lam.copy_(torch.tensor([[0.0, -1e-9], [3.0, -2.0]], dtype=torch.float64))
+        lam.copy_(torch.tensor(small, dtype=torch.float64))
     sp.step()
-    assert lam.tolist() == [[1e-4, -1e-4], [3.0, -2.0]] and torch.isfinite(sp.penalty())
+    value = sp.penalty()
+    assert lam.tolist() == ([[1e-4, -1e-4], [3.0, -2.0]] if method == "halo" else 1e-4) and torch.isfinite(value)
 
 
 def test_report_gives_near_zero_fractions_xi_psi_lambda_and_what_the_projection_removed() -> None:

@@ -65,7 +65,8 @@ SIGNATURES = {
     "sw_mask_pack": [_p, _p, _i64],
     "sw_mask_zero_rows": [_p, _i64, _i64, _p],
     "sw_mask_vectorized": [],
-    "sw_halo_forward": [_p, _p, _i64, ctypes.POINTER(ctypes.c_double)],
+    "sw_halo_forward": [_p, _p, _i64, _f32, ctypes.POINTER(ctypes.c_double)],
+    "sw_halo_forward_grad": [_p, _p, _p, _p, _i64, _f32, _f32, _f32, ctypes.POINTER(ctypes.c_double)],
     "sw_halo_backward": [_p, _p, _p, _p, _i64, _f32, _f32],
     "sw_halo_clamp": [_p, _i64, _f32],
 }

@@ -29,7 +29,7 @@ from ..base import Method, register_method
 from ..schedules import START_FIX
 from .coefficients import Penalized
 from .config import HaloConfig, L1Config, SWSConfig
-from .halo_term import clamp_magnitude, halo_term
+from .halo_term import SlopeHint, clamp_magnitude, halo_term
 from .pruning import (
     REPORT_TOLERANCES,
     keep_at_target,
@@ -39,7 +39,8 @@ from .pruning import (
     steer_xi,
 )
 
-# after each step |λ| is kept at or above LAMBDA_FLOOR x |lambda_init| (sign kept), so that |w| / λ² stays finite
+# |λ| is kept at or above LAMBDA_FLOOR x |lambda_init| (sign kept), so that |w| / λ² stays finite: after each step,
+# or, for halo, by the penalty's own pass before λ is used (halo_term.py)
 LAMBDA_FLOOR = 1e-4
 
 
@@ -51,6 +52,7 @@ class PenaltyMethod(Method):
 
     Config: ClassVar[type] = L1Config
     coefficients_kind: ClassVar[str] = "none"
+    clamps_in_term: ClassVar[bool] = False  # the term clamps |λ| itself (step() does otherwise)
 
     # -- set-up -------------------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -163,6 +165,10 @@ class PenaltyMethod(Method):
         """The loss term at ξ = ``xi`` (before pruning)."""
         raise NotImplementedError
 
+    def lambda_floor(self) -> float:
+        """The least ``|λ|``: ``LAMBDA_FLOOR × |lambda_init|``."""
+        return LAMBDA_FLOOR * abs(float(getattr(self.config, "lambda_init", 1.0)))
+
     def lambda_square(self) -> float:
         """The λ² a weight's ``ξ |w|`` is divided by, for the controller's ceiling on ξ: 1 for ``l1``, the shared
         λ² for ``sws``, ``lambda_init²`` for ``halo`` (whose λ_j differ from weight to weight)."""
@@ -180,10 +186,9 @@ class PenaltyMethod(Method):
         self.steps_done = t + 1
         if self.pruned:
             return
-        with torch.no_grad():
-            floor = LAMBDA_FLOOR * abs(float(getattr(self.config, "lambda_init", 1.0)))
+        if not self.clamps_in_term:
             for lam in self.coefficients():
-                clamp_magnitude(lam, floor)
+                clamp_magnitude(lam, self.lambda_floor())
         every, prune = self.steer_every(), self.prune_step()
         if every is not None and (t + 1) % every == 0:
             weights = [x.original for x in self.targets]
@@ -353,11 +358,23 @@ class HALO(PenaltyMethod):
     description = "HALO: adaptive lasso with one learned coefficient per weight, pruned once to the target."
     Config = HaloConfig
     coefficients_kind = "per-weight"
+    clamps_in_term = True
+
+    def attach(self) -> None:
+        super().attach()
+        self.hint = SlopeHint()  # R' of the last penalty, the next one's guess (halo_term.py)
 
     def lambda_square(self) -> float:
         return float(self.config.lambda_init) ** 2
 
     def term(self, xi: float) -> Tensor:
-        # one pass forward and one backward over each weight and its coefficients (halo_term.py)
+        # one pass over each weight and its coefficients: |λ| clamped, the sums and the gradients (halo_term.py)
         squared = self.config.hierarchy != "l1"
-        return halo_term(xi, self.psi(), self.config.p, squared, self.penalized())
+        return halo_term(xi, self.psi(), self.config.p, squared, self.penalized(), self.lambda_floor(), self.hint)
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"slope_hint": self.hint.slope}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.hint.slope = float(state.get("slope_hint", self.hint.slope))
