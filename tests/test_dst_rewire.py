@@ -80,6 +80,17 @@ def test_dsr_update_on_hand_built_layers() -> None:
     assert sp.method.active_counts() == [8, 4]
 
 
+def test_dsr_aims_to_move_a_tenth_of_the_budget_unless_told_a_count() -> None:
+    sp = _two_layers("dsr", every=1, end=10, threshold=0.25)
+    assert sp.method.n_prune == 2  # a tenth of the 20 connections of the initial masks (the test then sets 12)
+    big = sw.sparsify(ZOO["mlp"][0](), "dsr", target=0.5)
+    assert big.method.n_prune == round(0.1 * sum(big.method.active_counts())) > 1
+    assert big.report().extras["n_prune"] == big.method.n_prune
+    assert sw.sparsify(ZOO["mlp"][0](), "dsr", target=0.5, n_prune=7).method.n_prune == 7
+    sp.method.rewire(0)  # 4 dropped > 1.1 * 2: H halved
+    assert sp.method.threshold == pytest.approx(0.125)
+
+
 def test_dsr_keeps_the_largest_weight_of_a_layer_below_the_threshold() -> None:
     sp = _two_layers("dsr", every=1, end=10, threshold=1.0, n_prune=10)
     drops, grows = sp.method.rewire(0)
