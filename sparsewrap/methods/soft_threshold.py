@@ -145,7 +145,11 @@ class STR(Method):
 
     def parameter_groups(self) -> list[dict]:
         params = [p.s for p in self.layers]
-        return [{"name": "thresholds", "params": params, "weight_decay": self.config.s_weight_decay}]
+        # "scheduled": sw.fit's lr schedule decays them with the weights (the paper trains them as weights; at a
+        # constant rate, late in a cosine run they keep following the task gradient while the weights stand
+        # still, and the learned sparsity falls short at 0.98: docs/methods/learned.md)
+        return [{"name": "thresholds", "params": params, "weight_decay": self.config.s_weight_decay,
+                 "scheduled": True}]  # fmt: skip
 
     # -- export ---------------------------------------------------------------------------------------------------
     def final_factors(self) -> dict[nn.Module, tuple[Tensor, Tensor]]:

@@ -149,16 +149,19 @@ def _make_optimizer(model: nn.Module, sp: Sparsifier | None, optimizer: str | to
 
 
 def _set_lr(run: Run) -> float:
-    """Apply the learning-rate schedule to the weights group (method groups keep their own rate)."""
+    """Apply the learning-rate schedule to the weights group and to method groups marked ``"scheduled"`` (STR's
+    thresholds, trained like weights in the paper); other method groups (gates) keep their own rate."""
     state, lr = run.state, 0.0
     total = state.epochs * (state.batches or 0)
     for g in run.optimizer.param_groups:
         g.setdefault("initial_lr", g["lr"])
-        if g.get("name", "weights") != "weights":
+        weights = g.get("name", "weights") == "weights"
+        if not (weights or g.get("scheduled")):
             continue
         if run.lr_schedule == "cosine" and total:
             g["lr"] = g["initial_lr"] * 0.5 * (1.0 + math.cos(math.pi * min(state.step, total) / total))
-        lr = g["lr"]
+        if weights:
+            lr = g["lr"]
     return lr
 
 
@@ -306,7 +309,8 @@ def fit(obj: nn.Module | Sparsifier, train_loader: Iterable, val_loader: Iterabl
         weight_decay: weight decay of the weights group (method parameters get the method's default).
         momentum: SGD momentum.
         groups: per-group overrides for ``sp.param_groups``, e.g. ``{"gates": {"lr": 0.1}}``.
-        lr_schedule: ``"constant"`` or ``"cosine"`` (per step, weights group only).
+        lr_schedule: ``"constant"`` or ``"cosine"`` (per step; the weights group and the method groups marked
+            ``"scheduled"``, e.g. STR's thresholds).
         loss_fn: ``loss_fn(outputs, targets)`` averaged over the batch; default cross-entropy.
         device: move the model there first (ignored under ``torchrun``: each rank uses its own device).
         out: directory for ``last.safetensors``, written atomically after every epoch and when stopped.
