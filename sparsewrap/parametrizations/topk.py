@@ -181,9 +181,12 @@ class TopMagnitude(SparseParametrization):
 
     DNW (Wortsman et al. 2019, https://arxiv.org/abs/1906.00586): the forward value is exactly ``w * mask``
     with the ``keep`` largest ``|w|`` kept, and the backward treats the mask as the identity, so that pruned
-    weights keep learning and can re-enter. Computed as ``w - where(mask, 0, w.detach())``: exact zeros where
-    pruned (``x - x == 0``), ``w`` itself where kept, and the identity as the gradient, with no custom autograd
-    function (the model still traces and compiles).
+    weights keep learning and can re-enter. On float32 CPU weights of at least ``NATIVE_MIN_NUMEL`` entries the
+    native kernels write the masked weight in two passes (:func:`native_largest_near`) and the backward hands
+    the incoming gradient on as it is. Elsewhere (and under ``torch.compile``) it is computed as
+    ``w - where(mask, 0, w.detach())``: exact zeros where pruned (``x - x == +0``), ``w`` itself where kept, and
+    the identity as the gradient, with no custom autograd function (the model still compiles). Both give the
+    same values bit for bit.
 
     Args:
         keep: how many weights to keep.
