@@ -11,7 +11,10 @@ optimizer their differences. After each optimizer step it
 
 1. undoes the mean move the optimizer gave the ``s_l`` since the controller's last step (task gradient and
    decay alike): ``s_l <- s_l - mean_m(s_m - s_m^last)``, so the differences it learned stay;
-2. measures the exact sparsity ``z_t`` (the fraction of zeros of ``S(w, s)`` over the targeted layers);
+2. reads the sparsity ``z_t`` (the fraction of zeros of ``S(w, s)`` over the targeted layers) as the step's
+   training forward counted it, at no extra pass over the weights: the weights and thresholds the step trained
+   on, one optimizer update behind the current ones (a layer with no training forward since the last
+   controller step is counted exactly, on its current weights; :meth:`STR.zeros` is always that exact count);
 3. moves every ``s_l`` by the same amount, ``s_l <- s_l + drive * (g_t - z_t)``,
 
 where ``g_t`` is the goal: the target, or with ``end > start`` a cubic ramp from 0 at ``start`` to the target
@@ -115,6 +118,11 @@ class STR(Method):
         """The number of zeros of ``S(w, s)`` over the targeted layers (a tensor; no host transfer)."""
         return sum(p.zeros(t.original).to(torch.float64) for t, p in zip(self.targets, self.layers))
 
+    def trained_zeros(self) -> Tensor:
+        """The zeros of ``S(w, s)`` as the last training forward of each layer counted them (no pass over the
+        weights; one optimizer update behind :meth:`zeros`, whose exact count stands in for a layer without one)."""
+        return sum(p.trained_zeros(t.original).to(torch.float64) for t, p in zip(self.targets, self.layers))
+
     def levels(self) -> Tensor:
         """Every layer's ``s_l`` (float64, one vector)."""
         return torch.stack([p.s.detach().to(torch.float64) for p in self.layers])
@@ -134,7 +142,7 @@ class STR(Method):
             s = self.levels()
             drift = (s - self.last.to(s.device)).mean()  # the optimizer's common move since the last step
             self._set(s - drift)
-            delta = self.config.drive * (goal - self.zeros().to(s.device) / self.numel)
+            delta = self.config.drive * (goal - self.trained_zeros().to(s.device) / self.numel)
             self._set(self.levels() + delta)
             self.last = self.levels()  # as stored (in the parameters' dtype)
             self.shift = self.shift.to(s.device) + delta  # tensors stay on the device: no synchronisation per step

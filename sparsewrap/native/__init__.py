@@ -71,6 +71,12 @@ SIGNATURES = {
     "sw_halo_clamp": [_p, _i64, _f32],
 }
 RESTYPES = {"sw_mask_vectorized": _i32}
+# STR's soft threshold and DNW's top-k (shrink.c, topk.c), inserted before masks.c, which stays last
+SOURCES[-1:-1] = [Path(__file__).with_name(name) for name in ("shrink.c", "topk.c")]
+SIGNATURES["sw_shrink_forward"] = [_p, _p, _i64, _f32, _p]
+SIGNATURES["sw_shrink_backward"] = [_p, _p, _p, _i64, _p]
+SIGNATURES["sw_topk_band"] = [_p, _i64, _f32, _f32, _p, _i64, _i64, _p]
+SIGNATURES["sw_topk_apply"] = [_p, _p, _i64, _f32, _p]
 
 
 def cache_dir() -> Path:
