@@ -240,6 +240,16 @@ class ContinuousSparsification(Method):
         kept = sum((p.s.detach() > 0).sum(dtype=torch.float64) for p in self.layers)
         return kept / max(self.numel, 1)
 
+    def step_density(self) -> Tensor:
+        """The hard density the driven coefficient reads at a step: per layer, the count of ``s > 0`` that the step's
+        training forward took (the scores before this step's optimizer update: a step late), or counted now for a
+        layer with no training forward since the last step."""
+        kept = []
+        for p in self.layers:
+            positive = p.take_positive()
+            kept.append((p.s.detach() > 0).sum() if positive is None else positive.to(p.s.device))
+        return sum(k.to(torch.float64) for k in kept) / max(self.numel, 1)
+
     def coefficient(self) -> Tensor:
         """``lambda_t``: the fixed ``lmbda``, or the driven coefficient."""
         if self.config.lmbda is not None:
@@ -249,7 +259,7 @@ class ContinuousSparsification(Method):
     def penalty(self) -> Tensor | None:
         if self.phase != "search":
             return None
-        total = sum(p.soft_mask().sum() for p in self.layers)
+        total = sum(p.mask_sum() for p in self.layers)  # the forward's sums when they are still usable
         return self.coefficient().to(device=total.device, dtype=total.dtype) * total
 
     def step(self, t: int) -> None:
@@ -261,7 +271,7 @@ class ContinuousSparsification(Method):
         with torch.no_grad():
             if self.config.lmbda is None and self.target is not None:
                 goal = 1.0 - self.requested_sparsity()
-                density = self.hard_density().to(self.log_gain.device)
+                density = self.step_density().to(self.log_gain.device)
                 # up slowly (absolute gap: a score pushed far below 0 at a high temperature does not come back),
                 # down fast (relative gap: stop pruning as soon as the density falls below the goal)
                 gap = torch.where(density > goal, density - goal, (density - goal) / goal)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # masks.c last (tests/test_native.py builds it alone as SOURCES[-1])
 SOURCES = [Path(__file__).with_name(name) for name in ("hardconcrete.c", "halo.c", "masks.c")]
+SOURCES.insert(-1, Path(__file__).with_name("softmask.c"))  # CS's soft mask (before masks.c, see above)
 # -mprefer-vector-width=512: the gate math is compute-bound, so 16-wide AVX-512 lanes pay where the CPU has them
 FLAGS = [
     "-O3",
@@ -70,6 +71,10 @@ SIGNATURES = {
     "sw_halo_clamp": [_p, _i64, _f32],
 }
 RESTYPES = {"sw_mask_vectorized": _i32}
+_i64p = ctypes.POINTER(ctypes.c_int64)
+# softmask.c (sparsewrap/parametrizations/soft_mask.py)
+SIGNATURES["sw_sm_forward"] = [_p, _p, _p, _i64, _f32, _f32, ctypes.POINTER(ctypes.c_double), _i64p]
+SIGNATURES["sw_sm_backward"] = [_p, _p, _p, _p, _p, _i64, _f32, _f32, _f32]
 
 
 def cache_dir() -> Path:
