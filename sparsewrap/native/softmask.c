@@ -7,7 +7,8 @@
  *   dL/dw = g c m,   dL/ds = beta m (1 - m) (g w c + dL/dtotal)
  *
  * The sigmoid's argument is clamped to [-80, 80] (no infinities under -ffast-math): beyond it m is 1 or below
- * 2e-35, and m (1 - m) under 2e-35, against the unclamped values' tiny differences.
+ * 2e-35, and m (1 - m) under 2e-35. The slope m (1 - m) is computed without cancellation (sm_slope): where
+ * sigmoid(beta s) rounds to 1 in float32 (beta s above about 17) it is e^(-beta s) here, 0 in the eager path.
  */
 #include <math.h>
 #include <stdint.h>
@@ -42,6 +43,14 @@ static inline float sm_exp(float x) {
 
 static inline float sm_sigmoid(float x) {
     return 1.0f / (1.0f + sm_exp(-fminf(fmaxf(x, -SM_CLAMP), SM_CLAMP)));
+}
+
+/* sigmoid(x) into *m and its slope sigmoid(x) (1 - sigmoid(x)) as e / (1 + e)^2, e = exp(-x): no cancellation in
+ * 1 - m where m nears 1 (the reciprocal is approximate under -ffast-math, so 1 - m would be its error there). */
+static inline float sm_slope(float x, float *m) {
+    const float e = sm_exp(-fminf(fmaxf(x, -SM_CLAMP), SM_CLAMP)), r = 1.0f / (1.0f + e);
+    *m = r;
+    return (e * r) * r;
 }
 
 /* dst[0, n) = src[0, n) with non-temporal stores where the CPU has them (the score gradient is read next by
@@ -99,8 +108,8 @@ void sw_sm_backward(const float *g, const float *w, const float *s, float *gw, f
         if (g == 0) {
 #pragma omp simd
             for (int64_t i = b; i < e; i++) {
-                const float m = sm_sigmoid(beta * s[i]);
-                gb[i - b] = beta * m * (1.0f - m) * gtotal;
+                float m;
+                gb[i - b] = beta * sm_slope(beta * s[i], &m) * gtotal;
             }
         } else if (gs == 0) {
 #pragma omp simd
@@ -109,14 +118,15 @@ void sw_sm_backward(const float *g, const float *w, const float *s, float *gw, f
         } else if (gw == 0) {
 #pragma omp simd
             for (int64_t i = b; i < e; i++) {
-                const float m = sm_sigmoid(beta * s[i]);
-                gb[i - b] = beta * m * (1.0f - m) * (g[i] * w[i] * c + gtotal);
+                float m;
+                gb[i - b] = beta * sm_slope(beta * s[i], &m) * (g[i] * w[i] * c + gtotal);
             }
         } else {
 #pragma omp simd
             for (int64_t i = b; i < e; i++) {
-                const float m = sm_sigmoid(beta * s[i]), gi = g[i];
-                gb[i - b] = beta * m * (1.0f - m) * (gi * w[i] * c + gtotal);
+                float m;
+                const float slope = sm_slope(beta * s[i], &m), gi = g[i];
+                gb[i - b] = beta * slope * (gi * w[i] * c + gtotal);
                 gw[i] = gi * (c * m);
             }
         }
