@@ -27,6 +27,14 @@ positive (a score pushed far below 0 at a high temperature gets no gradient and 
 overshoot is permanent) and falls fast once the density is below the goal; the learned ticket is then already
 close to the target. ``lmbda=`` gives the paper's fixed penalty; without a target the ticket is then ``1[s > 0]``.
 
+**A step late.** The soft mask's training forward (:class:`~sparsewrap.parametrizations.soft_mask.SoftMaskMul`)
+also returns ``sum sigmoid(beta * s)``, which the penalty uses (no second pass over the scores; computed again when
+the scores or ``beta`` changed since, a backward already went through it, or no training forward ran), and the
+count of ``s > 0``, which the driven coefficient reads at ``sp.step()``: ``d_t`` is then the density of the scores
+step ``t``'s forward used, before step ``t``'s optimizer update, one update behind the scores ``sp.step()`` sees (a
+layer with no training forward since the last step is counted then). The drive moves ``lambda`` by a small gain
+a step, so a step's delay changes nothing of note; what is read is the density the step's loss was taken at.
+
 Eval mode during the search shows the ticket the export would draw now (``w * c`` on the kept entries), so what one
 evaluates is what one exports; export writes ``w * c * 1[ticket]`` (the scaling ``c`` stays on the ticket, as in
 the authors' code).

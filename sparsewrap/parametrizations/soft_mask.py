@@ -98,7 +98,7 @@ class SoftMaskMul(torch.autograd.Function):
         grad_w = grad * (ctx.scale * m) if needs_w else None
         grad_s = None
         if needs_s:
-            coef = grad * w * ctx.scale if grad is not None else torch.zeros((), dtype=m.dtype)
+            coef = grad * w * ctx.scale if grad is not None else m.new_zeros(())
             if grad_total is not None:
                 coef = coef + grad_total.to(m.dtype)
             grad_s = torch.ops.aten.sigmoid_backward(coef.expand_as(m), m).mul_(ctx.beta)
