@@ -5,8 +5,10 @@ count taken from the forward (a step late), and a training run with the kernels 
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -167,6 +169,20 @@ def test_a_forward_leaves_the_parametrization_copyable() -> None:
     clone = copy.deepcopy(sp.model)  # the forward's sum (a non-leaf tensor) is not copied
     assert clone.a.parametrizations.weight[0].last.total is None
     assert pickle.loads(pickle.dumps(sp.method.layers[0].last)).total is None
+
+
+def test_an_unused_forward_is_freed_without_the_garbage_collector() -> None:
+    sp = _cs(lmbda=2e-3)
+    out = sp.model(torch.randn(4, 2))  # neither the penalty nor a backward uses it
+    p = sp.method.layers[0]
+    record = weakref.ref(p.last)
+    gc.disable()
+    try:
+        del out
+        p.last = soft_mask.Pass()
+        assert record() is None  # no reference cycle through the autograd graph keeps it (and its saved tensors)
+    finally:
+        gc.enable()
 
 
 class Net(nn.Module):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +45,7 @@ class Pass:
     the penalty takes it or a backward through it ran), the count of ``s > 0`` (until the method's step reads
     it), and the scores' version and temperature it was computed at. Never copied or saved (a copy is empty)."""
 
-    __slots__ = ("total", "positive", "key", "backward_ran")
+    __slots__ = ("total", "positive", "key", "backward_ran", "__weakref__")
 
     def __init__(self, total: Tensor | None = None, positive: Tensor | None = None, key: object = None) -> None:
         self.total, self.positive, self.key, self.backward_ran = total, positive, key, False
@@ -65,7 +66,9 @@ class SoftMaskMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, s: Tensor, scale: float, beta: float, scratch: Scratch | None = None,  # type: ignore[override]
                 record: Pass | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        ctx.scale, ctx.beta, ctx.scratch, ctx.record = scale, beta, scratch, record
+        # a weak reference: the record holds the sum, whose graph holds ctx (no reference cycle to wait for the GC)
+        ctx.scale, ctx.beta, ctx.scratch = scale, beta, scratch
+        ctx.record = weakref.ref(record) if record is not None else None
         ctx.set_materialize_grads(False)
         lib = native_for(w, s)
         ctx.native = lib is not None
@@ -88,8 +91,9 @@ class SoftMaskMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor | None, grad_total: Tensor | None,  # type: ignore[override]
                  grad_count: Tensor | None) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:  # fmt: skip
-        if ctx.record is not None:
-            ctx.record.backward_ran = True
+        record = ctx.record() if ctx.record is not None else None
+        if record is not None:
+            record.backward_ran = True
         needs_w = ctx.needs_input_grad[0] and grad is not None
         needs_s = ctx.needs_input_grad[1] and (grad is not None or grad_total is not None)
         if ctx.native:
