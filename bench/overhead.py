@@ -129,6 +129,7 @@ PIECE_ROWS: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("l0-eager", _L0, ("native",)),
     ("l0-no-reuse", _L0, ("reuse_buffers",)),
     ("l0-no-version", _L0, ("version_counters",)),
+    ("cs-eager", dict(method="cs", target=0.9), ("native",)),
 ]
 # the issues' goals (paired ratio), flagged in the table when missed
 GOALS = {

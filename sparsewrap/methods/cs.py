@@ -27,6 +27,14 @@ positive (a score pushed far below 0 at a high temperature gets no gradient and 
 overshoot is permanent) and falls fast once the density is below the goal; the learned ticket is then already
 close to the target. ``lmbda=`` gives the paper's fixed penalty; without a target the ticket is then ``1[s > 0]``.
 
+**A step late.** The soft mask's training forward (:class:`~sparsewrap.parametrizations.soft_mask.SoftMaskMul`)
+also returns ``sum sigmoid(beta * s)``, which the penalty uses (no second pass over the scores; computed again when
+the scores or ``beta`` changed since, a backward already went through it, or no training forward ran), and the
+count of ``s > 0``, which the driven coefficient reads at ``sp.step()``: ``d_t`` is then the density of the scores
+step ``t``'s forward used, before step ``t``'s optimizer update, one update behind the scores ``sp.step()`` sees (a
+layer with no training forward since the last step is counted then). The drive moves ``lambda`` by a small gain
+a step, so a step's delay changes nothing of note; what is read is the density the step's loss was taken at.
+
 Eval mode during the search shows the ticket the export would draw now (``w * c`` on the kept entries), so what one
 evaluates is what one exports; export writes ``w * c * 1[ticket]`` (the scaling ``c`` stays on the ticket, as in
 the authors' code).
@@ -240,6 +248,16 @@ class ContinuousSparsification(Method):
         kept = sum((p.s.detach() > 0).sum(dtype=torch.float64) for p in self.layers)
         return kept / max(self.numel, 1)
 
+    def step_density(self) -> Tensor:
+        """The hard density the driven coefficient reads at a step: per layer, the count of ``s > 0`` that the step's
+        training forward took (the scores before this step's optimizer update: a step late), or counted now for a
+        layer with no training forward since the last step."""
+        kept = []
+        for p in self.layers:
+            positive = p.take_positive()
+            kept.append((p.s.detach() > 0).sum() if positive is None else positive.to(p.s.device))
+        return sum(k.to(torch.float64) for k in kept) / max(self.numel, 1)
+
     def coefficient(self) -> Tensor:
         """``lambda_t``: the fixed ``lmbda``, or the driven coefficient."""
         if self.config.lmbda is not None:
@@ -249,7 +267,7 @@ class ContinuousSparsification(Method):
     def penalty(self) -> Tensor | None:
         if self.phase != "search":
             return None
-        total = sum(p.soft_mask().sum() for p in self.layers)
+        total = sum(p.mask_sum() for p in self.layers)  # the forward's sums when they are still usable
         return self.coefficient().to(device=total.device, dtype=total.dtype) * total
 
     def step(self, t: int) -> None:
@@ -261,7 +279,7 @@ class ContinuousSparsification(Method):
         with torch.no_grad():
             if self.config.lmbda is None and self.target is not None:
                 goal = 1.0 - self.requested_sparsity()
-                density = self.hard_density().to(self.log_gain.device)
+                density = self.step_density().to(self.log_gain.device)
                 # up slowly (absolute gap: a score pushed far below 0 at a high temperature does not come back),
                 # down fast (relative gap: stop pruning as soon as the density falls below the goal)
                 gap = torch.where(density > goal, density - goal, (density - goal) / goal)

@@ -5,7 +5,10 @@ tensor in eager PyTorch (noise, logit, sigmoid, clamp, products, and as many in 
 ``hardconcrete.c`` do the forward and the backward in one pass each, vectorized (``-O3 -ffast-math``, an
 inlined ``exp``; the gate gradient written with non-temporal stores). ``masks.c`` zeroes the pruned entries of
 a hard mask from the mask packed one bit per weight (:mod:`sparsewrap.parametrizations.masked`); ``halo.c``
-computes HALO's penalty and its gradients in one pass each (:mod:`sparsewrap.methods.penalty.halo_term`).
+computes HALO's penalty and its gradients in one pass (:mod:`sparsewrap.methods.penalty.halo_term`);
+``softmask.c`` CS's soft mask (:mod:`sparsewrap.parametrizations.soft_mask`), ``shrink.c`` STR's soft threshold
+(:mod:`sparsewrap.parametrizations.threshold`) and ``topk.c`` DNW's top-k band selection
+(:mod:`sparsewrap.parametrizations.topk`), one pass per direction each.
 Plain C with no Python or torch headers: it builds in about a second. When torch runs on GNU OpenMP (its pip wheels do),
 the library is built with ``-fopenmp`` and links to the ``libgomp`` torch has already loaded, so its loops run
 on torch's own thread pool with ``torch.get_num_threads()`` threads (separate Python threads would fight
@@ -37,7 +40,10 @@ from .. import switches
 log = logging.getLogger(__name__)
 
 # masks.c last (tests/test_native.py builds it alone as SOURCES[-1])
-SOURCES = [Path(__file__).with_name(name) for name in ("hardconcrete.c", "halo.c", "masks.c")]
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("hardconcrete.c", "halo.c", "softmask.c", "shrink.c", "topk.c", "masks.c")
+]
 # -mprefer-vector-width=512: the gate math is compute-bound, so 16-wide AVX-512 lanes pay where the CPU has them
 FLAGS = [
     "-O3",
@@ -56,6 +62,7 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 _p, _i64, _u32, _f32, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int
+_f64p, _i64p = ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64)
 SIGNATURES = {
     "sw_hc_uniform": [_p, _i64, _i64, _u32, _u32],
     "sw_hc_sample": [_p, _p, _i64, _i64, _u32, _u32, _f32, _i32],
@@ -69,14 +76,14 @@ SIGNATURES = {
     "sw_halo_forward_grad": [_p, _p, _p, _p, _i64, _f32, _f32, _f32, ctypes.POINTER(ctypes.c_double)],
     "sw_halo_backward": [_p, _p, _p, _p, _i64, _f32, _f32],
     "sw_halo_clamp": [_p, _i64, _f32],
+    "sw_sm_forward": [_p, _p, _p, _i64, _f32, _f32, _f64p, _i64p],  # softmask.c
+    "sw_sm_backward": [_p, _p, _p, _p, _p, _i64, _f32, _f32, _f32],
+    "sw_shrink_forward": [_p, _p, _i64, _f32, _p],  # shrink.c
+    "sw_shrink_backward": [_p, _p, _p, _i64, _p],
+    "sw_topk_band": [_p, _i64, _f32, _f32, _p, _i64, _i64, _p],  # topk.c
+    "sw_topk_apply": [_p, _p, _i64, _f32, _p],
 }
 RESTYPES = {"sw_mask_vectorized": _i32}
-# STR's soft threshold and DNW's top-k (shrink.c, topk.c), inserted before masks.c, which stays last
-SOURCES[-1:-1] = [Path(__file__).with_name(name) for name in ("shrink.c", "topk.c")]
-SIGNATURES["sw_shrink_forward"] = [_p, _p, _i64, _f32, _p]
-SIGNATURES["sw_shrink_backward"] = [_p, _p, _p, _i64, _p]
-SIGNATURES["sw_topk_band"] = [_p, _i64, _f32, _f32, _p, _i64, _i64, _p]
-SIGNATURES["sw_topk_apply"] = [_p, _p, _i64, _f32, _p]
 
 
 def cache_dir() -> Path:
