@@ -164,9 +164,13 @@ def test_cosine_schedule_decays_the_weights_group_only(mnist):
     assert history.records[1].lr == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize(("method", "group", "follows"), [("str", "thresholds", True), ("l0", "gates", False)])
+@pytest.mark.parametrize(
+    ("method", "group", "follows"),
+    [("str", "thresholds", True), ("halo", "lambdas", True), ("sws", "lambdas", True), ("l0", "gates", False)],
+)
 def test_cosine_schedule_decays_method_groups_marked_scheduled(mnist, method, group, follows):
-    """STR's thresholds are trained like weights (decayed with them); L0's gates keep their own rate."""
+    """STR's thresholds and the penalties' coefficients are trained like weights (decayed with them); L0's gates
+    keep their own rate."""
     train, _ = loaders(mnist, batch=256)  # 4 steps per epoch
     sp = sw.sparsify(DropMLP(), method, target=0.7)
     opt = torch.optim.SGD(sp.param_groups(lr=0.01, **{group: {"lr": 0.3}}), lr=0.01)

@@ -92,7 +92,8 @@ class PenaltyMethod(Method):
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         lam = self.coefficients()
-        return [{"name": "lambdas", "params": lam}] if lam else []
+        # "scheduled": sw.fit's lr schedule applies to them as to the weights (the seed's: one optimizer, one rate)
+        return [{"name": "lambdas", "params": lam, "scheduled": True}] if lam else []
 
     # -- the run --------------------------------------------------------------------------------------------------
     def prune_step(self) -> int | None:
