@@ -44,6 +44,7 @@ SOURCES = [
     Path(__file__).with_name(name)
     for name in ("hardconcrete.c", "halo.c", "softmask.c", "shrink.c", "topk.c", "masks.c")
 ]
+HEADERS = [Path(__file__).with_name("fastexp.h")]  # included by the sources: part of the build's cache key
 # -mprefer-vector-width=512: the gate math is compute-bound, so 16-wide AVX-512 lanes pay where the CPU has them
 FLAGS = [
     "-O3",
@@ -119,7 +120,7 @@ def _build(cc: str) -> Path:
     omp = ["-fopenmp"] if _torch_runs_gomp() else []
     flags, link = FLAGS + omp, LINK_FLAGS + omp
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    texts = [source.read_text() for source in SOURCES]
+    texts = [source.read_text() for source in [*SOURCES, *HEADERS]]
     key = hashlib.sha256("\0".join([*texts, " ".join(flags), " ".join(link), version, _cpu_id()]).encode())
     key = key.hexdigest()
     target = cache_dir() / f"kernels-{key[:16]}.so"

@@ -17,38 +17,20 @@
 #include <immintrin.h>
 #endif
 
+#include "fastexp.h"
+
 #define SM_BLOCK 4096
 #define SM_PARALLEL_MIN 65536 /* elements below which one thread does it all */
 #define SM_CLAMP 80.0f
 
-/* exp(x) for |x| <= 87, inlined so that the loops stay vectorized without calls: the same Cody-Waite reduction
- * and degree-7 Taylor polynomial as exp_clamped in hardconcrete.c (largest error 7.8e-8 relative). */
-static inline float sm_exp(float x) {
-    const float n = rintf(x * 1.44269504088896341f);
-    float r = fmaf(n, -0.693145751953125f, x);
-    r = fmaf(n, -1.42860682030941723e-06f, r);
-    float p = 1.0f / 5040.0f;
-    p = fmaf(p, r, 1.0f / 720.0f);
-    p = fmaf(p, r, 1.0f / 120.0f);
-    p = fmaf(p, r, 1.0f / 24.0f);
-    p = fmaf(p, r, 1.0f / 6.0f);
-    p = fmaf(p, r, 0.5f);
-    p = fmaf(p, r, 1.0f);
-    p = fmaf(p, r, 1.0f);
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
 static inline float sm_sigmoid(float x) {
-    return 1.0f / (1.0f + sm_exp(-fminf(fmaxf(x, -SM_CLAMP), SM_CLAMP)));
+    return 1.0f / (1.0f + sw_exp(-fminf(fmaxf(x, -SM_CLAMP), SM_CLAMP)));
 }
 
 /* sigmoid(x) into *m and its slope sigmoid(x) (1 - sigmoid(x)) as e / (1 + e)^2, e = exp(-x): no cancellation in
  * 1 - m where m nears 1 (the reciprocal is approximate under -ffast-math, so 1 - m would be its error there). */
 static inline float sm_slope(float x, float *m) {
-    const float e = sm_exp(-fminf(fmaxf(x, -SM_CLAMP), SM_CLAMP)), r = 1.0f / (1.0f + e);
+    const float e = sw_exp(-fminf(fmaxf(x, -SM_CLAMP), SM_CLAMP)), r = 1.0f / (1.0f + e);
     *m = r;
     return (e * r) * r;
 }
