@@ -60,6 +60,43 @@ void sw_mask_zero(const uint64_t *keep, int64_t n, float *x) {
         if (!((keep[i / 64] >> (i % 64)) & 1)) x[i] = 0.0f;
 }
 
+/* x[i] = 0 wherever bit i of keep is clear and x[i] is not already zero (NaN included): every entry is read,
+ * only those are written. For tensors that are mostly zero at their pruned entries already, as weights are
+ * after an optimizer step that kept them there: no cache line is dirtied, so nothing is written back (the
+ * blind store of sw_mask_zero dirties every line that holds a pruned entry). -0.0 counts as zero. */
+void sw_mask_clear(const uint64_t *keep, int64_t n, float *x) {
+    const int64_t words = n / 64;
+#pragma omp parallel for schedule(static) if (n > MASK_PARALLEL_MIN)
+    for (int64_t k = 0; k < words; k++) {
+        const uint64_t b = keep[k];
+        if (b == ~(uint64_t)0) continue; /* all 64 kept */
+        float *p = x + 64 * k;
+#if defined(__AVX512F__)
+        const __m512 zero = _mm512_setzero_ps();
+        for (int q = 0; q < 4; q++) {
+            const __mmask16 nonzero = _mm512_cmp_ps_mask(_mm512_loadu_ps(p + 16 * q), zero, _CMP_NEQ_UQ);
+            const __mmask16 clear = (__mmask16)(~(b >> (16 * q))) & nonzero;
+            if (clear) _mm512_mask_storeu_ps(p + 16 * q, clear, zero);
+        }
+#elif defined(__AVX2__)
+        const __m256 zero = _mm256_setzero_ps();
+        const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for (int q = 0; q < 8; q++) {
+            const __m256i byte = _mm256_set1_epi32((int)((b >> (8 * q)) & 0xff));
+            const __m256i cleared = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), _mm256_setzero_si256());
+            const __m256i nonzero = _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(p + 8 * q), zero, _CMP_NEQ_UQ));
+            const __m256i clear = _mm256_and_si256(cleared, nonzero);
+            if (!_mm256_testz_si256(clear, clear)) _mm256_maskstore_ps(p + 8 * q, clear, zero);
+        }
+#else
+        for (int j = 0; j < 64; j++)
+            if (!((b >> j) & 1) && !(p[j] == 0.0f)) p[j] = 0.0f;
+#endif
+    }
+    for (int64_t i = words * 64; i < n; i++)
+        if (!((keep[i / 64] >> (i % 64)) & 1) && !(x[i] == 0.0f)) x[i] = 0.0f;
+}
+
 /* Per-row masks (one bit per output channel, the row = that channel's len contiguous weights): memset the
  * pruned rows, read nothing else. */
 void sw_mask_zero_rows(const uint64_t *keep, int64_t rows, int64_t len, float *x) {
