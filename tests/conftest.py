@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import warnings
 
 import pytest
@@ -13,6 +14,11 @@ from .zoo import ZOO
 # Test models are tiny: intra-op threads only add synchronisation, and on a busy 2-core machine a second
 # thread makes small backward passes ~50x slower (measured). One thread keeps every file fast and stable.
 torch.set_num_threads(1)
+
+# A runner that starts the tests in the background (`make test &` in a script, nohup) leaves SIGINT ignored, and
+# Python then installs no KeyboardInterrupt handler: the Ctrl-C tests need what a terminal gives.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
