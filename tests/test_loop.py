@@ -180,6 +180,14 @@ def test_cosine_schedule_decays_method_groups_marked_scheduled(mnist, method, gr
     assert lrs[group] == pytest.approx(0.0 if follows else 0.3, abs=1e-12)
 
 
+def test_a_group_override_can_keep_the_thresholds_at_their_rate(mnist):
+    train, _ = loaders(mnist, batch=256)
+    sp = sw.sparsify(DropMLP(), "str", target=0.7)
+    opt = torch.optim.SGD(sp.param_groups(lr=0.01, thresholds={"scheduled": False}), lr=0.01)
+    sw.fit(sp, train, epochs=1, optimizer=opt, lr_schedule="cosine")
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["thresholds"] == pytest.approx(0.01)
+
+
 def test_checkpoint_holds_the_optimizer_groups_and_state(mnist, tmp_path):
     from sparsewrap.io.checkpoint import read_extra
 
