@@ -44,7 +44,7 @@ SOURCES = [
     Path(__file__).with_name(name)
     for name in ("hardconcrete.c", "halo.c", "softmask.c", "shrink.c", "topk.c", "masks.c")
 ]
-HEADERS = [Path(__file__).with_name("fastexp.h")]  # included by the sources: part of the build's cache key
+HEADERS = [Path(__file__).with_name("gate_common.h")]  # included by the sources: part of the build's cache key
 # -mprefer-vector-width=512: the gate math is compute-bound, so 16-wide AVX-512 lanes pay where the CPU has them
 FLAGS = [
     "-O3",

@@ -17,7 +17,7 @@
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 
-#include "fastexp.h"
+#include "gate_common.h"
 #endif
 
 #define GAMMA (-0.1f)
@@ -27,28 +27,6 @@
 #define BLOCK 4096 /* a power of two */
 #define PARALLEL_MIN 65536 /* elements below which one thread does it all */
 
-/* dst[0, n) = src[0, n) with non-temporal stores where the CPU has them, for an output read only much later
- * (the gate gradient, read next by the optimizer): writing it then neither reads its old contents into the
- * caches first nor evicts what the next layers need (measured in docs/benchmarks.md). The sample is written
- * as computed: streaming it made the forward slower. src is a block
- * computed in L1. The caller issues the store fence (store_fence) before other threads may read dst. */
-static inline void stream_out(float *restrict dst, const float *restrict src, int64_t n) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i < n && ((uintptr_t)(dst + i) & 63); i++) dst[i] = src[i];
-    for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
-#elif defined(__AVX__)
-    for (; i < n && ((uintptr_t)(dst + i) & 31); i++) dst[i] = src[i];
-    for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
-#endif
-    for (; i < n; i++) dst[i] = src[i];
-}
-
-static inline void store_fence(void) {
-#if defined(__AVX512F__) || defined(__AVX__)
-    _mm_sfence();
-#endif
-}
 
 static inline uint32_t mix32(uint32_t h) {
     h ^= h >> 16;
@@ -157,7 +135,7 @@ static inline float count_slope(float la, float c) { /* p (1 - p) with p = sigmo
 
 /* dL/dw into gw (may alias g; NULL: not wanted) and dL/dlog_alpha into gla, from the stored sample z.
  * g may be NULL (no gradient reached the gated weight): only the count term. gla is computed a block at a
- * time in L1 and streamed out (stream_out): it is next read by the optimizer, long after. */
+ * time in L1 and streamed out (sw_stream_out, gate_common.h): it is next read by the optimizer, long after. */
 void sw_hc_backward(const float *g, const float *w, const float *z, const float *la, float *gw, float *gla,
                     int64_t lo, int64_t hi, float inv_beta, float shift, float gcount) {
     const float c = expf(-shift), inv_stretch_beta = inv_beta / STRETCH;
@@ -184,7 +162,7 @@ void sw_hc_backward(const float *g, const float *w, const float *z, const float 
                 gw[i] = gi * zz;
             }
         }
-        stream_out(gla + b, gb, e - b);
-        store_fence();
+        sw_stream_out(gla + b, gb, e - b);
+        sw_store_fence();
     }
 }

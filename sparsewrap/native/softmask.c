@@ -17,7 +17,7 @@
 #include <immintrin.h>
 #endif
 
-#include "fastexp.h"
+#include "gate_common.h"
 
 #define SM_BLOCK 4096
 #define SM_PARALLEL_MIN 65536 /* elements below which one thread does it all */
@@ -35,25 +35,6 @@ static inline float sm_slope(float x, float *m) {
     return (e * r) * r;
 }
 
-/* dst[0, n) = src[0, n) with non-temporal stores where the CPU has them (the score gradient is read next by
- * the optimizer, long after: see stream_out in hardconcrete.c). The caller fences (sm_fence). */
-static inline void sm_stream(float *restrict dst, const float *restrict src, int64_t n) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i < n && ((uintptr_t)(dst + i) & 63); i++) dst[i] = src[i];
-    for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
-#elif defined(__AVX__)
-    for (; i < n && ((uintptr_t)(dst + i) & 31); i++) dst[i] = src[i];
-    for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
-#endif
-    for (; i < n; i++) dst[i] = src[i];
-}
-
-static inline void sm_fence(void) {
-#if defined(__AVX512F__) || defined(__AVX__)
-    _mm_sfence();
-#endif
-}
 
 /* out = w c sigmoid(beta s) over [0, n); *total = sum sigmoid(beta s), *positive = #(s > 0). */
 void sw_sm_forward(const float *w, const float *s, float *out, int64_t n, float c, float beta, double *total,
@@ -112,7 +93,7 @@ void sw_sm_backward(const float *g, const float *w, const float *s, float *gw, f
                 gw[i] = gi * (c * m);
             }
         }
-        sm_stream(gs + b, gb, e - b);
-        sm_fence();
+        sw_stream_out(gs + b, gb, e - b);
+        sw_store_fence();
     }
 }
