@@ -173,6 +173,18 @@ def kernels() -> ctypes.CDLL | None:
         return lib
 
 
+def kernels_for(*tensors: torch.Tensor, min_numel: int = 0) -> ctypes.CDLL | None:
+    """The library when the kernels apply to ``tensors``: float32, on the CPU, contiguous, one shape, the first
+    with at least ``min_numel`` entries (below it the eager path is as fast); else ``None``."""
+    first = tensors[0]
+    if first.numel() < min_numel:
+        return None
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() or t.shape != first.shape:
+            return None
+    return kernels()
+
+
 def ptr(t: torch.Tensor | None) -> int | None:
     """The address of a contiguous CPU tensor's data, for a pointer argument (``None``, a NULL, for ``None``)."""
     return None if t is None else t.data_ptr()

@@ -108,16 +108,7 @@ NATIVE_MIN_NUMEL = 1 << 15  # below this the eager kernels are as fast
 
 def _native_for(w: Tensor, log_alpha: Tensor):
     """The native library when it applies to these tensors (float32, CPU, contiguous, large enough), else None."""
-    if (
-        w.device.type != "cpu"
-        or w.dtype != torch.float32
-        or log_alpha.dtype != torch.float32
-        or log_alpha.numel() < NATIVE_MIN_NUMEL
-        or w.shape != log_alpha.shape
-        or not (w.is_contiguous() and log_alpha.is_contiguous())
-    ):
-        return None
-    return native.kernels()
+    return native.kernels_for(log_alpha, w, min_numel=NATIVE_MIN_NUMEL)
 
 
 def native_keys() -> tuple[int, int]:

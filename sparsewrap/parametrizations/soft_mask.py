@@ -112,16 +112,7 @@ class SoftMaskMul(torch.autograd.Function):
 def native_for(w: Tensor, s: Tensor):
     """The native library when it applies to these tensors (float32, CPU, contiguous, the same shape, at least
     :data:`NATIVE_MIN_NUMEL` entries), else ``None``."""
-    if (
-        w.device.type != "cpu"
-        or w.dtype != torch.float32
-        or s.dtype != torch.float32
-        or s.numel() < NATIVE_MIN_NUMEL
-        or w.shape != s.shape
-        or not (w.is_contiguous() and s.is_contiguous())
-    ):
-        return None
-    return native.kernels()
+    return native.kernels_for(s, w, min_numel=NATIVE_MIN_NUMEL)
 
 
 def _native_backward(ctx, grad: Tensor | None, grad_total: Tensor | None, needs_w: bool,

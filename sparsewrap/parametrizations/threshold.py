@@ -31,14 +31,7 @@ NATIVE_MIN_NUMEL = 1 << 15  # below this the eager path is as fast
 
 def native_for(original: Tensor):
     """The native library when it applies to ``original`` (float32, CPU, contiguous, large enough), else None."""
-    if (
-        original.device.type != "cpu"
-        or original.dtype != torch.float32
-        or original.numel() < NATIVE_MIN_NUMEL
-        or not original.is_contiguous()
-    ):
-        return None
-    return native.kernels()
+    return native.kernels_for(original, min_numel=NATIVE_MIN_NUMEL)
 
 
 class _Shrink(torch.autograd.Function):

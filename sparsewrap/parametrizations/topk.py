@@ -100,16 +100,9 @@ BAND_CAPACITY = 8  # the native band holds up to numel / BAND_CAPACITY values (m
 def native_topk_for(original: Tensor, keep: int):
     """The native library when it applies to ``original`` and ``keep`` (float32, CPU, contiguous, large enough,
     ``0 < keep < numel``, not under ``torch.compile``), else None."""
-    if (
-        original.device.type != "cpu"
-        or original.dtype != torch.float32
-        or original.numel() < NATIVE_MIN_NUMEL
-        or not original.is_contiguous()
-        or not 0 < keep < original.numel()
-        or torch.compiler.is_compiling()
-    ):
+    if not 0 < keep < original.numel() or torch.compiler.is_compiling():
         return None
-    return native.kernels()
+    return native.kernels_for(original, min_numel=NATIVE_MIN_NUMEL)
 
 
 def native_largest_near(

@@ -29,14 +29,6 @@ from torch.autograd.function import once_differentiable
 from ... import native
 
 
-def _kernel_ready(*tensors: Tensor) -> ctypes.CDLL | None:
-    """The native library when every tensor is a contiguous float32 CPU tensor of one shape, else None."""
-    first = tensors[0]
-    if not all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() and t.shape == first.shape for t in tensors):
-        return None
-    return native.kernels()
-
-
 @dataclass
 class SlopeHint:
     """``R′`` as the last forward found it, the next forward's guess (a method keeps one per penalty)."""
@@ -51,7 +43,7 @@ def _eager_sums(w: Tensor, lam: Tensor) -> tuple[float, float, Tensor | None, Te
 def _pass(w: Tensor, lam: Tensor, xi: float, c: float, floor: float, grad: bool):
     """Clamp ``λ``, then ``Σ |w| / λ²``, ``Σ |λ|`` and (``grad``, native path) the gradients for ``g = 1`` and
     ``R′ ψ = c``; the eager path returns the sums as 0-d tensors and no gradients."""
-    lib = _kernel_ready(w, lam)
+    lib = native.kernels_for(w, lam)
     if lib is None:
         if floor > 0:
             clamp_magnitude(lam, floor)
@@ -148,7 +140,7 @@ def clamp_magnitude(lam: Tensor, floor: float) -> None:
     """``λ ← copysign(max(|λ|, floor), λ)`` in place (no gradient recorded): one pass, writing only where
     ``|λ| < floor`` on the native path."""
     with torch.no_grad():
-        lib = _kernel_ready(lam)
+        lib = native.kernels_for(lam)
         if lib is None:
             lam.copy_(torch.copysign(lam.abs().clamp_min(floor), lam))
             return
