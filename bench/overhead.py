@@ -116,7 +116,6 @@ SWITCHES = {
     "native": "the C kernels (masks.c, hardconcrete.c): the eager path",
     "hard_masks": "hard masks: every mask is the plain product w * mask",
     "reuse_buffers": "the per-weight gates' reused buffers: new tensors every step",
-    "clear_settle": "settling a masked weight writes only pruned entries off zero: every pruned entry instead",
     "version_counters": "tensor version counters (torch_compat.no_version): every lazy projection redone",
 }
 # the plain path: every piece off but the version counters (without them the fallback reads values: slower)
@@ -126,8 +125,6 @@ PIECE_ROWS: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("magnitude-plain", _MAG, ALL_OFF),
     ("magnitude-no-native", _MAG, ("native",)),
     ("magnitude-no-version", _MAG, ("version_counters",)),
-    ("magnitude-blind-settle", _MAG, ("clear_settle",)),
-    ("static-blind-settle", dict(method="static", target=0.9), ("clear_settle",)),
     ("l0-plain", _L0, ALL_OFF),
     ("l0-eager", _L0, ("native",)),
     ("l0-no-reuse", _L0, ("reuse_buffers",)),

@@ -10,5 +10,4 @@ from __future__ import annotations
 
 NATIVE = True  # the C kernels of sparsewrap/native (False: the eager path, as with SPARSEWRAP_NATIVE=0)
 HARD_MASKS = True  # Masked keeps pruned originals at zero (False: every mask is the plain product w * mask)
-CLEAR_SETTLE = True  # settling a hard-masked weight writes only pruned entries off zero (False: every pruned entry)
 REUSE_BUFFERS = True  # per-weight gates reuse their sample, output and gradient buffers from step to step

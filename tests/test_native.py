@@ -271,35 +271,6 @@ def test_the_mask_kernels_pack_bits_and_zero_exactly_the_pruned_entries(n) -> No
     assert torch.equal(x, expected)
 
 
-def _clear_case(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A mask, a tensor already zero at most pruned entries (some +0.0, some -0.0, a few not finite or
-    non-zero), and the expected result of sw_mask_clear."""
-    mask = (torch.rand(n, generator=gen) > 0.7).float()
-    x = torch.randn(n, generator=gen)
-    pruned = ~mask.bool()
-    x[pruned] = torch.where(torch.rand(n, generator=gen)[pruned] < 0.5, 0.0, -0.0)
-    stray = pruned & (torch.rand(n, generator=gen) < 0.05)
-    x[stray] = torch.tensor([1.5, float("nan"), float("-inf")]).repeat(n)[: int(stray.sum())]
-    expected = torch.where(stray, torch.zeros(()), x)  # only the strays are written: -0.0 keeps its sign
-    return mask, x, expected
-
-
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.view(torch.int32), b.view(torch.int32))
-
-
-@pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, 300_007])
-def test_the_clear_kernel_writes_only_pruned_entries_that_are_not_zero(n) -> None:
-    lib = native.kernels()
-    if not lib.sw_mask_vectorized():
-        pytest.skip("no vector path in this build")
-    mask, x, expected = _clear_case(n, torch.Generator().manual_seed(n))
-    bits = torch.empty((n + 63) // 64, dtype=torch.int64)
-    lib.sw_mask_pack(mask.data_ptr(), bits.data_ptr(), n)
-    lib.sw_mask_clear(bits.data_ptr(), n, x.data_ptr())
-    assert _bits_equal(x, expected)
-
-
 @pytest.mark.parametrize("rows,row", [(130, 7), (64, 1000), (3, 20_000)])
 def test_the_row_kernel_zeroes_exactly_the_pruned_channels(rows, row) -> None:
     lib = native.kernels()
@@ -341,10 +312,6 @@ def test_the_mask_kernels_other_code_paths_agree(tmp_path, flags) -> None:
     expected = torch.where(mask.bool(), x, torch.zeros(()))
     lib.sw_mask_zero(ctypes.c_void_p(bits.data_ptr()), ctypes.c_int64(n), ctypes.c_void_p(x.data_ptr()))
     assert torch.equal(x, expected)
-    mask, x, expected = _clear_case(n, gen)
-    lib.sw_mask_pack(ctypes.c_void_p(mask.data_ptr()), ctypes.c_void_p(bits.data_ptr()), ctypes.c_int64(n))
-    lib.sw_mask_clear(ctypes.c_void_p(bits.data_ptr()), ctypes.c_int64(n), ctypes.c_void_p(x.data_ptr()))
-    assert _bits_equal(x, expected)
 
 
 def test_loading_the_library_leaves_the_process_floating_point_mode_alone(tmp_path) -> None:

@@ -70,7 +70,6 @@ SIGNATURES = {
     "sw_hc_forward": [_p, _p, _p, _p, _i64, _i64, _u32, _u32, _f32, _f32, _i32, _f32, ctypes.POINTER(ctypes.c_double)],
     "sw_hc_backward": [_p, _p, _p, _p, _p, _p, _i64, _i64, _f32, _f32, _f32],
     "sw_mask_zero": [_p, _i64, _p],
-    "sw_mask_clear": [_p, _i64, _p],
     "sw_mask_pack": [_p, _p, _i64],
     "sw_mask_zero_rows": [_p, _i64, _i64, _p],
     "sw_mask_vectorized": [],

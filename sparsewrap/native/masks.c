@@ -28,13 +28,9 @@ int sw_mask_vectorized(void) {
 /* The tensor comes last in sw_mask_zero and sw_mask_zero_rows, so that a caller can bind a mask's arguments
  * once (functools.partial over the ctypes function) and call it with the tensor alone. */
 
-/* x[i] = 0 wherever bit i of keep is clear; x[i] untouched where it is set. With `clear`, only the pruned
- * entries that are not already zero (NaN included; -0.0 counts as zero) are written, after reading every entry:
- * for tensors mostly zero at their pruned entries already, as weights are after an optimizer step that kept them
- * there, no cache line is dirtied and nothing is written back. Without it the store is blind (a masked vector
- * store of zeros: the kept lanes are neither read nor written), the cheaper way for a dense tensor such as a
- * gradient. `clear` is a constant at each call site below, so each exported function gets its own loop. */
-static inline void mask_zero(const uint64_t *keep, int64_t n, float *x, const int clear) {
+/* x[i] = 0 wherever bit i of keep is clear; x[i] untouched where it is set: a masked vector store of zeros (the
+ * kept lanes are neither read nor written). */
+void sw_mask_zero(const uint64_t *keep, int64_t n, float *x) {
     const int64_t words = n / 64;
 #pragma omp parallel for schedule(static) if (n > MASK_PARALLEL_MIN)
     for (int64_t k = 0; k < words; k++) {
@@ -43,37 +39,24 @@ static inline void mask_zero(const uint64_t *keep, int64_t n, float *x, const in
         float *p = x + 64 * k;
 #if defined(__AVX512F__)
         const __m512 zero = _mm512_setzero_ps();
-        for (int q = 0; q < 4; q++) {
-            __mmask16 lanes = (__mmask16)~(b >> (16 * q));
-            if (clear) lanes &= _mm512_cmp_ps_mask(_mm512_loadu_ps(p + 16 * q), zero, _CMP_NEQ_UQ);
-            if (!clear || lanes) _mm512_mask_storeu_ps(p + 16 * q, lanes, zero);
-        }
+        for (int q = 0; q < 4; q++) _mm512_mask_storeu_ps(p + 16 * q, (__mmask16)~(b >> (16 * q)), zero);
 #elif defined(__AVX2__)
         /* lane j of byte q is to be zeroed when bit j of that byte is clear: compare (byte & 1 << j) with 0 */
         const __m256 zero = _mm256_setzero_ps();
         const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
         for (int q = 0; q < 8; q++) {
             const __m256i byte = _mm256_set1_epi32((int)((b >> (8 * q)) & 0xff));
-            __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), _mm256_setzero_si256());
-            if (clear) {
-                const __m256 v = _mm256_loadu_ps(p + 8 * q);
-                lanes = _mm256_and_si256(lanes, _mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)));
-                if (_mm256_testz_si256(lanes, lanes)) continue;
-            }
+            const __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), _mm256_setzero_si256());
             _mm256_maskstore_ps(p + 8 * q, lanes, zero);
         }
 #else
         for (int j = 0; j < 64; j++)
-            if (!((b >> j) & 1) && !(clear && p[j] == 0.0f)) p[j] = 0.0f;
+            if (!((b >> j) & 1)) p[j] = 0.0f;
 #endif
     }
     for (int64_t i = words * 64; i < n; i++)
-        if (!((keep[i / 64] >> (i % 64)) & 1) && !(clear && x[i] == 0.0f)) x[i] = 0.0f;
+        if (!((keep[i / 64] >> (i % 64)) & 1)) x[i] = 0.0f;
 }
-
-void sw_mask_zero(const uint64_t *keep, int64_t n, float *x) { mask_zero(keep, n, x, 0); }
-
-void sw_mask_clear(const uint64_t *keep, int64_t n, float *x) { mask_zero(keep, n, x, 1); }
 
 /* Per-row masks (one bit per output channel, the row = that channel's len contiguous weights): memset the
  * pruned rows, read nothing else. */

@@ -144,49 +144,43 @@ class Masked(SparseParametrization):
     def project(self, original: Tensor) -> None:
         """Zero ``original`` in place wherever the mask is zero (hard masks)."""
         with torch.no_grad():
-            self._zero_pruned(original, clean_already=switches.CLEAR_SETTLE)
+            self._zero_pruned(original)
         self._clean = (version_key(original), version_key(self.mask))
 
-    def _zero_pruned(self, t: Tensor, clean_already: bool = False) -> None:
+    def _zero_pruned(self, t: Tensor) -> None:
         """Zero ``t`` in place at the pruned entries of a hard mask (exact zeros, also where ``t`` is not finite).
 
         On the hot path (each weight gradient, right after autograd wrote it) this runs while the backward's
         convolutions keep the caches full, where every Python operation costs ten times what it costs in a
-        loop: the kernel calls are prepared once per mask change (:meth:`_native_call`), and a call checks only
-        the mask's version and the tensor's layout. ``clean_already``: ``t`` is likely zero at most pruned
-        entries already (a weight after an optimizer step); the native kernel then writes only the entries
-        that are not, leaving the rest of memory clean (a gradient is dense: every pruned entry is written).
+        loop: the kernel call is prepared once per mask change (:meth:`_native_call`), and a call checks only
+        the mask's version and the tensor's layout.
         """
         mask = self.mask
         key = (version_key(mask), t.shape)
         call = self._call
         if call is None or call[0] != key:
             self._bits = self._packed(t)  # kept here while the calls bound to its address are in use
-            calls = self._native_call(self._bits, t.numel())
-            call = self._call = (key, calls, mask.eq(0) if calls is None else None)
-        calls = call[1]
-        if calls is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous():
-            calls[1 if clean_already else 0](t.data_ptr())
+            kernel = self._native_call(self._bits, t.numel())
+            call = self._call = (key, kernel, mask.eq(0) if kernel is None else None)
+        kernel = call[1]
+        if kernel is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous():
+            kernel(t.data_ptr())
             torch.autograd.graph.increment_version(t)  # a write autograd did not see; its saved-tensor checks must
         else:
             t.masked_fill_(call[2] if call[2] is not None else mask.eq(0), 0)
 
     @staticmethod
-    def _native_call(
-        packed: tuple[Tensor, int] | None, numel: int
-    ) -> tuple[Callable[[int], None], Callable[[int], None]] | None:
-        """The native kernels that zero ``numel`` float32 entries at the pruned entries of the packed mask
-        ``(bits, row)``, their mask arguments bound (called with the tensor's address), or None without them:
-        ``(blind store, store where non-zero)`` (a row mask memsets its pruned rows in both cases)."""
+    def _native_call(packed: tuple[Tensor, int] | None, numel: int) -> Callable[[int], None] | None:
+        """The native kernel that zeroes ``numel`` float32 entries at the pruned entries of the packed mask
+        ``(bits, row)``, its mask arguments bound (called with the tensor's address), or None without one (a
+        row mask memsets its pruned rows)."""
         if packed is None:
             return None
         bits, row = packed
         lib = native.kernels()
         if row == 1:
-            return (functools.partial(lib.sw_mask_zero, bits.data_ptr(), numel),
-                    functools.partial(lib.sw_mask_clear, bits.data_ptr(), numel))  # fmt: skip
-        rows = functools.partial(lib.sw_mask_zero_rows, bits.data_ptr(), numel // row, row)
-        return rows, rows
+            return functools.partial(lib.sw_mask_zero, bits.data_ptr(), numel)
+        return functools.partial(lib.sw_mask_zero_rows, bits.data_ptr(), numel // row, row)
 
     def _packed(self, like: Tensor) -> tuple[Tensor, int] | None:
         """``(bits, row)``: the mask packed one bit per entry (int64 words) for the native kernels, each entry
