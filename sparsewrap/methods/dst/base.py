@@ -73,7 +73,7 @@ def check_fraction(fraction: float, decay: str | None = None) -> None:
 
 @dataclass
 class DSTConfig:
-    """Options shared by the DST methods (each method redeclares its defaults).
+    """Options shared by the DST methods (with SET's defaults; a method redeclares those it changes).
 
     Attributes:
         distribution: initial per-layer budget: ``"erk"``, ``"uniform"`` or ``"global"``.

@@ -59,15 +59,7 @@ class Static(DynamicSparse):
 @dataclass
 class SETConfig(DSTConfig):
     """Options of ``method="set"`` (see :class:`DSTConfig`; defaults: ERK, every 100 steps until 0.95 of the
-    run, ``fraction=0.3`` constant, as SET's zeta)."""
-
-    distribution: str = "erk"
-    every: int = 100
-    start: StepSpec = 0
-    end: StepSpec = 0.95
-    fraction: float = 0.3
-    decay: str = "constant"
-    seed: int = 0
+    run, ``fraction=0.3`` constant, as SET's zeta: the shared defaults)."""
 
     method_name = "set"
 
@@ -101,13 +93,8 @@ class RigLConfig(DSTConfig):
     """Options of ``method="rigl"`` (see :class:`DSTConfig`; defaults from the paper: ERK, every 100 steps until
     0.75 of the run, ``fraction=0.3`` with the cosine decay)."""
 
-    distribution: str = "erk"
-    every: int = 100
-    start: StepSpec = 0
     end: StepSpec = 0.75
-    fraction: float = 0.3
     decay: str = "cosine"
-    seed: int = 0
 
     method_name = "rigl"
 
