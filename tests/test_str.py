@@ -77,7 +77,7 @@ def test_one_threshold_per_layer_in_its_own_group() -> None:
 
 
 def test_the_controller_undoes_the_optimizers_common_move_and_shifts_every_threshold_alike() -> None:
-    sp = sw.sparsify(Two(A, B), "str", target=0.7, s_init=0.0, drive=0.1)
+    sp = sw.sparsify(Two(A, B), "str", target=0.7, s_init=0.0, drive=0.1, learn=1.0)
     layers = sp.method.layers
     with torch.no_grad():  # as an optimizer step would: +0.3 and +0.1, a common move of +0.2
         layers[0].s.add_(0.3)
@@ -97,6 +97,22 @@ def test_the_controller_undoes_the_optimizers_common_move_and_shifts_every_thres
     assert layers[0].s.item() == pytest.approx(0.1 + delta + 0.1 * (0.7 - zeros / 10))
 
 
+@pytest.mark.parametrize("learn", [0.0, 0.25])
+def test_the_controller_keeps_the_share_learn_of_the_optimizers_differences(learn: float) -> None:
+    sp = sw.sparsify(Two(A, B), "str", target=0.7, s_init=0.0, drive=0.1, learn=learn)
+    layers = sp.method.layers
+    with torch.no_grad():  # moves +0.3 and +0.1: mean +0.2, differences +0.1 and -0.1
+        layers[0].s.add_(0.3)
+        layers[1].s.add_(0.1)
+    sp.step()
+    s_a, s_b = 0.1 * learn, -0.1 * learn  # from s^last = 0: learn * (m_l - m)
+    zeros = int((torch.tensor(A).abs() <= torch.sigmoid(torch.tensor(s_a))).sum())
+    zeros += int((torch.tensor(B).abs() <= torch.sigmoid(torch.tensor(s_b))).sum())
+    delta = 0.1 * (0.7 - zeros / 10)
+    assert layers[0].s.item() == pytest.approx(s_a + delta)
+    assert layers[1].s.item() == pytest.approx(s_b + delta)
+
+
 def test_the_controller_reaches_the_target_and_keeps_the_layers_apart() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 60), nn.ReLU(), nn.Linear(60, 30), nn.ReLU(), nn.Linear(30, 2))
@@ -113,24 +129,27 @@ def test_the_controller_reaches_the_target_and_keeps_the_layers_apart() -> None:
     assert [p.s.item() for p in sp_off.method.layers] == [-10.0, -10.0]  # drive=0: the paper's behaviour
 
 
-def test_training_with_adam_ends_at_the_target_before_the_projection() -> None:
+def test_training_with_adam_ends_at_the_target_before_the_projection_learning_or_not() -> None:
     # Adam moves every s by about its lr per step whatever the gradient's size (here all the same way, which
     # would leave a lasting gap of lr / drive = 0.1); the controller undoes the common part of that move
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))
-    x, y = torch.randn(256, 20), torch.randn(256, 1)
-    sp = sw.sparsify(model, "str", target=0.9, include=["0", "2", "4"])
-    opt = torch.optim.Adam(sp.param_groups(lr=1e-2, thresholds={"lr": 0.05}))
-    for _ in range(150):
-        loss = (model(x) - y).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sp.step()
-    extras = sp.report().extras
-    assert abs(extras["gap to target"]) < 0.01
-    layers = [la.sparsity for la in sp.report().layers]
-    assert max(layers) - min(layers) > 0.05  # the per-layer budgets are learned, not uniform
+    for learn in (1.0, 0.0):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))
+        x, y = torch.randn(256, 20), torch.randn(256, 1)
+        sp = sw.sparsify(model, "str", target=0.9, include=["0", "2", "4"], learn=learn)
+        opt = torch.optim.Adam(sp.param_groups(lr=1e-2, thresholds={"lr": 0.05}))
+        for _ in range(150):
+            loss = (model(x) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sp.step()
+        extras = sp.report().extras
+        assert abs(extras["gap to target"]) < 0.01
+        layers = [la.sparsity for la in sp.report().layers]
+        assert max(layers) - min(layers) > 0.05  # non-uniform per-layer budgets either way
+        levels = {p.s.item() for p in sp.method.layers}
+        assert len(levels) == (3 if learn else 1)  # learn=0: one threshold shared by every layer
 
 
 def test_the_goal_ramps_up_to_the_target_at_end() -> None:
@@ -193,6 +212,8 @@ def test_rescaled_keep_counts_caps_full_layers_and_fills_empty_ones_last() -> No
         (dict(s_init=float("inf")), r"s_init=inf must be a finite number"),
         (dict(s_weight_decay=-1e-4), r"s_weight_decay=-0.0001 is negative; give a decay >= 0"),
         (dict(drive=-0.1), r"drive=-0.1 is negative; give a gain >= 0 \(0 turns the controller off\)"),
+        (dict(learn=1.5), r"learn=1.5 is outside \[0, 1\]; give the share of the optimizer's per-layer moves"),
+        (dict(learn=float("nan")), r"learn=nan must be a finite number, e.g. learn=0.0"),
         (dict(start=5, end=3), r"schedule 'cubic' needs 0 <= start <= end, got start=5, end=3"),
         (dict(target={"a": 0.5}), r"method 'str' learns its own per-layer budgets and takes one overall sparsity"),
     ],

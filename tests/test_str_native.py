@@ -104,7 +104,7 @@ def test_native_on_and_off_train_a_model_to_the_same_weights(monkeypatch) -> Non
 def test_the_controller_reads_the_count_of_the_weights_its_step_trained_on(native_on, monkeypatch) -> None:
     monkeypatch.setattr(switches, "NATIVE", native_on)
     model = build()
-    sp = sw.sparsify(model, "str", target=0.8, include=["0", "2"], s_init=-4.0, drive=0.3)
+    sp = sw.sparsify(model, "str", target=0.8, include=["0", "2"], s_init=-4.0, drive=0.3, learn=1.0)
     opt = torch.optim.SGD(sp.param_groups(lr=0.5), momentum=0.9)
     x, y = torch.randn(32, 64), torch.arange(32) % 3
     layers, targets = sp.method.layers, sp.method.targets
