@@ -96,8 +96,10 @@ class STRConfig:
         if self.drive < 0:
             raise ConfigError(f"drive={self.drive} is negative; give a gain >= 0 (0 turns the controller off)")
         if not 0 <= self.learn <= 1:
-            raise ConfigError(f"learn={self.learn} is outside [0, 1]; give the share of the optimizer's per-layer moves "
-                              f"of the thresholds to keep (0: one common threshold, 1: the paper's learned ones)")
+            raise ConfigError(
+                f"learn={self.learn} is outside [0, 1]; give the share of the optimizer's per-layer moves of the "
+                "thresholds to keep (0: one common threshold, 1: the paper's learned ones)"
+            )
         if self.end != 0 or self.start != 0:
             Schedule("cubic", self.start, self.end, 1)
 
