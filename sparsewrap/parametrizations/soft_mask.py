@@ -60,12 +60,13 @@ class SoftMaskMul(torch.autograd.Function):
 
     The sum is accumulated in float64 and returned in the scores' dtype; the count (int64) is not
     differentiable. ``scratch`` lends reusable buffers (the masked weight, the scores' gradient), ``record`` is
-    marked when the backward runs (the sum's graph is then spent).
+    marked when the backward runs (the sum's graph is then spent). Without ``measure`` the eager path spends no
+    pass on the sum and the count (0 and -1 stand for them; the native pass computes them for free).
     """
 
     @staticmethod
     def forward(ctx, w: Tensor, s: Tensor, scale: float, beta: float, scratch: Scratch | None = None,  # type: ignore[override]
-                record: Pass | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                record: Pass | None = None, measure: bool = True) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         # a weak reference: the record holds the sum, whose graph holds ctx (no reference cycle to wait for the GC)
         ctx.scale, ctx.beta, ctx.scratch = scale, beta, scratch
         ctx.record = weakref.ref(record) if record is not None else None
@@ -82,22 +83,24 @@ class SoftMaskMul(torch.autograd.Function):
             ctx.mark_non_differentiable(count)
             return out, torch.tensor(total.value, dtype=s.dtype), count
         m = torch.mul(s, beta).sigmoid_()
-        total = m.sum(dtype=torch.float64).to(s.dtype)
-        count = torch.count_nonzero(s > 0)
+        if measure:  # a training forward: the method reads the sum and the count
+            total, count = m.sum(dtype=torch.float64).to(s.dtype), torch.count_nonzero(s > 0)
+        else:  # not read: no passes for them
+            total, count = s.new_zeros(()), torch.full((), -1, dtype=torch.int64)
         ctx.save_for_backward(w, m)
         ctx.mark_non_differentiable(count)
         return w * (scale * m), total, count
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, grad_total: Tensor | None,  # type: ignore[override]
-                 grad_count: Tensor | None) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:  # fmt: skip
+                 grad_count: Tensor | None) -> tuple[Tensor | None, ...]:  # fmt: skip
         record = ctx.record() if ctx.record is not None else None
         if record is not None:
             record.backward_ran = True
         needs_w = ctx.needs_input_grad[0] and grad is not None
         needs_s = ctx.needs_input_grad[1] and (grad is not None or grad_total is not None)
         if ctx.native:
-            return (*_native_backward(ctx, grad, grad_total, needs_w, needs_s), None, None, None, None)
+            return (*_native_backward(ctx, grad, grad_total, needs_w, needs_s), None, None, None, None, None)
         w, m = ctx.saved_tensors
         grad_w = grad * (ctx.scale * m) if needs_w else None
         grad_s = None
@@ -106,7 +109,7 @@ class SoftMaskMul(torch.autograd.Function):
             if grad_total is not None:
                 coef = coef + grad_total.to(m.dtype)
             grad_s = torch.ops.aten.sigmoid_backward(coef.expand_as(m), m).mul_(ctx.beta)
-        return grad_w, grad_s, None, None, None, None
+        return grad_w, grad_s, None, None, None, None, None
 
 
 def native_for(w: Tensor, s: Tensor):
@@ -174,13 +177,15 @@ class SoftMask(SparseParametrization):
             keep = self.final.factors(self)  # what one evaluates is what export writes
             if keep is not None:
                 return hard_masked(original, keep, self.scale)
-        record = Pass()
+        training = self.training and torch.is_grad_enabled()
+        record = Pass() if training else None
         scratch = self._scratch if torch.is_grad_enabled() and switches.REUSE_BUFFERS else None
-        out, total, positive = SoftMaskMul.apply(original, self.s, self.scale, self.beta, scratch, record)
-        record.positive, record.key = positive, (version_key(self.s), self.beta)
-        if total.requires_grad:
-            record.total = total
-        self.last = record
+        out, total, positive = SoftMaskMul.apply(original, self.s, self.scale, self.beta, scratch, record, training)
+        if record is not None:
+            record.positive, record.key = positive, (version_key(self.s), self.beta)
+            if total.requires_grad:
+                record.total = total
+            self.last = record
         return out
 
     def mask_sum(self) -> Tensor:

@@ -39,14 +39,15 @@ class _Shrink(torch.autograd.Function):
 
     On float32 CPU weights the native kernels (``sparsewrap/native/shrink.c``) make one pass forward (``S`` and
     the count) and one backward (``dL/dw`` and the dot product below, in double); otherwise the forward is
-    ``softshrink`` on the CPU (one pass, the same bits) or the clamp form elsewhere, and the count one more pass.
+    ``softshrink`` on the CPU (one pass, the same bits) or the clamp form elsewhere, and the count one more pass
+    when ``count`` asks for it (a training forward; -1 otherwise).
 
     The backward reads the output ``S`` alone: ``sign(S) = sign(w) * 1[|w| > t]`` (``S`` is zero exactly where
     ``|w| <= t`` and has ``w``'s sign elsewhere), so ``dL/ds = -t (1 - t) * <grad, sign(S)>`` (one dot product)
     and ``dL/dw = grad`` where ``S != 0``."""
 
     @staticmethod
-    def forward(ctx: Any, original: Tensor, s: Tensor, scratch: Scratch | None) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, original: Tensor, s: Tensor, scratch: Scratch | None, count: bool) -> tuple[Tensor, Tensor]:
         t = torch.sigmoid(s).to(original.dtype)
         lib = native_for(original)
         ctx.lib, ctx.scratch = lib, scratch
@@ -54,19 +55,20 @@ class _Shrink(torch.autograd.Function):
             out = scratch.out.take(original) if scratch is not None else torch.empty_like(original)
             kept = ctypes.c_int64(0)
             lib.sw_shrink_forward(native.ptr(original), native.ptr(out), original.numel(), float(t), ctypes.byref(kept))
-            count = torch.tensor(kept.value, dtype=torch.int64)
+            kept = torch.tensor(kept.value, dtype=torch.int64)
         else:
             if original.device.type == "cpu" and original.dtype in (torch.float32, torch.float64):
                 out = F.softshrink(original, float(t))  # w -/+ t rounded once where |w| > t, else 0: the same bits
             else:
                 out = original - torch.clamp(original, -t, t)
-            count = torch.count_nonzero(out)
+            # one more pass, only where the count is read (a training forward): -1 stands for "not counted"
+            kept = torch.count_nonzero(out) if count else torch.full((), -1, dtype=torch.int64)
         ctx.save_for_backward(out, t)
-        ctx.mark_non_differentiable(count)
-        return out, count
+        ctx.mark_non_differentiable(kept)
+        return out, kept
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, grad_count: Tensor | None) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx: Any, grad: Tensor, grad_count: Tensor | None) -> tuple[Tensor, Tensor, None, None]:
         out, t = ctx.saved_tensors
         if ctx.lib is not None:
             g = grad.contiguous()
@@ -74,11 +76,11 @@ class _Shrink(torch.autograd.Function):
             dot = ctypes.c_double(0.0)
             ctx.lib.sw_shrink_backward(native.ptr(g), native.ptr(out), native.ptr(grad_w), g.numel(), ctypes.byref(dot))
             grad_s = -torch.tensor(dot.value, dtype=t.dtype) * (t * (1 - t))
-            return grad_w, grad_s, None
+            return grad_w, grad_s, None, None
         sign = torch.sign(out)
         grad_s = -torch.dot(grad.reshape(-1), sign.reshape(-1)) * (t * (1 - t))
         grad_w = torch.where(sign != 0, grad, 0)  # relu'(0) = 0: nothing at |w| == t
-        return grad_w, grad_s, None
+        return grad_w, grad_s, None, None
 
 
 class SoftThreshold(SparseParametrization):
@@ -119,15 +121,16 @@ class SoftThreshold(SparseParametrization):
                 return shrink_kept(original, *cut)
         # no backward: nothing to keep
         scratch = self._scratch if torch.is_grad_enabled() and switches.REUSE_BUFFERS else None
-        out, kept = _Shrink.apply(original, self.s, scratch)
-        if self.training and torch.is_grad_enabled():
+        training = self.training and torch.is_grad_enabled()
+        out, kept = _Shrink.apply(original, self.s, scratch, training)
+        if training:
             self.trained_kept = kept
         return out
 
     def bake(self, original: Tensor) -> Tensor:
         """``S(original, s)``, the learned form (export's projection is the method's, see ``final``)."""
         with torch.no_grad():
-            return _Shrink.apply(original, self.s, None)[0].detach().clone()
+            return _Shrink.apply(original, self.s, None, False)[0].detach().clone()
 
     def zeros(self, original: Tensor) -> Tensor:
         """How many entries of ``S(original, s)`` are zero (a 0-dimensional int64 tensor, no host transfer)."""
