@@ -1,6 +1,6 @@
 """Budget transfer: the per-layer sparsities one run ended at, as a ``target=`` dict for another method.
 
-STR learns non-uniform per-layer budgets (the seed's ``--use-budget`` reuses them). :func:`budgets` reads them
+STR ends with non-uniform per-layer budgets (the seed's ``--use-budget`` reuses them). :func:`budgets` reads them
 from a controller or a checkpoint as ``{layer name: sparsity}``; ``magnitude``, ``gmp``, ``dnw``, ``l0`` and ``cs``
 accept such a dict as ``target=`` (each named layer pruned to its own sparsity, in ``[0, 1)``; layers it does not
 name stay dense). :func:`read_budgets` loads one written as JSON by ``sparsewrap budgets CKPT -o budgets.json``.

@@ -109,7 +109,7 @@ class STR(Method):
     """Soft Threshold Reparameterization (see the module docstring)."""
 
     name = "str"
-    description = "STR: learned per-layer soft thresholds sign(w)*relu(|w|-sigmoid(s)), driven to the target."
+    description = "STR: soft threshold sign(w)*relu(|w|-sigmoid(s)) per layer, driven to the target."
     Config = STRConfig
 
     def attach(self) -> None:
