@@ -282,11 +282,14 @@ def test_the_hint_after_training_depends_on_the_granularity():
     from sparsewrap.cli.train import next_hint
 
     ckpt = Path("runs/r/last.safetensors")
-    assert next_hint(ckpt, {"granularity": "channel"}) == f"next: sparsewrap export {ckpt} --purge"
+    assert next_hint(ckpt, {"granularity": "channel"}, "l0") == f"next: sparsewrap export {ckpt} --purge"
     for options in ({"granularity": "weight"}, {}):
-        hint = next_hint(ckpt, options)
+        hint = next_hint(ckpt, options, "magnitude")
         assert hint.startswith(f"next: sparsewrap export {ckpt}   (") and f"{ckpt} --purge" not in hint
-        assert "-O granularity=channel" in hint
+        assert "model train with -O granularity=channel" in hint
+    # a method without the option is pointed to those that have it
+    hint = next_hint(ckpt, {}, "str")
+    assert "train --method gmp or l0 or magnitude with -O granularity=channel" in hint
 
 
 def test_the_epoch_line_shows_task_loss_and_penalty_apart_under_120_characters():

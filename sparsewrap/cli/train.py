@@ -149,13 +149,20 @@ class TrainCommand(TyperCommand):
         super().format_help(ctx, formatter)
 
 
-def next_hint(ckpt: Path, options: dict[str, Any]) -> str:
-    """What to run after training: ``--purge`` only pays when whole channels are zero (``granularity=channel``)."""
+def next_hint(ckpt: Path, options: dict[str, Any], method: str) -> str:
+    """What to run after training: ``--purge`` only pays when whole channels are zero (``granularity=channel``),
+    which the hint offers with ``method`` or, when it has no such option, with the methods that have it."""
+    import dataclasses
+
+    from ..methods import get_method, list_methods
+
     if options.get("granularity") == "channel":
         return f"next: sparsewrap export {ckpt} --purge"
+    channel = [m for m in list_methods() if "granularity" in {f.name for f in dataclasses.fields(get_method(m).Config)}]
+    how = "train with" if method in channel else f"train --method {' or '.join(channel)} with"
     return (
         f"next: sparsewrap export {ckpt}   (per-weight sparsity keeps every layer's shape, so --purge has nothing "
-        "to remove; for a smaller, faster model train with -O granularity=channel, then export with --purge)"
+        f"to remove; for a smaller, faster model {how} -O granularity=channel, then export with --purge)"
     )
 
 
@@ -257,7 +264,7 @@ def train_cmd(
             show.print(f"stopped ({history.stopped}) in epoch {epoch + 1} after batch {batch}; saved {ckpt}; "
                        "run the same command with --resume to continue", style="yellow", soft_wrap=True)  # fmt: skip
             raise typer.Exit(130)
-        show.print(next_hint(ckpt, sp.spec.options), highlight=False, soft_wrap=True)
+        show.print(next_hint(ckpt, sp.spec.options, sp.spec.method), highlight=False, soft_wrap=True)
     finally:
         distributed.teardown()
 
