@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, choices
 from ..parametrizations import attach
+from ..parametrizations.base import version_key
 from ..parametrizations.projection import EvalProjection
 from ..parametrizations.soft_mask import SoftMask, hard_masked
 from ..parametrizations.topk import keep_largest
@@ -179,7 +180,7 @@ class ContinuousSparsification(Method):
         self.layers = [attach(t.module, "weight", SoftMask(t.original, cfg.mask_init)) for t in self.targets]
         self.numel = sum(t.numel for t in self.targets)
         self.eval_projection = EvalProjection()
-        self.eval_projection.bind(self.final_masks)
+        self.eval_projection.bind(self.final_masks, self.state_key)
         for p in self.layers:
             p.final = self.eval_projection
         own = {id(x) for p in self.layers for x in (p.s, p.ticket)}
@@ -327,6 +328,10 @@ class ContinuousSparsification(Method):
             return {p: k.view_as(p.s) for p, k in zip(self.layers, keep)}
 
     # -- export -----------------------------------------------------------------------------------------------
+    def state_key(self) -> tuple:
+        """What the final masks are computed from (the phase, the counts, every score by version)."""
+        return (self.phase, self.counts and tuple(self.counts), tuple(version_key(p.s) for p in self.layers))
+
     def final_masks(self) -> dict[nn.Module, Tensor]:
         """What eval mode and export apply: the ticket the scores give now (empty once it is drawn)."""
         return {} if self.phase != "search" else self.ticket_masks()

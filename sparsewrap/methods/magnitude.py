@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, choices
 from ..parametrizations import Masked, attach, wrapped_tensors
+from ..parametrizations.base import version_key
 from ..parametrizations.projection import EvalProjection
 from .allocation import ALLOCATIONS, drop_lowest, largest_remainder, layer_sparsities
 from .base import Method, register_method
@@ -115,7 +116,7 @@ class Magnitude(Method):
         if self.schedule.kind == "oneshot":
             self._apply(self.final)
         self.eval_projection = EvalProjection()  # eval mode shows the export until the schedule has reached it
-        self.eval_projection.bind(self.final_masks)
+        self.eval_projection.bind(self.final_masks, self.state_key)
         for m in self._all_masks():
             m.final = self.eval_projection
 
@@ -256,6 +257,12 @@ class Magnitude(Method):
         if self.config.granularity == "channel":
             return [m for unit in self.units for m in [m for _, m in unit.weights] + unit.companions]
         return list(self.masks)
+
+    def state_key(self) -> tuple:
+        """What the final masks are computed from (the schedule's point, every weight and mask by version):
+        evaluation forwards in a row on unchanged weights reuse one plan."""
+        return (self.current, tuple(version_key(t.original) for t in self.targets),
+                tuple(version_key(m.mask) for m in self._all_masks()))  # fmt: skip
 
     def final_masks(self) -> dict[nn.Module, Tensor]:
         """The masks export applies (the plan at the target on the current weights), keyed by parametrization;

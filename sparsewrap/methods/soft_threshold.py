@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..parametrizations import attach
+from ..parametrizations.base import version_key
 from ..parametrizations.projection import EvalProjection
 from ..parametrizations.threshold import SoftThreshold, shrink_kept
 from ..parametrizations.topk import keep_largest
@@ -121,7 +122,7 @@ class STR(Method):
         cfg = self.config
         self.layers = [attach(t.module, "weight", SoftThreshold(t.original, cfg.s_init)) for t in self.targets]
         self.eval_projection = EvalProjection()  # eval mode shows export's projection (recomputed after changes)
-        self.eval_projection.bind(self.final_factors)
+        self.eval_projection.bind(self.final_factors, self.state_key)
         for p in self.layers:
             p.final = self.eval_projection
         self.requested_goal = Schedule("cubic", cfg.start, cfg.end, 1) if cfg.end > cfg.start else None
@@ -178,6 +179,11 @@ class STR(Method):
                  "scheduled": True}]  # fmt: skip
 
     # -- export ---------------------------------------------------------------------------------------------------
+    def state_key(self) -> tuple:
+        """What export's projection is computed from (every weight and threshold, by version): evaluation
+        forwards in a row on unchanged weights reuse one projection."""
+        return tuple((version_key(t.original), version_key(p.s)) for t, p in zip(self.targets, self.layers))
+
     def final_factors(self) -> dict[nn.Module, tuple[Tensor, Tensor]]:
         """Export's projection, per layer whose learned count of kept weights it changes: ``(kept, threshold)``,
         with ``kept`` the ``keep`` largest ``|w|`` (bool) and the threshold ``S`` applies to them."""
