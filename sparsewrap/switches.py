@@ -10,4 +10,5 @@ from __future__ import annotations
 
 NATIVE = True  # the C kernels of sparsewrap/native (False: the eager path, as with SPARSEWRAP_NATIVE=0)
 HARD_MASKS = True  # Masked keeps pruned originals at zero (False: every mask is the plain product w * mask)
+REUSE_PROJECTION = True  # eval forwards reuse the export projection while the method's state key is unchanged
 REUSE_BUFFERS = True  # per-weight gates reuse their sample, output and gradient buffers from step to step

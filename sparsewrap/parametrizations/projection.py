@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from .. import switches
+
 
 class EvalProjection:
     """Hands each parametrization its final factors, recomputed by the method only when its state changed.
@@ -57,7 +59,7 @@ class EvalProjection:
         if self._factors is None or id(parametrization) in self._served:
             key_fn = self._key() if self._key is not None else None
             at = key_fn() if key_fn is not None else None
-            if self._factors is None or at is None or at != self._at:
+            if self._factors is None or at is None or at != self._at or not switches.REUSE_PROJECTION:
                 self._factors, self._at = source(), at
             self._served = set()
         self._served.add(id(parametrization))
