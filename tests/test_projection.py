@@ -3,6 +3,7 @@ method's state key is unchanged."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -60,3 +61,56 @@ def test_evaluating_str_twice_on_unchanged_weights_projects_once(monkeypatch) ->
         changed = model(x)
     assert len(calls) == 2
     torch.testing.assert_close(changed, sw.export(sp)(x))  # what one evaluates is still what export writes
+
+
+def _in_eval(sp: sw.Sparsifier, x: torch.Tensor) -> torch.Tensor:
+    sp.model.eval()
+    with torch.no_grad():
+        return sp.model(x)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(method="str", target=0.7, s_init=-3.0),
+        dict(method="magnitude", target=0.7, schedule="cubic", end=10, every=1),
+        dict(method="cs", target=0.7),
+    ],
+    ids=["str", "magnitude", "cs"],
+)
+def test_an_in_place_change_between_evaluations_is_seen(kwargs: dict) -> None:
+    """What one evaluates stays what export writes when a weight, a mask or a score changes between two
+    evaluation forwards (no step in between): the state key covers what the projection reads."""
+    sp = sw.sparsify(_mlp(), include=["0", "2"], **kwargs)
+    sp.start(total_steps=20)
+    sp.step()  # magnitude: mid-schedule, its projection differs from the live masks
+    x = torch.randn(5, 8)
+    first = _in_eval(sp, x)
+    torch.testing.assert_close(first, sw.export(sp)(x))
+    layer = sp.model[0].parametrizations.weight
+    with torch.no_grad():
+        changed = layer.original if kwargs["method"] != "cs" else layer[0].s
+        changed.copy_(torch.randn_like(changed))
+    second = _in_eval(sp, x)
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(second, sw.export(sp)(x))
+
+
+@pytest.mark.parametrize("method", ["str", "magnitude"])
+def test_factors_made_under_inference_mode_are_not_reused_for_a_backward(method: str) -> None:
+    options = dict(s_init=-3.0) if method == "str" else dict(schedule="cubic", end=10, every=1)
+    sp = sw.sparsify(_mlp(), method, target=0.7, include=["0", "2"], **options)
+    sp.start(total_steps=20)
+    sp.step()
+    sp.model.eval()
+    x = torch.randn(5, 8)
+    with torch.inference_mode():
+        sp.model(x)
+    x.requires_grad_(True)
+    sp.model(x).sum().backward()  # an input gradient in eval mode (saliency) after an inference-mode pass
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -227,9 +227,11 @@ class STR(Method):
                 "threshold shift": float(self.shift)}  # fmt: skip
 
     def state_dict(self) -> dict[str, float | list[float]]:
-        return {"shift": float(self.shift), "last": self.last.tolist()}
+        return {"shift": float(self.shift), "last": self.last.tolist(), "learn": self.config.learn}
 
     def load_state_dict(self, state: dict) -> None:
         self.shift = torch.tensor(float(state.get("shift", 0.0)), dtype=torch.float64)
         if "last" in state:
             self.last = torch.tensor(state["last"], dtype=torch.float64)
+            # the share the run trained with; a checkpoint from before the option kept every difference (learn=1)
+            self.config.learn = float(state.get("learn", 1.0))

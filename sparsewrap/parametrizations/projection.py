@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import torch
 from torch import nn
 
 from .. import switches
@@ -26,7 +27,8 @@ class EvalProjection:
     asked again when a parametrization comes back for its factors a second time (the next forward has started)
     and the state key differs from the one the factors were computed at (without a key: every time), or after
     :meth:`reset` (the method's step), so one forward asks it at most once, not once per layer, and evaluation
-    forwards in a row on unchanged weights ask it once. The holder keeps only a weak reference to the method; a
+    forwards in a row on unchanged weights ask it once. Writes through ``.data`` do not move version counters:
+    call :meth:`reset` after them. The holder keeps only a weak reference to the method; a
     deep copy or an unpickled copy is unbound until the copied method binds it again, and an unbound holder
     gives ``None`` (the parametrization then falls back to its own deterministic form).
     """
@@ -58,7 +60,8 @@ class EvalProjection:
             return None
         if self._factors is None or id(parametrization) in self._served:
             key_fn = self._key() if self._key is not None else None
-            at = key_fn() if key_fn is not None else None
+            # factors made under inference mode cannot be saved for a backward: reused only there
+            at = (torch.is_inference_mode_enabled(), key_fn()) if key_fn is not None else None
             if self._factors is None or at is None or at != self._at or not switches.REUSE_PROJECTION:
                 self._factors, self._at = source(), at
             self._served = set()
