@@ -65,13 +65,15 @@ def measure(name: str, kwargs: dict[str, Any], x: torch.Tensor, steps: int, repe
     times: dict[str, list[float]] = {"dense": [], "reuse": [], "recompute": []}
     with torch.no_grad():
         dense(x), model(x)  # warm up
-    for _ in range(repeats):  # interleaved: the machine's drift hits every column alike
-        times["dense"] += cpu_ms(lambda: dense(x), 1)
+    try:
+        for _ in range(repeats):  # interleaved: the machine's drift hits every column alike
+            times["dense"] += cpu_ms(lambda: dense(x), 1)
+            switches.REUSE_PROJECTION = True
+            times["reuse"] += cpu_ms(lambda: model(x), 1)
+            switches.REUSE_PROJECTION = False
+            times["recompute"] += cpu_ms(lambda: model(x), 1)
+    finally:
         switches.REUSE_PROJECTION = True
-        times["reuse"] += cpu_ms(lambda: model(x), 1)
-        switches.REUSE_PROJECTION = False
-        times["recompute"] += cpu_ms(lambda: model(x), 1)
-    switches.REUSE_PROJECTION = True
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"row": name, "options": kwargs, "median_ms": med, "reuse_x_dense": med["reuse"] / med["dense"],
             "recompute_x_dense": med["recompute"] / med["dense"], "samples_ms": times}  # fmt: skip
