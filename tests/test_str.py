@@ -116,7 +116,7 @@ def test_the_controller_keeps_the_share_learn_of_the_optimizers_differences(lear
 def test_the_controller_reaches_the_target_and_keeps_the_layers_apart() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 60), nn.ReLU(), nn.Linear(60, 30), nn.ReLU(), nn.Linear(30, 2))
-    sp = sw.sparsify(model, "str", target=0.8, learn=1.0)
+    sp = sw.sparsify(model, "str", target=0.8, s_init=-10.0, learn=1.0)
     with torch.no_grad():  # layers apart, as an optimizer would have set them: the differences are kept
         sp.method.layers[0].s.fill_(-9.0)
     gap0 = (sp.method.layers[0].s - sp.method.layers[1].s).item()
@@ -130,7 +130,7 @@ def test_the_controller_reaches_the_target_and_keeps_the_layers_apart() -> None:
     assert gap == pytest.approx(gap0, abs=1e-4)  # float32 s moved by 400 common shifts
     sp_off = sw.sparsify(Two(A, B), "str", target=0.8, drive=0.0)
     sp_off.step()
-    assert [p.s.item() for p in sp_off.method.layers] == [-10.0, -10.0]  # drive=0: the paper's behaviour
+    assert [p.s.item() for p in sp_off.method.layers] == [-20.0, -20.0]  # drive=0: the paper's behaviour
 
 
 def test_training_with_adam_ends_at_the_target_before_the_projection_learning_or_not() -> None:
@@ -212,7 +212,7 @@ def test_rescaled_keep_counts_caps_full_layers_and_fills_empty_ones_last() -> No
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        (dict(s_init=float("nan")), r"s_init=nan must be a finite number, e.g. s_init=-10.0"),
+        (dict(s_init=float("nan")), r"s_init=nan must be a finite number, e.g. s_init=-20.0"),
         (dict(s_init=float("inf")), r"s_init=inf must be a finite number"),
         (dict(s_weight_decay=-1e-4), r"s_weight_decay=-0.0001 is negative; give a decay >= 0"),
         (dict(drive=-0.1), r"drive=-0.1 is negative; give a gain >= 0 \(0 turns the controller off\)"),

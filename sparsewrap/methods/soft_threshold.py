@@ -62,13 +62,16 @@ class STRConfig:
     """Options of ``method="str"``.
 
     Attributes:
-        s_init: initial value of every layer's threshold parameter (the threshold is ``sigmoid(s_init)``; the
-            paper's ImageNet configs use -3200, where ``sigmoid'`` is exactly 0 in float32 and only weight decay
-            moves ``s`` at first).
+        s_init: initial value of every layer's threshold parameter (the threshold is ``sigmoid(s_init)``). The
+            default -20 (a threshold of 2e-9) starts training on the dense model's trajectory and leaves the
+            controller to raise it as the goal asks; -10 (4.5e-5) shrinks every weight from the first step, which
+            tipped LeNet-5 at lr 0.1 into a slow start on one seed of two (docs/methods/learned.md). The paper's
+            ImageNet configs use -3200, where ``sigmoid'`` is exactly 0 in float32 and only weight decay moves
+            ``s`` at first.
         s_weight_decay: weight decay of the thresholds' optimizer group (the paper uses the weights' decay;
             decay pulls ``s`` towards 0, i.e. raises the thresholds).
         drive: gain of the controller that steers the measured sparsity to the target (``s`` units per unit of
-            sparsity gap per step; 0.5 reaches the target from ``s_init=-10`` in a few dozen steps and then
+            sparsity gap per step; 0.5 reaches the target from ``s_init=-20`` in a few dozen steps and then
             tracks it within a fraction of a point); 0 turns the controller off (the paper's behaviour).
         start: with ``end > start``, the controller's goal ramps (cubic) from 0 at step ``start``...
         end: ...to the target at step ``end``; with ``end=0`` the goal is the target from the first step. Both
@@ -80,7 +83,7 @@ class STRConfig:
             0 is ahead of 1 at every target.
     """
 
-    s_init: float = -10.0
+    s_init: float = -20.0
     s_weight_decay: float = 0.0
     drive: float = 0.5
     start: StepSpec = 0
