@@ -314,7 +314,7 @@ def test_the_epoch_line_shows_task_loss_and_penalty_apart_under_120_characters()
 
 
 def test_the_choices_of_optimizer_and_schedule_are_the_loops():
-    from sparsewrap.cli.train import LRSchedule, Optimizer
+    from sparsewrap.cli.run_options import LRSchedule, Optimizer
     from sparsewrap.train.loop import LR_SCHEDULES, OPTIMIZERS
 
     assert tuple(o.value for o in Optimizer) == OPTIMIZERS

@@ -16,7 +16,21 @@ from rich.console import Console
 from ..train.history import Callback
 from .checks import check_count, check_out_dir, check_run_options
 from .common import app, console
-from .train import LRSchedule, Optimizer, RichProgress, parse_pairs
+from .run_options import (
+    DataOption,
+    DeviceOption,
+    ImageSizeOption,
+    LimitOption,
+    LrOption,
+    LRSchedule,
+    LRScheduleOption,
+    ModelKwOption,
+    Optimizer,
+    OptimizerOption,
+    ValLimitOption,
+    WeightDecayOption,
+)
+from .train import RichProgress, parse_pairs
 
 if TYPE_CHECKING:
     from ..train.compare import CompareRow
@@ -150,23 +164,23 @@ def compare_cmd(
     out: Annotated[Path, typer.Option("--out", help="Directory of the cells, compare.json and compare.md.")],
     methods: Annotated[str, typer.Option(help="Comma-separated methods, or all.")],
     targets: Annotated[str, typer.Option(help="Comma-separated sparsities in (0, 1), e.g. 0.5,0.9.")],
-    data: Annotated[str, typer.Option(help="mnist, fashion-mnist (make data) or imagefolder:PATH.")] = "mnist",
+    data: DataOption = "mnist",
     epochs: Annotated[int, typer.Option(help="Epochs per cell.")] = 3,
     force: Annotated[bool, typer.Option("--force", help="Retrain every cell, finished ones included.")] = False,
     plot: Annotated[bool, typer.Option(help="Draw compare.png (needs: pip install 'sparsewrap[plot]').")] = True,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    device: DeviceOption = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
-    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer of the weights and method groups.")] = Optimizer.adam,
-    lr: Annotated[float, typer.Option(help="Learning rate of the weights.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay of the weights.")] = 0.0,
-    lr_schedule: Annotated[LRSchedule, typer.Option(help="Schedule of the weights' rate.")] = LRSchedule.constant,
+    optimizer: OptimizerOption = Optimizer.adam,
+    lr: LrOption = 1e-3,
+    weight_decay: WeightDecayOption = 0.0,
+    lr_schedule: LRScheduleOption = LRSchedule.constant,
     option: Annotated[
         list[str] | None, typer.Option("--option", "-O", help="METHOD:KEY=VALUE, e.g. rigl:every=50.")
     ] = None,
-    model_kw: Annotated[list[str] | None, typer.Option(help="Model keyword KEY=VALUE.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Use only this many training examples.")] = None,
-    val_limit: Annotated[int | None, typer.Option(help="Use only this many validation examples.")] = None,
-    image_size: Annotated[int, typer.Option(help="Crop size for imagefolder data.")] = 224,
+    model_kw: ModelKwOption = None,
+    limit: LimitOption = None,
+    val_limit: ValLimitOption = None,
+    image_size: ImageSizeOption = 224,
     seed: Annotated[int, typer.Option(help="Random seed (same initialisation and data order in every cell).")] = 0,
     jobs: Annotated[int, typer.Option(help="Cells trained at once, each in its own process (GPUs: one each).")] = 1,
 ) -> None:

@@ -6,7 +6,6 @@ prints and writes.
 
 from __future__ import annotations
 
-import enum
 import json
 import time
 from pathlib import Path
@@ -21,6 +20,20 @@ from ..train.history import Callback, EpochRecord, LoopState
 from .checks import check_out_dir, check_patterns, check_run_options, group_rates
 from .common import app, console
 from .model_data import check_device, data_and_recipe, default_device
+from .run_options import (
+    DataOption,
+    DeviceOption,
+    ImageSizeOption,
+    LimitOption,
+    LrOption,
+    LRSchedule,
+    LRScheduleOption,
+    ModelKwOption,
+    Optimizer,
+    OptimizerOption,
+    ValLimitOption,
+    WeightDecayOption,
+)
 
 
 class RichProgress(Callback):
@@ -117,21 +130,6 @@ def parse_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
     return out
 
 
-class Optimizer(str, enum.Enum):  # noqa: UP042  (enum.StrEnum needs Python 3.11)
-    """``--optimizer`` choices (``sparsewrap.train.loop.OPTIMIZERS``, kept here so that no torch import is needed)."""
-
-    adam = "adam"
-    adamw = "adamw"
-    sgd = "sgd"
-
-
-class LRSchedule(str, enum.Enum):  # noqa: UP042
-    """``--lr-schedule`` choices (``sparsewrap.train.loop.LR_SCHEDULES``)."""
-
-    constant = "constant"
-    cosine = "cosine"
-
-
 def method_help() -> str:
     """``--method``'s help: the registered methods (imports the registry, hence torch: only when help is shown)."""
     from ..methods import list_methods
@@ -170,27 +168,27 @@ def next_hint(ckpt: Path, options: dict[str, Any], method: str) -> str:
 def train_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="timm:<arch> or package.module:factory.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory (checkpoint last.safetensors, history.json).")],
-    data: Annotated[str, typer.Option(help="mnist, fashion-mnist (make data) or imagefolder:PATH.")] = "mnist",
+    data: DataOption = "mnist",
     method: Annotated[str, typer.Option(help="A method from `sparsewrap methods`.")] = "l0",
     target: Annotated[str | None, typer.Option(help="Sparsity in (0, 1), or a budgets.json file.")] = None,
     density: Annotated[float | None, typer.Option(help="Requested density (1 - sparsity).")] = None,
     epochs: Annotated[int, typer.Option(help="Total epochs (a resumed run continues up to it).")] = 10,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite another run's checkpoint in --out.")] = False,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    device: DeviceOption = None,
     batch_size: Annotated[int, typer.Option(help="Batch size (per process under torchrun).")] = 128,
-    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer of the weights and method groups.")] = Optimizer.adam,
-    lr: Annotated[float, typer.Option(help="Learning rate of the weights.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay of the weights.")] = 0.0,
-    lr_schedule: Annotated[LRSchedule, typer.Option(help="Schedule of the weights' rate.")] = LRSchedule.constant,
+    optimizer: OptimizerOption = Optimizer.adam,
+    lr: LrOption = 1e-3,
+    weight_decay: WeightDecayOption = 0.0,
+    lr_schedule: LRScheduleOption = LRSchedule.constant,
     group_lr: Annotated[list[str] | None, typer.Option(help="GROUP=LR for a method group, e.g. gates=0.1.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Method option KEY=VALUE.")] = None,
-    model_kw: Annotated[list[str] | None, typer.Option(help="Model keyword KEY=VALUE.")] = None,
+    model_kw: ModelKwOption = None,
     include: Annotated[list[str] | None, typer.Option(help="Layers to sparsify (glob or re:regex).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Layers to leave dense.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Use only this many training examples.")] = None,
-    val_limit: Annotated[int | None, typer.Option(help="Use only this many validation examples.")] = None,
-    image_size: Annotated[int, typer.Option(help="Crop size for imagefolder data.")] = 224,
+    limit: LimitOption = None,
+    val_limit: ValLimitOption = None,
+    image_size: ImageSizeOption = 224,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     plot: Annotated[bool, typer.Option(help="Draw figure.png (needs: pip install 'sparsewrap[plot]').")] = True,
