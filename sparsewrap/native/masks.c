@@ -28,8 +28,7 @@ int sw_mask_vectorized(void) {
 /* The tensor comes last in sw_mask_zero and sw_mask_zero_rows, so that a caller can bind a mask's arguments
  * once (functools.partial over the ctypes function) and call it with the tensor alone. */
 
-/* x[i] = 0 wherever bit i of keep is clear; x[i] untouched where it is set: a masked vector store of zeros (the
- * kept lanes are neither read nor written). */
+/* x[i] = 0 wherever bit i of keep is clear; x[i] untouched where it is set */
 void sw_mask_zero(const uint64_t *keep, int64_t n, float *x) {
     const int64_t words = n / 64;
 #pragma omp parallel for schedule(static) if (n > MASK_PARALLEL_MIN)
@@ -39,15 +38,18 @@ void sw_mask_zero(const uint64_t *keep, int64_t n, float *x) {
         float *p = x + 64 * k;
 #if defined(__AVX512F__)
         const __m512 zero = _mm512_setzero_ps();
-        for (int q = 0; q < 4; q++) _mm512_mask_storeu_ps(p + 16 * q, (__mmask16)~(b >> (16 * q)), zero);
+        _mm512_mask_storeu_ps(p, (__mmask16)~b, zero);
+        _mm512_mask_storeu_ps(p + 16, (__mmask16)~(b >> 16), zero);
+        _mm512_mask_storeu_ps(p + 32, (__mmask16)~(b >> 32), zero);
+        _mm512_mask_storeu_ps(p + 48, (__mmask16)~(b >> 48), zero);
 #elif defined(__AVX2__)
         /* lane j of byte q is to be zeroed when bit j of that byte is clear: compare (byte & 1 << j) with 0 */
         const __m256 zero = _mm256_setzero_ps();
         const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
         for (int q = 0; q < 8; q++) {
             const __m256i byte = _mm256_set1_epi32((int)((b >> (8 * q)) & 0xff));
-            const __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), _mm256_setzero_si256());
-            _mm256_maskstore_ps(p + 8 * q, lanes, zero);
+            const __m256i cleared = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), _mm256_setzero_si256());
+            _mm256_maskstore_ps(p + 8 * q, cleared, zero);
         }
 #else
         for (int j = 0; j < 64; j++)

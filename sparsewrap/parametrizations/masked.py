@@ -159,12 +159,12 @@ class Masked(SparseParametrization):
         key = (version_key(mask), t.shape)
         call = self._call
         if call is None or call[0] != key:
-            self._bits = self._packed(t)  # kept here while the calls bound to its address are in use
-            kernel = self._native_call(self._bits, t.numel())
-            call = self._call = (key, kernel, mask.eq(0) if kernel is None else None)
-        kernel = call[1]
-        if kernel is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous():
-            kernel(t.data_ptr())
+            self._bits = self._packed(t)  # kept here while the call bound to its address is in use
+            zero = self._native_call(self._bits, t.numel())
+            call = self._call = (key, zero, mask.eq(0) if zero is None else None)
+        zero = call[1]
+        if zero is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous():
+            zero(t.data_ptr())
             torch.autograd.graph.increment_version(t)  # a write autograd did not see; its saved-tensor checks must
         else:
             t.masked_fill_(call[2] if call[2] is not None else mask.eq(0), 0)
@@ -172,8 +172,7 @@ class Masked(SparseParametrization):
     @staticmethod
     def _native_call(packed: tuple[Tensor, int] | None, numel: int) -> Callable[[int], None] | None:
         """The native kernel that zeroes ``numel`` float32 entries at the pruned entries of the packed mask
-        ``(bits, row)``, its mask arguments bound (called with the tensor's address), or None without one (a
-        row mask memsets its pruned rows)."""
+        ``(bits, row)``, its mask arguments bound (called with the tensor's address), or None without one."""
         if packed is None:
             return None
         bits, row = packed
