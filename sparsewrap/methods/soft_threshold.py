@@ -161,9 +161,9 @@ class STR(Method):
         goal = self.goal.sparsity(t, self.target) if self.goal is not None else self.target
         with torch.no_grad():
             s = self.levels()
-            move = s - self.last.to(s.device)  # the optimizer's moves since the controller's last step
-            drift = move.mean()  # their common part, undone; of the differences, the share `learn` is kept
-            self._set(s - drift - (1 - self.config.learn) * (move - drift))
+            last = self.last.to(s.device)
+            move = s - last  # the optimizer's moves since the controller's last step
+            self._set(last + self.config.learn * (move - move.mean()))  # of their differences, the share `learn`
             delta = self.config.drive * (goal - self.trained_zeros().to(s.device) / self.numel)
             self._set(self.levels() + delta)
             self.last = self.levels()  # as stored (in the parameters' dtype)
