@@ -42,3 +42,12 @@ def _quiet_timm():
 def zoo_name(request: pytest.FixtureRequest) -> str:
     """The name of each tiny zoo model in turn."""
     return request.param
+
+
+@pytest.fixture
+def count_nonzero_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each call of ``torch.count_nonzero`` (a counting pass) during the test."""
+    calls: list[int] = []
+    real = torch.count_nonzero
+    monkeypatch.setattr(torch, "count_nonzero", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls

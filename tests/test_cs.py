@@ -271,14 +271,12 @@ def test_the_learned_sparsity_is_the_search_s_rule_not_the_ticket() -> None:
     assert fresh.method.learned_sparsity() == pytest.approx(0.5)  # kept in the checkpoint
 
 
-def test_the_eager_path_measures_the_mask_only_in_a_training_forward(monkeypatch) -> None:
+def test_the_eager_path_measures_the_mask_only_in_a_training_forward(count_nonzero_calls: list[int]) -> None:
     """The sum and the count of ``s > 0`` are read only from a training forward with gradients: an evaluation
     or no-grad forward spends no pass on them (layers below the native kernels' size: the eager path)."""
     sp = sw.sparsify(Two(A, B), "cs", target=0.5)
     _set_scores(sp, [[[1.0, -1.0], [2.0, 0.5]], [[-1.0, 1.0], [1.0, -2.0], [3.0, 0.0]]])
-    calls = []
-    real = torch.count_nonzero
-    monkeypatch.setattr(torch, "count_nonzero", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_nonzero_calls
     x = torch.randn(3, 2)
     sp.model.train()
     with torch.no_grad():

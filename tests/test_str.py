@@ -265,14 +265,12 @@ def test_the_goal_ramp_given_as_fractions_of_the_run_follows_its_length() -> Non
     assert (sp.method.goal.start, sp.method.goal.end) == (0, 20)
 
 
-def test_the_eager_path_counts_kept_entries_only_in_a_training_forward(monkeypatch) -> None:
+def test_the_eager_path_counts_kept_entries_only_in_a_training_forward(count_nonzero_calls: list[int]) -> None:
     """The count is read only from a training forward with gradients (by the controller): a no-grad forward
     spends no pass on it (these layers are below the native kernels' size: the eager path; an evaluation forward
     shows the export's projection, which counts on its own)."""
     sp = sw.sparsify(Two(A, B), "str", target=0.5, s_init=-1.0)
-    calls = []
-    real = torch.count_nonzero
-    monkeypatch.setattr(torch, "count_nonzero", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_nonzero_calls
     x = torch.randn(3, 2)
     sp.model.train()
     with torch.no_grad():
