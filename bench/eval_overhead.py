@@ -39,14 +39,12 @@ def build() -> torch.nn.Module:
     return timm.create_model("resnet18", pretrained=False, num_classes=10)
 
 
-def cpu_ms(fn, repeats: int) -> list[float]:
-    out = []
+def cpu_ms(fn) -> float:
+    """CPU milliseconds of one call of ``fn`` without gradients."""
     with torch.no_grad():
-        for _ in range(repeats):
-            start = time.process_time()
-            fn()
-            out.append((time.process_time() - start) * 1e3)
-    return out
+        start = time.process_time()
+        fn()
+        return (time.process_time() - start) * 1e3
 
 
 def measure(name: str, kwargs: dict[str, Any], x: torch.Tensor, steps: int, repeats: int) -> dict[str, Any]:
@@ -67,11 +65,11 @@ def measure(name: str, kwargs: dict[str, Any], x: torch.Tensor, steps: int, repe
         dense(x), model(x)  # warm up
     try:
         for _ in range(repeats):  # interleaved: the machine's drift hits every column alike
-            times["dense"] += cpu_ms(lambda: dense(x), 1)
+            times["dense"].append(cpu_ms(lambda: dense(x)))
             switches.REUSE_PROJECTION = True
-            times["reuse"] += cpu_ms(lambda: model(x), 1)
+            times["reuse"].append(cpu_ms(lambda: model(x)))
             switches.REUSE_PROJECTION = False
-            times["recompute"] += cpu_ms(lambda: model(x), 1)
+            times["recompute"].append(cpu_ms(lambda: model(x)))
     finally:
         switches.REUSE_PROJECTION = True
     med = {k: statistics.median(v) for k, v in times.items()}
