@@ -14,22 +14,9 @@ import typer
 from rich.console import Console
 
 from ..train.history import Callback
+from . import run_options as run
 from .checks import check_count, check_out_dir, check_run_options
 from .common import app, console
-from .run_options import (
-    DataOption,
-    DeviceOption,
-    ImageSizeOption,
-    LimitOption,
-    LrOption,
-    LRSchedule,
-    LRScheduleOption,
-    ModelKwOption,
-    Optimizer,
-    OptimizerOption,
-    ValLimitOption,
-    WeightDecayOption,
-)
 from .train import RichProgress, parse_pairs
 
 if TYPE_CHECKING:
@@ -164,23 +151,23 @@ def compare_cmd(
     out: Annotated[Path, typer.Option("--out", help="Directory of the cells, compare.json and compare.md.")],
     methods: Annotated[str, typer.Option(help="Comma-separated methods, or all.")],
     targets: Annotated[str, typer.Option(help="Comma-separated sparsities in (0, 1), e.g. 0.5,0.9.")],
-    data: DataOption = "mnist",
+    data: run.DataOption = "mnist",
     epochs: Annotated[int, typer.Option(help="Epochs per cell.")] = 3,
     force: Annotated[bool, typer.Option("--force", help="Retrain every cell, finished ones included.")] = False,
     plot: Annotated[bool, typer.Option(help="Draw compare.png (needs: pip install 'sparsewrap[plot]').")] = True,
-    device: DeviceOption = None,
+    device: run.DeviceOption = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
-    optimizer: OptimizerOption = Optimizer.adam,
-    lr: LrOption = 1e-3,
-    weight_decay: WeightDecayOption = 0.0,
-    lr_schedule: LRScheduleOption = LRSchedule.constant,
+    optimizer: run.OptimizerOption = run.Optimizer.adam,
+    lr: run.LrOption = 1e-3,
+    weight_decay: run.WeightDecayOption = 0.0,
+    lr_schedule: run.LRScheduleOption = run.LRSchedule.constant,
     option: Annotated[
         list[str] | None, typer.Option("--option", "-O", help="METHOD:KEY=VALUE, e.g. rigl:every=50.")
     ] = None,
-    model_kw: ModelKwOption = None,
-    limit: LimitOption = None,
-    val_limit: ValLimitOption = None,
-    image_size: ImageSizeOption = 224,
+    model_kw: run.ModelKwOption = None,
+    limit: run.LimitOption = None,
+    val_limit: run.ValLimitOption = None,
+    image_size: run.ImageSizeOption = 224,
     seed: Annotated[int, typer.Option(help="Random seed (same initialisation and data order in every cell).")] = 0,
     jobs: Annotated[int, typer.Option(help="Cells trained at once, each in its own process (GPUs: one each).")] = 1,
 ) -> None:

@@ -1,7 +1,7 @@
 """The command-line options that ``train`` and ``compare`` share: the same name, type, help and choices.
 
-Each is an ``Annotated`` type that a command gives its own default (``lr: LrOption = 1e-3``), so that the two
-commands cannot drift apart in how they name or explain a setting.
+Each is an ``Annotated`` type that a command gives its own default (``lr: run.LrOption = 1e-3``, with this
+module imported as ``run``), so that the two commands cannot drift apart in how they name or explain a setting.
 """
 
 from __future__ import annotations

@@ -17,23 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperCommand
 
 from ..train.history import Callback, EpochRecord, LoopState
+from . import run_options as run
 from .checks import check_out_dir, check_patterns, check_run_options, group_rates
 from .common import app, console
 from .model_data import check_device, data_and_recipe, default_device
-from .run_options import (
-    DataOption,
-    DeviceOption,
-    ImageSizeOption,
-    LimitOption,
-    LrOption,
-    LRSchedule,
-    LRScheduleOption,
-    ModelKwOption,
-    Optimizer,
-    OptimizerOption,
-    ValLimitOption,
-    WeightDecayOption,
-)
 
 
 class RichProgress(Callback):
@@ -168,27 +155,27 @@ def next_hint(ckpt: Path, options: dict[str, Any], method: str) -> str:
 def train_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="timm:<arch> or package.module:factory.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory (checkpoint last.safetensors, history.json).")],
-    data: DataOption = "mnist",
+    data: run.DataOption = "mnist",
     method: Annotated[str, typer.Option(help="A method from `sparsewrap methods`.")] = "l0",
     target: Annotated[str | None, typer.Option(help="Sparsity in (0, 1), or a budgets.json file.")] = None,
     density: Annotated[float | None, typer.Option(help="Requested density (1 - sparsity).")] = None,
     epochs: Annotated[int, typer.Option(help="Total epochs (a resumed run continues up to it).")] = 10,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite another run's checkpoint in --out.")] = False,
-    device: DeviceOption = None,
+    device: run.DeviceOption = None,
     batch_size: Annotated[int, typer.Option(help="Batch size (per process under torchrun).")] = 128,
-    optimizer: OptimizerOption = Optimizer.adam,
-    lr: LrOption = 1e-3,
-    weight_decay: WeightDecayOption = 0.0,
-    lr_schedule: LRScheduleOption = LRSchedule.constant,
+    optimizer: run.OptimizerOption = run.Optimizer.adam,
+    lr: run.LrOption = 1e-3,
+    weight_decay: run.WeightDecayOption = 0.0,
+    lr_schedule: run.LRScheduleOption = run.LRSchedule.constant,
     group_lr: Annotated[list[str] | None, typer.Option(help="GROUP=LR for a method group, e.g. gates=0.1.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Method option KEY=VALUE.")] = None,
-    model_kw: ModelKwOption = None,
+    model_kw: run.ModelKwOption = None,
     include: Annotated[list[str] | None, typer.Option(help="Layers to sparsify (glob or re:regex).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Layers to leave dense.")] = None,
-    limit: LimitOption = None,
-    val_limit: ValLimitOption = None,
-    image_size: ImageSizeOption = 224,
+    limit: run.LimitOption = None,
+    val_limit: run.ValLimitOption = None,
+    image_size: run.ImageSizeOption = 224,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     plot: Annotated[bool, typer.Option(help="Draw figure.png (needs: pip install 'sparsewrap[plot]').")] = True,
